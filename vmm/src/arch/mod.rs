@@ -1,0 +1,6 @@
+//! x86_64 specifics: CPUID, boot register state, kernel loading and ACPI tables.
+
+pub mod acpi;
+pub mod boot;
+pub mod cpuid;
+pub mod regs;

@@ -1,0 +1,158 @@
+//! Command-line flags, cloud-hypervisor style (`--kernel`, `--memory 2G`).
+//!
+//! Value flags that need domain parsing (`--cpus`, `--memory`, `--serial`)
+//! are taken as raw strings and converted here rather than by clap, so that
+//! a bad value produces the same one-line `invalid --memory "12Q": ...`
+//! error as every other configuration problem instead of clap's usage dump.
+
+use std::path::PathBuf;
+
+use clap::{ArgAction, Parser};
+
+use super::layer::PartialConfig;
+use super::{file, ByteSize, ConfigError, LoadedConfig, SerialConfig};
+
+/// p2pvmm: boot a Linux guest on KVM.
+///
+/// Settings come from the --config TOML file (if any), then from flags,
+/// which override the file field by field.
+#[derive(Debug, Clone, PartialEq, Eq, Parser)]
+#[command(name = "p2pvmm", version, about, long_about = None)]
+pub struct Cli {
+    /// TOML file with VM settings (keys: kernel, initramfs, cmdline, cpus,
+    /// memory, serial); relative paths in it are relative to the file.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Guest kernel image (bzImage or ELF vmlinux); required unless the
+    /// config file sets `kernel`.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+
+    /// Initial ramdisk loaded next to the kernel.
+    #[arg(long, value_name = "PATH")]
+    pub initramfs: Option<PathBuf>,
+
+    /// Kernel command line, e.g. "console=ttyS0 reboot=k panic=1" [default: empty].
+    #[arg(long, value_name = "STR", allow_hyphen_values = true)]
+    pub cmdline: Option<String>,
+
+    /// Number of vCPUs, 1 to the host's KVM limit [default: 1].
+    #[arg(long, value_name = "N")]
+    pub cpus: Option<String>,
+
+    /// Guest RAM: a whole number with K, M, G or T suffix (binary units,
+    /// e.g. 512M, 4G, 2GiB); at least 64M [default: 512M].
+    #[arg(long, value_name = "SIZE")]
+    pub memory: Option<String>,
+
+    /// Guest serial console: stdout, off or file=PATH [default: stdout].
+    #[arg(long, value_name = "MODE")]
+    pub serial: Option<String>,
+
+    /// More log output; repeat for more (-v info, -vv debug, -vvv trace).
+    #[arg(short, long, action = ArgAction::Count)]
+    pub verbose: u8,
+}
+
+impl Cli {
+    /// Reads the `--config` file (if any), applies the flags on top and
+    /// fills in defaults. Does not validate against the host: see
+    /// [`super::VmConfig::validate`].
+    pub fn into_config(self) -> Result<LoadedConfig, ConfigError> {
+        let overrides = self.overrides()?;
+        let base = match &self.config {
+            Some(path) => file::read(path)?,
+            None => PartialConfig::default(),
+        };
+        Ok(LoadedConfig {
+            vm: base.overlay(overrides).finish()?,
+            verbosity: self.verbose,
+        })
+    }
+
+    /// The settings given as flags. Parsed before the file is read so that a
+    /// typo on the command line is reported even if the file is also broken.
+    fn overrides(&self) -> Result<PartialConfig, ConfigError> {
+        Ok(PartialConfig {
+            kernel: self.kernel.clone(),
+            initramfs: self.initramfs.clone(),
+            cmdline: self.cmdline.clone(),
+            // std's "invalid digit found in string" would not say what is wanted.
+            cpus: parse_flag("--cpus", self.cpus.as_deref(), |v| {
+                v.parse::<u8>()
+                    .map_err(|_| "expected a vCPU count from 1 to 255".to_string())
+            })?,
+            memory: parse_flag("--memory", self.memory.as_deref(), |v| {
+                v.parse::<ByteSize>().map_err(|e| e.to_string())
+            })?,
+            serial: parse_flag("--serial", self.serial.as_deref(), |v| {
+                v.parse::<SerialConfig>().map_err(|e| e.to_string())
+            })?,
+        })
+    }
+}
+
+/// Parses an optional flag value, naming the flag and value on failure.
+fn parse_flag<T>(
+    flag: &'static str,
+    value: Option<&str>,
+    parse: impl FnOnce(&str) -> Result<T, String>,
+) -> Result<Option<T>, ConfigError> {
+    value
+        .map(|v| {
+            parse(v).map_err(|reason| ConfigError::InvalidFlag {
+                flag,
+                value: v.to_string(),
+                reason,
+            })
+        })
+        .transpose()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn clap_definition_is_consistent_and_every_flag_has_help() {
+        Cli::command().debug_assert();
+        for arg in Cli::command().get_arguments() {
+            let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+            assert!(!help.is_empty(), "--{} has no help text", arg.get_id());
+        }
+    }
+
+    #[test]
+    fn verbose_is_counted() {
+        let cli = Cli::try_parse_from(["p2pvmm", "-vv", "--verbose"]).unwrap();
+        assert_eq!(cli.verbose, 3);
+    }
+
+    #[test]
+    fn cmdline_may_start_with_a_dash() {
+        let cli = Cli::try_parse_from(["p2pvmm", "--cmdline", "-- init=/bin/sh"]).unwrap();
+        assert_eq!(cli.cmdline.as_deref(), Some("-- init=/bin/sh"));
+    }
+
+    #[test]
+    fn bad_flag_values_are_one_line_errors() {
+        let err = |args: &[&str]| {
+            let cli = Cli::try_parse_from(args).unwrap();
+            cli.overrides().unwrap_err().to_string()
+        };
+        assert_eq!(
+            err(&["p2pvmm", "--memory", "12Q"]),
+            r#"invalid --memory "12Q": unknown size suffix "Q" (use K, M, G or T)"#
+        );
+        assert_eq!(
+            err(&["p2pvmm", "--cpus", "300"]),
+            r#"invalid --cpus "300": expected a vCPU count from 1 to 255"#
+        );
+        assert_eq!(
+            err(&["p2pvmm", "--serial", "tty"]),
+            r#"invalid --serial "tty": unknown serial mode "tty" (use stdout, off or file=PATH)"#
+        );
+    }
+}

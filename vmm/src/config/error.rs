@@ -1,0 +1,164 @@
+//! The single error type of the configuration layer.
+//!
+//! Every message is one line that names the offending field (or flag, or
+//! file) and the value it had, so a user can fix the problem without having
+//! to guess which of several sources the value came from. Underlying OS and
+//! parser errors are folded into that line rather than exposed as
+//! `source()`, so error reporters that walk the chain do not print them twice.
+
+use std::io;
+use std::path::PathBuf;
+
+/// Anything that can go wrong while building or checking a [`super::VmConfig`].
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Command-line syntax error, or `--help`/`--version`. `main` should call
+    /// [`clap::Error::exit`] on it: clap prints the full, styled usage text
+    /// and uses the conventional exit code (0 for help, 2 for misuse). The
+    /// `Display` here is just the first line, for logs.
+    #[error("{}", first_line(.0))]
+    Usage(clap::Error),
+
+    /// A flag's value could not be parsed, e.g. `--memory 12Q`.
+    #[error("invalid {flag} {value:?}: {reason}")]
+    InvalidFlag {
+        /// The flag as typed, e.g. `--memory`.
+        flag: &'static str,
+        /// The rejected value.
+        value: String,
+        /// Why it was rejected.
+        reason: String,
+    },
+
+    /// Neither `--kernel` nor the config file named a kernel.
+    #[error("--kernel is required (or set kernel = \"PATH\" in the --config file)")]
+    MissingKernel,
+
+    /// The `--config` file could not be read.
+    #[error("config file {path:?}: {cause}")]
+    ConfigRead {
+        /// The `--config` path.
+        path: PathBuf,
+        /// The OS error.
+        cause: io::Error,
+    },
+
+    /// The `--config` file is not valid TOML or does not match the schema
+    /// (unknown key, wrong type, bad size, ...).
+    #[error("config file {path:?}{}: {message}", location(*.line, .key.as_deref(), .message))]
+    ConfigParse {
+        /// The `--config` path.
+        path: PathBuf,
+        /// 1-based line of the problem, when the parser knows it.
+        line: Option<usize>,
+        /// Key on that line, when one could be identified.
+        key: Option<String>,
+        /// The parser's message condensed to one line.
+        message: String,
+    },
+
+    /// A file named by the config (kernel, initramfs) cannot be opened.
+    #[error("{field} {path:?}: {cause}")]
+    FileAccess {
+        /// Which setting named the file, e.g. `kernel`.
+        field: &'static str,
+        /// The path as configured.
+        path: PathBuf,
+        /// The OS error.
+        cause: io::Error,
+    },
+
+    /// A file named by the config is a directory, device, FIFO, ...
+    #[error("{field} {path:?}: not a regular file")]
+    NotAFile {
+        /// Which setting named the file, e.g. `kernel`.
+        field: &'static str,
+        /// The path as configured.
+        path: PathBuf,
+    },
+
+    /// A setting parsed fine but is out of range for this VM or host.
+    #[error("{field} = {value}: {reason}")]
+    Invalid {
+        /// Config field name, e.g. `cpus`.
+        field: &'static str,
+        /// The value, formatted as the user would write it.
+        value: String,
+        /// What is wrong and, where possible, what would be accepted.
+        reason: String,
+    },
+
+    /// Host limits could not be determined.
+    #[error("cannot determine host memory from {path}: {reason}")]
+    HostProbe {
+        /// The file that was read, e.g. `/proc/meminfo`.
+        path: &'static str,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+/// First line of a clap error without its `error: ` prefix; the rest is
+/// usage text that only makes sense on a terminal.
+fn first_line(err: &clap::Error) -> String {
+    let text = err.to_string();
+    let line = text.lines().next().unwrap_or_default();
+    line.strip_prefix("error: ").unwrap_or(line).to_string()
+}
+
+/// `, line 3, key `memory`` — the key is left out when the message already
+/// quotes it (serde's "unknown field `cpu`"), to avoid saying it twice.
+fn location(line: Option<usize>, key: Option<&str>, message: &str) -> String {
+    let mut out = String::new();
+    if let Some(line) = line {
+        out.push_str(&format!(", line {line}"));
+    }
+    if let Some(key) = key {
+        if !message.contains(&format!("`{key}`")) {
+            out.push_str(&format!(", key `{key}`"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_error_location_is_condensed() {
+        let err = ConfigError::ConfigParse {
+            path: "vm.toml".into(),
+            line: Some(4),
+            key: Some("memory".into()),
+            message: "unknown size suffix \"Q\" (use K, M, G or T)".into(),
+        };
+        assert_eq!(
+            err.to_string(),
+            r#"config file "vm.toml", line 4, key `memory`: unknown size suffix "Q" (use K, M, G or T)"#
+        );
+        let dup = ConfigError::ConfigParse {
+            path: "vm.toml".into(),
+            line: Some(2),
+            key: Some("cpu".into()),
+            message: "unknown field `cpu`".into(),
+        };
+        assert_eq!(
+            dup.to_string(),
+            r#"config file "vm.toml", line 2: unknown field `cpu`"#
+        );
+    }
+
+    #[test]
+    fn file_access_names_field_and_path() {
+        let err = ConfigError::FileAccess {
+            field: "kernel",
+            path: "/nope/bzImage".into(),
+            cause: io::Error::from_raw_os_error(2),
+        };
+        assert_eq!(
+            err.to_string(),
+            r#"kernel "/nope/bzImage": No such file or directory (os error 2)"#
+        );
+    }
+}

@@ -1,0 +1,76 @@
+//! A partial configuration: what one source (the TOML file or the command
+//! line) says, with `None` for "not mentioned".
+//!
+//! Keeping "not set" distinct from "set to the default" is what lets a CLI
+//! flag override the file only when it was actually given, and lets
+//! `--kernel` be optional when the file supplies it.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::{ByteSize, ConfigError, SerialConfig, VmConfig};
+
+/// One layer of settings; field meanings are those of [`VmConfig`].
+///
+/// This is also the schema of the `--config` TOML file, hence
+/// `deny_unknown_fields`: a misspelt key (`cpu = 4`) must be an error, not a
+/// silently ignored setting.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PartialConfig {
+    /// See [`VmConfig::kernel`].
+    pub kernel: Option<PathBuf>,
+    /// See [`VmConfig::initramfs`].
+    pub initramfs: Option<PathBuf>,
+    /// See [`VmConfig::cmdline`].
+    pub cmdline: Option<String>,
+    /// See [`VmConfig::cpus`].
+    pub cpus: Option<u8>,
+    /// See [`VmConfig::memory`].
+    pub memory: Option<ByteSize>,
+    /// See [`VmConfig::serial`].
+    pub serial: Option<SerialConfig>,
+}
+
+impl PartialConfig {
+    /// Settings from `top` win; anything `top` leaves unset falls through to
+    /// `self`.
+    pub fn overlay(self, top: PartialConfig) -> PartialConfig {
+        PartialConfig {
+            kernel: top.kernel.or(self.kernel),
+            initramfs: top.initramfs.or(self.initramfs),
+            cmdline: top.cmdline.or(self.cmdline),
+            cpus: top.cpus.or(self.cpus),
+            memory: top.memory.or(self.memory),
+            serial: top.serial.or(self.serial),
+        }
+    }
+
+    /// Makes relative paths relative to `base` (the config file's
+    /// directory), so a config file keeps working wherever `p2pvmm` is
+    /// started from. Absolute paths are left untouched by `join`.
+    pub fn resolve_paths(self, base: &Path) -> PartialConfig {
+        PartialConfig {
+            kernel: self.kernel.map(|p| base.join(p)),
+            initramfs: self.initramfs.map(|p| base.join(p)),
+            serial: self.serial.map(|s| match s {
+                SerialConfig::File(p) => SerialConfig::File(base.join(p)),
+                other => other,
+            }),
+            ..self
+        }
+    }
+
+    /// Fills in defaults; only the kernel has none.
+    pub fn finish(self) -> Result<VmConfig, ConfigError> {
+        Ok(VmConfig {
+            kernel: self.kernel.ok_or(ConfigError::MissingKernel)?,
+            initramfs: self.initramfs,
+            cmdline: self.cmdline.unwrap_or_default(),
+            cpus: self.cpus.unwrap_or_else(super::default_cpus),
+            memory: self.memory.unwrap_or_else(super::default_memory),
+            serial: self.serial.unwrap_or_default(),
+        })
+    }
+}

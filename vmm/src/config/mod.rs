@@ -1,0 +1,117 @@
+//! VM configuration: command line, optional TOML file, and validation.
+//!
+//! Flow: [`load`] parses the flags ([`Cli`]), reads the `--config` file if
+//! given, lets each flag that was actually passed override the file's value,
+//! and fills in defaults, yielding a [`VmConfig`]. [`VmConfig::validate`]
+//! then checks it against the host ([`HostLimits`]); that step is separate
+//! because the vCPU limit comes from KVM, which this module does not open.
+//!
+//! Example file:
+//!
+//! ```toml
+//! kernel = "bzImage"            # relative to this file
+//! initramfs = "initrd.img"
+//! cmdline = "console=ttyS0 reboot=k panic=1"
+//! cpus = 4
+//! memory = "2G"                 # or an integer number of bytes
+//! serial = "file=/tmp/guest.log" # or "stdout" / "off"
+//! ```
+
+mod cli;
+mod error;
+mod file;
+mod layer;
+mod serial;
+mod size;
+mod validate;
+
+#[cfg(test)]
+mod tests;
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::Parser;
+use serde::{Deserialize, Serialize};
+
+pub use cli::Cli;
+pub use error::ConfigError;
+pub use serial::SerialConfig;
+pub use size::ByteSize;
+pub use validate::HostLimits;
+
+/// Everything needed to build and boot one VM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// Guest kernel image to boot (bzImage or ELF vmlinux).
+    pub kernel: PathBuf,
+    /// Optional initial ramdisk, loaded into guest memory and passed to the
+    /// kernel through the boot parameters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initramfs: Option<PathBuf>,
+    /// Kernel command line, e.g. "console=ttyS0 reboot=k panic=1"; at most
+    /// 2047 bytes, no NUL. Empty by default.
+    #[serde(default)]
+    pub cmdline: String,
+    /// Number of vCPUs, from 1 to the host's KVM limit. Default 1.
+    #[serde(default = "default_cpus")]
+    pub cpus: u8,
+    /// Guest RAM size ("512M", "4G" or bytes): at least 64M, a multiple of
+    /// 4K, and no more than host RAM. Default 512M.
+    #[serde(default = "default_memory")]
+    pub memory: ByteSize,
+    /// Where the guest's serial console goes: "stdout", "off" or
+    /// "file=PATH". Default stdout.
+    #[serde(default)]
+    pub serial: SerialConfig,
+}
+
+/// Default vCPU count: one is enough to boot and the least surprising.
+fn default_cpus() -> u8 {
+    1
+}
+
+/// Default guest RAM: comfortably boots a distro kernel with an initramfs.
+fn default_memory() -> ByteSize {
+    ByteSize(512 << 20)
+}
+
+/// The result of [`load`]: the VM settings plus how chatty to be.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadedConfig {
+    /// The merged, defaulted (but not yet validated) VM configuration.
+    pub vm: VmConfig,
+    /// Number of `-v` flags given.
+    pub verbosity: u8,
+}
+
+impl LoadedConfig {
+    /// Log level for the `-v` count: warnings by default, then info, debug
+    /// and trace; the same ladder cloud-hypervisor uses.
+    pub fn log_level(&self) -> log::LevelFilter {
+        match self.verbosity {
+            0 => log::LevelFilter::Warn,
+            1 => log::LevelFilter::Info,
+            2 => log::LevelFilter::Debug,
+            _ => log::LevelFilter::Trace,
+        }
+    }
+}
+
+/// Parses `args` (including the program name, as from
+/// [`std::env::args_os`]) and builds the configuration: file first, flags
+/// override, then defaults. Host validation is left to
+/// [`VmConfig::validate`].
+///
+/// On [`ConfigError::Usage`] (bad syntax, `--help`, `--version`) the caller
+/// should call `err.exit()` so clap prints its usage text.
+pub fn load<I, T>(args: I) -> Result<LoadedConfig, ConfigError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    Cli::try_parse_from(args)
+        .map_err(ConfigError::Usage)?
+        .into_config()
+}

@@ -1,0 +1,135 @@
+//! vCPU threads: each runs `KVM_RUN` and dispatches port I/O and MMIO exits to the buses.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use devices::legacy::{ExitSignal, GuestExit};
+use devices::Bus;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+/// The signal that interrupts `KVM_RUN` so a vCPU thread notices it should stop.
+fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+/// Installs the (empty) handler for the kick signal; its only job is to make `KVM_RUN` return
+/// `EINTR`.
+pub fn register_kick_handler() -> std::io::Result<()> {
+    extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+    register_signal_handler(kick_signal(), handle_kick)
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+}
+
+/// State shared by all vCPU threads.
+pub struct VcpuShared {
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    pub exit: Arc<ExitSignal>,
+    pub stop: Arc<AtomicBool>,
+}
+
+pub struct Vcpu {
+    fd: VcpuFd,
+    index: u8,
+    shared: Arc<VcpuShared>,
+}
+
+impl Vcpu {
+    pub fn new(fd: VcpuFd, index: u8, shared: Arc<VcpuShared>) -> Self {
+        Self { fd, index, shared }
+    }
+
+    /// Starts the vCPU on its own thread.
+    pub fn spawn(self) -> std::io::Result<JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name(format!("vcpu{}", self.index))
+            .spawn(move || self.run())
+    }
+
+    fn run(mut self) {
+        while !self.shared.stop.load(Ordering::Acquire) {
+            if let Some(exit) = self.run_once() {
+                self.shared.exit.request(exit);
+                return;
+            }
+        }
+    }
+
+    /// One `KVM_RUN`; returns why the guest must end, if it must.
+    fn run_once(&mut self) -> Option<GuestExit> {
+        let index = self.index;
+        let shared = &self.shared;
+        match self.fd.run() {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                shared.pio.read(u64::from(port), data);
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                shared.pio.write(u64::from(port), data);
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                if !shared.mmio.read(addr, data) {
+                    log::debug!("vcpu{index}: read of unbacked MMIO {addr:#x}");
+                }
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                if !shared.mmio.write(addr, data) {
+                    log::debug!("vcpu{index}: write to unbacked MMIO {addr:#x}");
+                }
+            }
+            Ok(VcpuExit::Hlt) | Ok(VcpuExit::Intr) => {}
+            Ok(VcpuExit::Shutdown) => {
+                log::info!("vcpu{index}: triple fault, resetting");
+                return Some(GuestExit::Reset);
+            }
+            Ok(VcpuExit::SystemEvent(kind, _)) => {
+                log::info!("vcpu{index}: system event {kind}");
+                return Some(match kind {
+                    kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => GuestExit::Poweroff,
+                    kvm_bindings::KVM_SYSTEM_EVENT_RESET => GuestExit::Reset,
+                    _ => GuestExit::Crash,
+                });
+            }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                log::error!("vcpu{index}: entry failed (reason {reason:#x}, host cpu {cpu})");
+                return Some(GuestExit::Crash);
+            }
+            Ok(VcpuExit::InternalError) => {
+                log::error!("vcpu{index}: KVM internal error");
+                return Some(GuestExit::Crash);
+            }
+            Ok(other) => {
+                log::warn!("vcpu{index}: unhandled exit {other:?}");
+            }
+            Err(e) if matches!(e.errno(), libc::EINTR | libc::EAGAIN) => {
+                // Kicked: clear the request so the next KVM_RUN does not return at once.
+                self.fd.set_kvm_immediate_exit(0);
+            }
+            Err(e) => {
+                log::error!("vcpu{index}: KVM_RUN failed: {e}");
+                return Some(GuestExit::Crash);
+            }
+        }
+        None
+    }
+}
+
+/// Stops every vCPU thread: raises the stop flag, then signals each thread until it has left
+/// `KVM_RUN` and returned.
+pub fn stop_all(stop: &AtomicBool, threads: Vec<JoinHandle<()>>) {
+    stop.store(true, Ordering::Release);
+    for thread in threads {
+        let name = thread.thread().name().unwrap_or("vcpu").to_owned();
+        while !thread.is_finished() {
+            if let Err(e) = thread.kill(kick_signal()) {
+                log::warn!("kicking {name}: {e}");
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        if thread.join().is_err() {
+            log::error!("{name} panicked");
+        }
+    }
+}

@@ -1,0 +1,250 @@
+//! A KVM virtual machine: guest RAM, in-kernel interrupt controllers, the legacy devices, the
+//! kernel loaded and ready, and the vCPUs that run it.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+
+use devices::legacy::{
+    AcpiPm, ExitSignal, GuestExit, Serial, ACPI_PM_PORT, ACPI_PM_PORT_LEN, I8042,
+};
+use devices::{Bus, BusRange};
+use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::{acpi, boot, cpuid, regs};
+use crate::config::{SerialConfig, VmConfig};
+use crate::console::ConsoleInput;
+use crate::event_loop;
+use crate::layout::{MemoryLayout, KVM_IDENTITY_MAP_START, KVM_TSS_START};
+use crate::memory::GuestRam;
+use crate::vcpu::{self, Vcpu, VcpuShared};
+
+const SERIAL_PORT: u64 = 0x3f8;
+const SERIAL_PORT_LEN: u64 = 8;
+const SERIAL_GSI: u32 = 4;
+const I8042_PORT: u64 = 0x60;
+const I8042_PORT_LEN: u64 = 5;
+/// Guest physical address bits assumed when KVM does not report them.
+const DEFAULT_PHYS_BITS: u8 = 36;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("opening /dev/kvm: {0}")]
+    Kvm(#[source] kvm_ioctls::Error),
+    #[error("{what}: {source}")]
+    KvmIoctl {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("memory layout: {0}")]
+    Layout(#[from] crate::layout::LayoutError),
+    #[error(transparent)]
+    Memory(#[from] crate::memory::MemoryError),
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
+    #[error("vCPU {index}: {source}")]
+    VcpuRegs {
+        index: u8,
+        #[source]
+        source: regs::RegsError,
+    },
+    #[error("vCPU {index} CPUID: {source}")]
+    Cpuid {
+        index: u8,
+        #[source]
+        source: cpuid::CpuidError,
+    },
+    #[error("placing {what} on the I/O bus: {source}")]
+    Bus {
+        what: &'static str,
+        #[source]
+        source: devices::BusError,
+    },
+    #[error("serial output file {path:?}: {source}")]
+    SerialFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("event loop: {0}")]
+    EventLoop(#[from] event_loop::EventLoopError),
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::KvmIoctl { what, source }
+}
+
+fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> VmError {
+    move |source| VmError::Io { what, source }
+}
+
+/// A VM ready to run. Field order matters for drop: vCPUs and the VM fd go before guest RAM.
+pub struct Vm {
+    vcpus: Vec<Vcpu>,
+    shared: Arc<VcpuShared>,
+    serial: Arc<Mutex<Serial>>,
+    serial_to_stdout: bool,
+    _vm: VmFd,
+    _ram: GuestRam,
+}
+
+impl Vm {
+    /// Builds the whole machine from a validated config. Nothing runs until [`Vm::run`].
+    pub fn new(config: &VmConfig) -> Result<Self, VmError> {
+        let kvm = Kvm::new().map_err(VmError::Kvm)?;
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let phys_bits = supported
+            .as_slice()
+            .iter()
+            .find(|e| e.function == 0x8000_0008)
+            .map(|e| (e.eax & 0xff) as u8)
+            .unwrap_or(DEFAULT_PHYS_BITS);
+        let layout = MemoryLayout::new(config.memory.0, phys_bits)?;
+        log::debug!("guest layout ({phys_bits} physical address bits): {layout:x?}");
+
+        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        vm.set_tss_address(KVM_TSS_START as usize)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        vm.set_identity_map_address(KVM_IDENTITY_MAP_START)
+            .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        vm.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+
+        let ram = GuestRam::new(&layout)?;
+        ram.register(&vm)?;
+
+        let exit = Arc::new(ExitSignal::new().map_err(io_err("creating the exit eventfd"))?);
+        let pio = Arc::new(Bus::new());
+        let serial = Arc::new(Mutex::new(serial_device(&vm, &config.serial)?));
+        let place = |what, base, len, device| {
+            pio.insert(BusRange::new(base, len), device)
+                .map_err(|source| VmError::Bus { what, source })
+        };
+        place("serial", SERIAL_PORT, SERIAL_PORT_LEN, serial.clone())?;
+        place(
+            "i8042",
+            I8042_PORT,
+            I8042_PORT_LEN,
+            Arc::new(Mutex::new(I8042::new(exit.clone()))),
+        )?;
+        place(
+            "ACPI PM",
+            ACPI_PM_PORT,
+            ACPI_PM_PORT_LEN,
+            Arc::new(Mutex::new(AcpiPm::new(exit.clone()))),
+        )?;
+
+        let kernel = boot::load(
+            &ram.memory,
+            &layout,
+            &config.kernel,
+            config.initramfs.as_deref(),
+            &config.cmdline,
+        )?;
+        acpi::write_tables(&ram.memory, config.cpus)?;
+        regs::write_boot_tables(&ram.memory)
+            .map_err(|source| VmError::VcpuRegs { index: 0, source })?;
+
+        let shared = Arc::new(VcpuShared {
+            pio,
+            mmio: Arc::new(Bus::new()),
+            exit,
+            stop: Arc::new(AtomicBool::new(false)),
+        });
+        let topology = cpuid::Topology { cpus: config.cpus };
+        let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
+        for index in 0..config.cpus {
+            let fd = vm
+                .create_vcpu(u64::from(index))
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            let table = cpuid::vcpu_cpuid(&supported, index, topology)
+                .map_err(|source| VmError::Cpuid { index, source })?;
+            fd.set_cpuid2(&table).map_err(kvm_err("KVM_SET_CPUID2"))?;
+            let setup = || -> Result<(), regs::RegsError> {
+                regs::setup_msrs(&fd)?;
+                regs::setup_fpu(&fd)?;
+                regs::setup_lapic(&fd)?;
+                if index == 0 {
+                    regs::setup_boot_vcpu(&fd, kernel.entry)?;
+                }
+                Ok(())
+            };
+            setup().map_err(|source| VmError::VcpuRegs { index, source })?;
+            vcpus.push(Vcpu::new(fd, index, shared.clone()));
+        }
+
+        Ok(Self {
+            vcpus,
+            shared,
+            serial,
+            serial_to_stdout: matches!(config.serial, SerialConfig::Stdout),
+            _vm: vm,
+            _ram: ram,
+        })
+    }
+
+    /// Runs the guest until it powers off, resets or crashes, then stops every vCPU thread.
+    pub fn run(mut self) -> Result<GuestExit, VmError> {
+        vcpu::register_kick_handler().map_err(io_err("installing the vCPU kick handler"))?;
+        let console = self
+            .serial_to_stdout
+            .then(|| ConsoleInput::stdin(self.serial.clone()));
+        let mut threads = Vec::with_capacity(self.vcpus.len());
+        let mut result = Ok(());
+        for vcpu in self.vcpus.drain(..) {
+            match vcpu.spawn() {
+                Ok(thread) => threads.push(thread),
+                Err(source) => {
+                    result = Err(VmError::Io {
+                        what: "spawning a vCPU thread",
+                        source,
+                    });
+                    break;
+                }
+            }
+        }
+        if result.is_ok() {
+            result = event_loop::run(&self.shared.exit, console).map_err(VmError::from);
+        }
+        vcpu::stop_all(&self.shared.stop, threads);
+        result?;
+        Ok(self.shared.exit.reason().unwrap_or(GuestExit::Crash))
+    }
+}
+
+fn serial_device(vm: &VmFd, config: &SerialConfig) -> Result<Serial, VmError> {
+    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("creating the serial irqfd"))?;
+    vm.register_irqfd(&irq, SERIAL_GSI)
+        .map_err(kvm_err("KVM_IRQFD for the serial port"))?;
+    let out: Box<dyn Write + Send> =
+        match config {
+            SerialConfig::Stdout => Box::new(std::io::stdout()),
+            SerialConfig::Off => Box::new(std::io::sink()),
+            SerialConfig::File(path) => Box::new(std::fs::File::create(path).map_err(
+                |source| VmError::SerialFile {
+                    path: path.clone(),
+                    source,
+                },
+            )?),
+        };
+    Ok(Serial::new(irq, out))
+}
