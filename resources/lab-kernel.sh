@@ -54,8 +54,7 @@ fi
 
 # Serialize builds (CI and a test harness may call us at the same time); re-check after locking.
 exec 9>"$cache_root/.lock"
-log "waiting for build lock $cache_root/.lock"
-flock 9
+flock -n 9 || { log "waiting for another build (lock $cache_root/.lock)"; flock 9; }
 if p=$(cached_path); then
     log "cached (built by a concurrent run): $p"
     echo "$p"
@@ -144,14 +143,17 @@ version=$(apt-cache "${apt_opts[@]}" show "$package/$suite" 2>>"$buildlog" |
     awk '/^Version:/ { print $2; exit }') || true
 [[ -n $version ]] || fail "$package not found in $suite"
 (cd "$apt_dir/deb" && run apt-get "${apt_opts[@]}" -q download "$package=$version")
-deb=$(ls "$apt_dir/deb"/*.deb)
+debs=("$apt_dir/deb"/*.deb)
+[[ -f ${debs[0]} ]] || fail "apt-get download produced no .deb"
+deb=${debs[0]}
 log "got $(basename "$deb") after $((SECONDS - t0)) s"
 
 src=$scratch/src
 mkdir -p "$src"
 run dpkg-deb -x "$deb" "$scratch/pkg"
-tarball=$(ls "$scratch"/pkg/usr/src/linux-source-*.tar.* | head -n1)
-[[ -f $tarball ]] || fail "no source tarball in $deb"
+tarballs=("$scratch"/pkg/usr/src/linux-source-*.tar.*)
+[[ -f ${tarballs[0]} ]] || fail "no source tarball in $deb"
+tarball=${tarballs[0]}
 run tar -xf "$tarball" -C "$src" --strip-components=1
 rm -rf "$scratch/pkg" "$apt_dir/cache"
 

@@ -1,1 +1,12 @@
+//! The nested lab harness: builds the lab kernel and images through `resources/`, boots an L1
+//! guest under QEMU TCG (emulated IOMMU, DMA-capable devices, nested SVM), runs a script there
+//! that drives p2pvmm, and hands back the L1 console for assertions.
+//!
+//! One L1 boot costs tens of seconds of TCG time and a host core, so tests share a boot per
+//! group and read their own scenario out of its console ([`Console::scenario`]).
 
+mod console;
+mod l1;
+
+pub use console::{Console, L2Report, Scenario};
+pub use l1::{lab_kernel, p2pvmm_static, repo_root, L1Run};

@@ -183,6 +183,9 @@ impl Vm {
                 regs::setup_msrs(&fd)?;
                 regs::setup_fpu(&fd)?;
                 regs::setup_lapic(&fd)?;
+                if let Some(xcr0) = cpuid::full_xcr0(&table) {
+                    regs::setup_xcr0(&fd, xcr0)?;
+                }
                 if index == 0 {
                     regs::setup_boot_vcpu(&fd, kernel.entry)?;
                 }

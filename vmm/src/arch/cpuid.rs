@@ -116,6 +116,20 @@ pub fn vcpu_cpuid(supported: &CpuId, index: u8, topo: Topology) -> Result<CpuId,
     Ok(CpuId::from_entries(&entries)?)
 }
 
+/// The XCR0 value that enables every state component the table announces (0xD.0 EDX:EAX), or
+/// `None` when it announces no XSAVE support.
+pub fn full_xcr0(cpuid: &CpuId) -> Option<u64> {
+    let entries = cpuid.as_slice();
+    let xsave = entries
+        .iter()
+        .find(|e| e.function == LEAF_FEATURES)
+        .is_some_and(|e| e.ecx & (1 << 26) != 0);
+    let main = entries
+        .iter()
+        .find(|e| e.function == LEAF_XSAVE && e.index == 0)?;
+    xsave.then(|| u64::from(main.eax) | (u64::from(main.edx) << 32))
+}
+
 /// Leaf 0xB: one thread per core, `cpus` cores in one package.
 fn extended_topology(apic_id: u32, cpus: u32) -> [kvm_cpuid_entry2; 3] {
     let level = |index: u32, shift: u32, count: u32, kind: u32| kvm_cpuid_entry2 {
@@ -272,6 +286,7 @@ mod tests {
     #[test]
     fn consistent_xsave_is_passed_through() {
         let c = vcpu_cpuid(&host(832), 0, Topology { cpus: 1 }).unwrap();
+        assert_eq!(full_xcr0(&c), None, "leaf 1 does not announce XSAVE");
         assert_eq!(find(&c, 0xd, 0).eax, 0x7);
         assert_ne!(find(&c, 1, 0).ecx & AVX_BIT, 0);
         assert_eq!(find(&c, 0xd, 2).eax, 256);

@@ -3,7 +3,7 @@
 //! starts with.
 
 use kvm_bindings::{
-    kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs,
+    kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, kvm_xcrs, Msrs,
 };
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -132,6 +132,20 @@ pub fn setup_boot_vcpu(vcpu: &VcpuFd, entry: GuestAddress) -> Result<(), RegsErr
         ..Default::default()
     };
     vcpu.set_regs(&regs).map_err(kvm("KVM_SET_REGS"))
+}
+
+/// Starts the vCPU with XCR0 enabling all of `xcr0`. The guest sets XCR0 itself, but where
+/// XSETBV is not intercepted (nested SVM under QEMU TCG) KVM never sees the guest's value and
+/// would size XSAVE areas (CPUID 0xD.0 EBX) for the reset value, x87 only, which the guest
+/// rejects as inconsistent. Starting from the full value keeps KVM and the guest in agreement.
+pub fn setup_xcr0(vcpu: &VcpuFd, xcr0: u64) -> Result<(), RegsError> {
+    let mut xcrs = kvm_xcrs {
+        nr_xcrs: 1,
+        ..Default::default()
+    };
+    xcrs.xcrs[0].xcr = 0;
+    xcrs.xcrs[0].value = xcr0;
+    vcpu.set_xcrs(&xcrs).map_err(kvm("KVM_SET_XCRS"))
 }
 
 /// x87 control word and MXCSR at their reset values.

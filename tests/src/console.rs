@@ -1,0 +1,103 @@
+//! Reading what L1 printed: scenario sections and the L2 guest's report line.
+
+/// Everything the L1 serial console printed.
+#[derive(Clone, Debug)]
+pub struct Console {
+    pub text: String,
+}
+
+/// One scenario's slice of the console, between `SCENARIO-BEGIN name` and
+/// `SCENARIO-END name rc=N`, as printed by the L1 script (see [`crate::L1Run::scenario`]).
+#[derive(Clone, Debug)]
+pub struct Scenario {
+    pub name: String,
+    pub output: String,
+    /// p2pvmm's exit status, or `None` if the scenario never finished.
+    pub rc: Option<i32>,
+}
+
+/// What the L2 initramfs reports about the booted guest (`P2PVMM-L2: cpus=N memtotal_kb=K`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct L2Report {
+    pub cpus: u32,
+    pub memtotal_kb: u64,
+}
+
+impl Console {
+    /// Whether L1 ran its script to the end (`P2PVMM-L1: done`).
+    pub fn l1_finished(&self) -> bool {
+        self.text.contains("P2PVMM-L1: done rc=")
+    }
+
+    /// The section of scenario `name`, if it started.
+    pub fn scenario(&self, name: &str) -> Option<Scenario> {
+        let begin = format!("SCENARIO-BEGIN {name}\n");
+        let start = self.text.find(&begin)? + begin.len();
+        let rest = &self.text[start..];
+        let end_tag = format!("SCENARIO-END {name} rc=");
+        let (output, rc) = match rest.find(&end_tag) {
+            Some(end) => {
+                let rc = rest[end + end_tag.len()..]
+                    .lines()
+                    .next()
+                    .and_then(|v| v.trim().parse().ok());
+                (&rest[..end], rc)
+            }
+            None => (rest, None),
+        };
+        Some(Scenario {
+            name: name.to_owned(),
+            output: output.to_owned(),
+            rc,
+        })
+    }
+}
+
+impl Scenario {
+    /// The L2 report line, if L2 got as far as its init.
+    pub fn l2_report(&self) -> Option<L2Report> {
+        let line = self
+            .output
+            .lines()
+            .find_map(|l| l.split_once("P2PVMM-L2: ").map(|(_, r)| r))?;
+        let field = |key: &str| {
+            line.split_whitespace()
+                .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        Some(L2Report {
+            cpus: field("cpus")? as u32,
+            memtotal_kb: field("memtotal_kb")?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = "noise\nSCENARIO-BEGIN two\n[ 0.1] booting\n\
+        P2PVMM-L2: cpus=2 memtotal_kb=480000\nSCENARIO-END two rc=0\n\
+        SCENARIO-BEGIN hung\nstuck\n";
+
+    #[test]
+    fn finds_scenarios_and_reports() {
+        let console = Console {
+            text: SAMPLE.to_owned(),
+        };
+        let two = console.scenario("two").unwrap();
+        assert_eq!(two.rc, Some(0));
+        assert_eq!(
+            two.l2_report(),
+            Some(L2Report {
+                cpus: 2,
+                memtotal_kb: 480_000
+            })
+        );
+        let hung = console.scenario("hung").unwrap();
+        assert_eq!(hung.rc, None);
+        assert_eq!(hung.l2_report(), None);
+        assert!(console.scenario("absent").is_none());
+        assert!(!console.l1_finished());
+    }
+}

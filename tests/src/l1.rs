@@ -1,0 +1,186 @@
+//! Building the lab pieces and booting L1.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use crate::console::Console;
+
+/// The workspace root (tests/ is one level down).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from(".."))
+}
+
+fn run_checked(cmd: &mut Command, what: &str) -> Result<String, String> {
+    let out = cmd
+        .output()
+        .map_err(|e| format!("{what}: cannot start {cmd:?}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{what} failed ({}):\n{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The lab bzImage (L1 and L2 kernel), built once and cached by `resources/lab-kernel.sh`.
+pub fn lab_kernel() -> Result<PathBuf, String> {
+    static KERNEL: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    KERNEL
+        .get_or_init(|| {
+            let script = repo_root().join("resources/lab-kernel.sh");
+            let out = run_checked(&mut Command::new(script), "building the lab kernel")?;
+            let path = out
+                .lines()
+                .last()
+                .map(|l| PathBuf::from(l.trim()))
+                .ok_or("lab-kernel.sh printed no path")?;
+            path.is_file()
+                .then_some(path.clone())
+                .ok_or(format!("lab kernel {path:?} does not exist"))
+        })
+        .clone()
+}
+
+/// A statically linked p2pvmm (L1's initramfs has no libraries), built once per test process in
+/// its own target directory so it does not wait on the outer `cargo test` lock.
+pub fn p2pvmm_static() -> Result<PathBuf, String> {
+    static BINARY: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BINARY
+        .get_or_init(|| {
+            let root = repo_root();
+            let target_dir = root.join("target/lab");
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            run_checked(
+                Command::new(cargo)
+                    .current_dir(&root)
+                    .env("RUSTFLAGS", "-C target-feature=+crt-static")
+                    .args(["build", "--release", "-p", "vmm", "--bin", "p2pvmm"])
+                    .args(["--target", "x86_64-unknown-linux-gnu", "--target-dir"])
+                    .arg(&target_dir),
+                "building the static p2pvmm",
+            )?;
+            Ok(target_dir.join("x86_64-unknown-linux-gnu/release/p2pvmm"))
+        })
+        .clone()
+}
+
+/// The L2 initramfs (prints the `P2PVMM-L2:` report, then powers off or reboots).
+fn l2_initramfs(work: &Path) -> Result<PathBuf, String> {
+    let out = work.join("l2.cpio.gz");
+    run_checked(
+        Command::new(repo_root().join("resources/mkinitramfs.sh"))
+            .arg("l2")
+            .arg(&out),
+        "building the L2 initramfs",
+    )?;
+    Ok(out)
+}
+
+/// One boot of L1 running a script of scenarios.
+pub struct L1Run {
+    name: String,
+    script: String,
+    files: Vec<(PathBuf, String)>,
+    mem_mib: u32,
+    timeout_s: u32,
+}
+
+impl L1Run {
+    /// A run whose L1 has p2pvmm at `/usr/bin/p2pvmm` and the L2 kernel and initramfs at
+    /// `/l2/bzImage` and `/l2/initramfs.cpio.gz`.
+    pub fn new(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            script: String::from(
+                "scenario() { name=$1; limit=$2; shift 2; echo \"SCENARIO-BEGIN $name\"; \
+                 timeout \"$limit\" \"$@\" 2>&1; echo \"SCENARIO-END $name rc=$?\"; }\n",
+            ),
+            files: Vec::new(),
+            mem_mib: 4096,
+            timeout_s: 900,
+        }
+    }
+
+    /// Adds a scenario: `command` (a shell command line run in L1) bounded by `limit_s`.
+    pub fn scenario(mut self, name: &str, limit_s: u32, command: &str) -> Self {
+        let _ = writeln!(self.script, "scenario {name} {limit_s} {command}");
+        self
+    }
+
+    /// Adds a file to L1's initramfs.
+    pub fn file(mut self, src: impl Into<PathBuf>, dest: &str) -> Self {
+        self.files.push((src.into(), dest.to_owned()));
+        self
+    }
+
+    pub fn mem_mib(mut self, mem: u32) -> Self {
+        self.mem_mib = mem;
+        self
+    }
+
+    pub fn timeout_s(mut self, timeout: u32) -> Self {
+        self.timeout_s = timeout;
+        self
+    }
+
+    /// Builds everything, boots L1 and returns its console. Fails only when the lab itself
+    /// could not be built or started; what the scenarios did is for the caller to judge.
+    pub fn run(self) -> Result<Console, String> {
+        let kernel = lab_kernel()?;
+        let p2pvmm = p2pvmm_static()?;
+        let work = repo_root().join("target/lab-work").join(format!(
+            "{}-{}",
+            self.name,
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&work).map_err(|e| format!("creating {work:?}: {e}"))?;
+        let l2 = l2_initramfs(&work)?;
+        let script = work.join("run.sh");
+        std::fs::write(&script, &self.script).map_err(|e| format!("writing {script:?}: {e}"))?;
+
+        let l1 = work.join("l1.cpio.gz");
+        let mut mk = Command::new(repo_root().join("resources/mkinitramfs.sh"));
+        mk.arg("l1").arg(&l1);
+        let mut add = |src: &Path, dest: &str| {
+            mk.arg("--add").arg(format!("{}:{dest}", src.display()));
+        };
+        add(&p2pvmm, "/usr/bin/p2pvmm");
+        add(&kernel, "/l2/bzImage");
+        add(&l2, "/l2/initramfs.cpio.gz");
+        add(&script, "/lab/run.sh");
+        for (src, dest) in &self.files {
+            add(src, dest);
+        }
+        run_checked(&mut mk, "building the L1 initramfs")?;
+
+        let log = work.join("l1-console.log");
+        let out = Command::new(repo_root().join("resources/run-l1.sh"))
+            .arg("--kernel")
+            .arg(&kernel)
+            .arg("--initrd")
+            .arg(&l1)
+            .args(["--mem", &self.mem_mib.to_string()])
+            .args(["--timeout", &self.timeout_s.to_string()])
+            .arg("--log")
+            .arg(&log)
+            .output()
+            .map_err(|e| format!("starting L1: {e}"))?;
+        let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+        let console = Console { text };
+        if out.status.code() == Some(124) {
+            return Err(format!(
+                "L1 timed out after {} s; console:\n{}",
+                self.timeout_s, console.text
+            ));
+        }
+        Ok(console)
+    }
+}
