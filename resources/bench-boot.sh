@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# bench-boot.sh - L2 boot time, p2pvmm vs QEMU, side by side in the same L1 lab guest.
+#
+# Usage: resources/bench-boot.sh [--runs N] [--cpus N] [--memory MiB] [--timeout SECS]
+#   --runs N        boots per VMM (default 5), interleaved p2pvmm/QEMU to spread noise evenly
+#   --cpus N        L2 vCPUs (default 1); --memory MiB L2 RAM (default 512)
+#
+# Both VMMs boot the same lab bzImage and L2 initramfs with the same command line, memory and
+# vCPUs on L1's KVM (nested SVM under QEMU TCG). QEMU is Debian's qemu-system-x86_64 copied into
+# L1 with its libraries and firmware, `-accel kvm -cpu host,-xsave` (without -xsave, L2 oopses
+# under QEMU: lab README). Measured inside L1: wall time from starting the VMM to the L2 init's
+# "P2PVMM-L2:" line (L1 /proc/uptime, 10 ms resolution), and L2's own uptime at "Run /init".
+# Prints each run, the medians, and the ratio p2pvmm/QEMU (target: <= 0.8).
+set -euo pipefail
+
+repo=$(cd "$(dirname "$0")/.." && pwd)
+res=$repo/resources
+log() { echo "bench: $*" >&2; }
+
+runs=5 cpus=1 mem=512 timeout_s=1200
+while (($#)); do
+    case $1 in
+        --runs) runs=$2; shift 2 ;;
+        --cpus) cpus=$2; shift 2 ;;
+        --memory) mem=$2; shift 2 ;;
+        --timeout) timeout_s=$2; shift 2 ;;
+        *) sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0" >&2; exit 2 ;;
+    esac
+done
+
+"$res/setup.sh"
+kernel=$("$res/lab-kernel.sh" | tail -n1)
+log "building the static p2pvmm"
+(cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static" cargo build -q --release -p vmm \
+    --bin p2pvmm --target x86_64-unknown-linux-gnu --target-dir target/lab)
+p2pvmm=$repo/target/lab/x86_64-unknown-linux-gnu/release/p2pvmm
+qemu=$(command -v qemu-system-x86_64)
+
+work=$repo/target/lab/bench
+rm -rf "$work" && mkdir -p "$work"
+"$res/mkinitramfs.sh" l2 "$work/l2.cpio.gz"
+
+cat >"$work/run.sh" <<SCRIPT
+cmdline="console=ttyS0 panic=-1"
+# Runs a VMM and reports when the L2 init speaks; L2's console is consumed, not echoed.
+measure() {
+    name=\$1; shift
+    t0=\$(cut -d' ' -f1 /proc/uptime)
+    timeout 300 "\$@" </dev/null 2>&1 | {
+        seen=0
+        while IFS= read -r line; do
+            case \$line in
+                *"Run /init as init process"*) echo "BENCH-KTIME \$name \$line" ;;
+                *"P2PVMM-L2:"*) echo "BENCH-INIT \$name \$t0 \$(cut -d' ' -f1 /proc/uptime)"; seen=1 ;;
+            esac
+        done
+        [ \$seen = 1 ] || echo "BENCH-FAIL \$name"
+    }
+}
+i=0
+while [ \$i -lt $runs ]; do
+    measure p2pvmm p2pvmm --kernel /l2/bzImage --initramfs /l2/initramfs.cpio.gz \
+        --cpus $cpus --memory ${mem}M --cmdline "\$cmdline"
+    measure qemu $qemu -accel kvm -cpu host,-xsave -m $mem -smp $cpus -nographic -no-reboot \
+        -vga none -nic none -kernel /l2/bzImage -initrd /l2/initramfs.cpio.gz -append "\$cmdline"
+    i=\$((i + 1))
+done
+SCRIPT
+
+"$res/mkinitramfs.sh" l1 "$work/l1.cpio.gz" \
+    --add "$p2pvmm:/usr/bin/p2pvmm" --add "$kernel:/l2/bzImage" \
+    --add "$work/l2.cpio.gz:/l2/initramfs.cpio.gz" --add "$work/run.sh:/lab/run.sh" \
+    --add-binary "$qemu" --add-dir /usr/share/qemu:/usr/share/qemu \
+    --add-dir /usr/share/seabios:/usr/share/seabios
+
+log "booting L1: $runs runs each of p2pvmm and QEMU (${cpus} vCPU, ${mem} MiB)"
+"$res/run-l1.sh" --kernel "$kernel" --initrd "$work/l1.cpio.gz" --timeout "$timeout_s" \
+    --log "$work/l1-console.log" >/dev/null || true
+tr -d '\r' <"$work/l1-console.log" >"$work/console.txt"
+if grep -q BENCH-FAIL "$work/console.txt"; then
+    grep BENCH-FAIL "$work/console.txt" >&2
+    log "some boots did not reach init; console in $work/console.txt"
+    exit 1
+fi
+
+awk '
+/BENCH-INIT/ { ms = ($4 - $3) * 1000; wall[$2] = wall[$2] " " ms; printf "run %-7s start-to-init %6.0f ms\n", $2, ms }
+/BENCH-KTIME/ { match($0, /\[ *[0-9.]+\]/); t = substr($0, RSTART + 1, RLENGTH - 2) + 0;
+                kt[$2] = kt[$2] " " t * 1000 }
+function median(s,   a, n, i, j, x) {
+    n = split(s, a, " ")
+    for (i = 2; i <= n; i++) { x = a[i]; for (j = i - 1; j >= 1 && a[j] + 0 > x + 0; j--) a[j + 1] = a[j]; a[j + 1] = x }
+    return n ? (n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2) : 0
+}
+END {
+    if (wall["p2pvmm"] == "" || wall["qemu"] == "") { print "bench: missing results" > "/dev/stderr"; exit 1 }
+    p = median(wall["p2pvmm"]); q = median(wall["qemu"])
+    kp = median(kt["p2pvmm"]); kq = median(kt["qemu"])
+    printf "\nmedian start-to-init: p2pvmm %.0f ms, QEMU %.0f ms, ratio p2pvmm/QEMU %.2f (target <= 0.8)\n", p, q, p / q
+    printf "median L2 uptime at init: p2pvmm %.0f ms, QEMU %.0f ms, ratio %.2f\n", kp, kq, kp / kq
+}' "$work/console.txt"
