@@ -1,16 +1,17 @@
 //! Command-line flags, cloud-hypervisor style (`--kernel`, `--memory 2G`).
 //!
-//! Value flags that need domain parsing (`--cpus`, `--memory`, `--serial`)
-//! are taken as raw strings and converted here rather than by clap, so that
-//! a bad value produces the same one-line `invalid --memory "12Q": ...`
-//! error as every other configuration problem instead of clap's usage dump.
+//! Value flags that need domain parsing (`--cpus`, `--memory`, `--serial`,
+//! `--device`) are taken as raw strings and converted here rather than by
+//! clap, so that a bad value produces the same one-line
+//! `invalid --memory "12Q": ...` error as every other configuration problem
+//! instead of clap's usage dump.
 
 use std::path::PathBuf;
 
 use clap::{ArgAction, Parser};
 
 use super::layer::PartialConfig;
-use super::{file, ByteSize, ConfigError, LoadedConfig, SerialConfig};
+use super::{device, file, ByteSize, ConfigError, LoadedConfig, SerialConfig};
 
 /// p2pvmm: boot a Linux guest on KVM.
 ///
@@ -20,7 +21,8 @@ use super::{file, ByteSize, ConfigError, LoadedConfig, SerialConfig};
 #[command(name = "p2pvmm", version, about, long_about = None)]
 pub struct Cli {
     /// TOML file with VM settings (keys: kernel, initramfs, cmdline, cpus,
-    /// memory, serial); relative paths in it are relative to the file.
+    /// memory, serial, and [[device]] tables with the --device keys);
+    /// relative paths in it are relative to the file.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 
@@ -49,6 +51,17 @@ pub struct Cli {
     /// Guest serial console: stdout, off or file=PATH [default: stdout].
     #[arg(long, value_name = "MODE")]
     pub serial: Option<String>,
+
+    /// Host PCI device to pass through with VFIO; repeatable. Keys:
+    /// path=/sys/bus/pci/devices/BDF or a bare BDF such as 0000:00:03.0 or
+    /// 00:03.0 (required); id=NAME (letters, digits, _ and -) [default:
+    /// dev<N>, N = position from 0]; backend=iommufd|legacy, the same for
+    /// all devices [default: iommufd if /dev/iommu exists, else legacy];
+    /// placement=root-port|root [default: root-port]; switch=NAME puts the
+    /// device behind that PCIe switch instead. Added after the config
+    /// file's devices; one with a file device's id replaces it.
+    #[arg(long = "device", value_name = "KEY=VALUE,...")]
+    pub devices: Vec<String>,
 
     /// More log output; repeat for more (-v info, -vv debug, -vvv trace).
     #[arg(short, long, action = ArgAction::Count)]
@@ -89,6 +102,12 @@ impl Cli {
             serial: parse_flag("--serial", self.serial.as_deref(), |v| {
                 v.parse::<SerialConfig>().map_err(|e| e.to_string())
             })?,
+            devices: self
+                .devices
+                .iter()
+                .map(|v| parse_flag("--device", Some(v), device::parse_flag))
+                .filter_map(Result::transpose)
+                .collect::<Result<_, _>>()?,
         })
     }
 }

@@ -88,6 +88,20 @@ pub enum ConfigError {
         reason: String,
     },
 
+    /// A passthrough device (`[[device]]` or `--device`) is unusable.
+    #[error("{device}: {field} = {value}: {reason}")]
+    InvalidDevice {
+        /// Which device: `device gpu0`, or `device[1]` (its position in the
+        /// merged list, from 0) when the id itself is the problem.
+        device: String,
+        /// The device's key, e.g. `path`.
+        field: &'static str,
+        /// The value, formatted as the user would write it.
+        value: String,
+        /// What is wrong and, where possible, what would be accepted.
+        reason: String,
+    },
+
     /// Host limits could not be determined.
     #[error("cannot determine host memory from {path}: {reason}")]
     HostProbe {

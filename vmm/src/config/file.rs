@@ -5,8 +5,13 @@
 //! convention, so it is rebuilt here from the message and byte span.
 
 use std::fs;
+use std::ops::Range;
 use std::path::Path;
 
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::device::DeviceEntry;
 use super::layer::PartialConfig;
 use super::ConfigError;
 
@@ -24,15 +29,40 @@ pub(super) fn read(path: &Path) -> Result<PartialConfig, ConfigError> {
 /// Parses TOML `text`; `path` is only used in error messages.
 pub(super) fn parse(text: &str, path: &Path) -> Result<PartialConfig, ConfigError> {
     toml::from_str(text).map_err(|err| {
-        let (line, key) = err
-            .span()
-            .map_or((None, None), |span| locate(text, span.start));
+        let (line, key) = err.span().map_or((None, None), |span| {
+            locate(text, faulty_device_table(text, &span).unwrap_or(span).start)
+        });
         ConfigError::ConfigParse {
             path: path.to_path_buf(),
             line,
             key,
             message: one_line(err.message()),
         }
+    })
+}
+
+/// Just the `[[device]]` tables, each with its span.
+#[derive(Deserialize)]
+struct DeviceTables {
+    device: Option<Spanned<Vec<Spanned<toml::Table>>>>,
+}
+
+/// toml reports an error that concerns a whole `[[device]]` table (a
+/// missing key, `placement` with `switch`) at the span of the whole array,
+/// i.e. at the first table. When `span` is that array, this finds the
+/// table that is actually at fault.
+fn faulty_device_table(text: &str, span: &Range<usize>) -> Option<Range<usize>> {
+    let tables = toml::from_str::<DeviceTables>(text).ok()?.device?;
+    if tables.span() != *span {
+        return None;
+    }
+    tables.into_inner().into_iter().find_map(|table| {
+        let span = table.span();
+        table
+            .into_inner()
+            .try_into::<DeviceEntry>()
+            .err()
+            .map(|_| span)
     })
 }
 
@@ -61,11 +91,15 @@ fn locate(text: &str, offset: usize) -> (Option<usize>, Option<String>) {
     (Some(line_no), key)
 }
 
-/// The key a line is about: `key = value`, or a `[table]` header.
+/// The key a line is about: `key = value`, or a `[table]` or
+/// `[[array-of-tables]]` header (whose errors toml reports on the header).
 fn line_key(line: &str) -> Option<&str> {
     let line = line.trim();
     let key = match line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
-        Some(table) => table,
+        Some(table) => table
+            .strip_prefix('[')
+            .and_then(|t| t.strip_suffix(']'))
+            .unwrap_or(table),
         None => line.split_once('=')?.0,
     };
     Some(key.trim()).filter(|key| is_bare_key(key))
@@ -82,7 +116,7 @@ fn is_bare_key(key: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{ByteSize, SerialConfig};
+    use super::super::{ByteSize, IommuBackendKind, Placement, SerialConfig};
     use super::*;
 
     fn parse_err(text: &str) -> String {
@@ -159,13 +193,109 @@ mod tests {
     }
 
     #[test]
+    fn devices_parse_with_every_placement() {
+        let text = r#"
+            kernel = "/k"
+
+            [[device]]
+            id = "gpu0"
+            path = "/sys/bus/pci/devices/0000:00:03.0"
+            backend = "legacy"
+            placement = "root"
+
+            [[device]]
+            path = "00:04.0"
+            placement = "root-port"
+
+            [[device]]
+            path = "0000:3B:00.1"
+            switch = "sw0"
+            backend = "legacy"
+
+            [[device]]
+            path = "/sys/bus/pci/devices/0000:00:05.0"
+        "#;
+        let devices = parse(text, Path::new("vm.toml")).unwrap().devices;
+        let expected = [
+            (
+                Some("gpu0"),
+                "0000:00:03.0",
+                Some(IommuBackendKind::Legacy),
+                Placement::Root,
+            ),
+            (None, "0000:00:04.0", None, Placement::RootPort),
+            (
+                None,
+                "0000:3b:00.1",
+                Some(IommuBackendKind::Legacy),
+                Placement::Switch("sw0".into()),
+            ),
+            (None, "0000:00:05.0", None, Placement::RootPort),
+        ];
+        assert_eq!(devices.len(), expected.len());
+        for (device, (id, bdf, backend, placement)) in devices.iter().zip(expected) {
+            assert_eq!(device.id.as_deref(), id);
+            assert_eq!(device.path, Path::new("/sys/bus/pci/devices").join(bdf));
+            assert_eq!(device.backend, backend);
+            assert_eq!(device.placement, placement);
+        }
+    }
+
+    #[test]
+    fn device_errors_name_the_table() {
+        let kernel = "kernel = \"/k\"\n";
+        let msg = parse_err(&format!(
+            "{kernel}[[device]]\npath = \"00:03.0\"\n\n[[device]]\npath = \"00:04.0\"\n\
+             placement = \"root\"\nswitch = \"sw0\"\n"
+        ));
+        assert_eq!(
+            msg,
+            r#"config file "vm.toml", line 5, key `device`: placement "root" conflicts with switch "sw0": give only one (switch alone puts the device behind that switch)"#
+        );
+        let msg = parse_err(&format!(
+            "{kernel}[[device]]\npath = \"00:03.0\"\nplacement = \"switch\"\n"
+        ));
+        assert_eq!(
+            msg,
+            r#"config file "vm.toml", line 2, key `device`: placement "switch" needs the switch's name: set switch to it instead of placement"#
+        );
+        let msg = parse_err(&format!(
+            "{kernel}[[device]]\npath = \"00:03.0\"\nbackend = \"vfio\"\n"
+        ));
+        assert_eq!(
+            msg,
+            r#"config file "vm.toml", line 4, key `backend`: unknown IOMMU backend "vfio" (use iommufd or legacy)"#
+        );
+        let msg = parse_err(&format!(
+            "{kernel}[[device]]\npath = \"00:03.0\"\n[[device]]\nid = \"gpu0\"\n"
+        ));
+        assert_eq!(
+            msg,
+            r#"config file "vm.toml", line 4, key `device`: missing field `path`"#
+        );
+        let msg = parse_err(&format!(
+            "{kernel}[[device]]\npath = \"00:03.0\"\nbus = 1\n"
+        ));
+        assert!(
+            msg.starts_with(r#"config file "vm.toml", line 4: unknown field `bus`, expected one of `id`, `path`"#),
+            "{msg}"
+        );
+        let msg = parse_err(&format!("{kernel}[device]\npath = \"00:03.0\"\n"));
+        assert!(
+            msg.starts_with(r#"config file "vm.toml", line 2, key `device`: invalid type: map, expected a sequence"#),
+            "{msg}"
+        );
+    }
+
+    #[test]
     fn relative_paths_follow_the_file() {
         let dir = std::env::temp_dir().join(format!("p2pvmm-cfg-file-{}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
         let file = dir.join("vm.toml");
         fs::write(
             &file,
-            "kernel = \"bzImage\"\ninitramfs = \"/abs/initrd\"\nserial = \"file=log.txt\"\n",
+            "kernel = \"bzImage\"\ninitramfs = \"/abs/initrd\"\nserial = \"file=log.txt\"\n\
+             [[device]]\npath = \"fake/0000:00:03.0\"\n[[device]]\npath = \"00:04.0\"\n",
         )
         .unwrap();
         let cfg = read(&file);
@@ -174,6 +304,11 @@ mod tests {
         assert_eq!(cfg.kernel, Some(dir.join("bzImage")));
         assert_eq!(cfg.initramfs.as_deref(), Some(Path::new("/abs/initrd")));
         assert_eq!(cfg.serial, Some(SerialConfig::File(dir.join("log.txt"))));
+        assert_eq!(cfg.devices[0].path, dir.join("fake/0000:00:03.0"));
+        assert_eq!(
+            cfg.devices[1].path,
+            Path::new("/sys/bus/pci/devices/0000:00:04.0")
+        );
     }
 
     #[test]

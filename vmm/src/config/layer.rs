@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use super::device::{self, DeviceEntry};
 use super::{ByteSize, ConfigError, SerialConfig, VmConfig};
 
 /// One layer of settings; field meanings are those of [`VmConfig`].
@@ -31,11 +32,16 @@ pub(super) struct PartialConfig {
     pub memory: Option<ByteSize>,
     /// See [`VmConfig::serial`].
     pub serial: Option<SerialConfig>,
+    /// See [`VmConfig::devices`]; a list rather than an option, since
+    /// layers add devices instead of replacing the whole list.
+    #[serde(rename = "device", default)]
+    pub devices: Vec<DeviceEntry>,
 }
 
 impl PartialConfig {
     /// Settings from `top` win; anything `top` leaves unset falls through to
-    /// `self`.
+    /// `self`. Devices are the exception: `top`'s are added to `self`'s, see
+    /// [`device::merge`].
     pub fn overlay(self, top: PartialConfig) -> PartialConfig {
         PartialConfig {
             kernel: top.kernel.or(self.kernel),
@@ -44,6 +50,7 @@ impl PartialConfig {
             cpus: top.cpus.or(self.cpus),
             memory: top.memory.or(self.memory),
             serial: top.serial.or(self.serial),
+            devices: device::merge(self.devices, top.devices),
         }
     }
 
@@ -58,11 +65,19 @@ impl PartialConfig {
                 SerialConfig::File(p) => SerialConfig::File(base.join(p)),
                 other => other,
             }),
+            devices: self
+                .devices
+                .into_iter()
+                .map(|d| DeviceEntry {
+                    path: base.join(d.path),
+                    ..d
+                })
+                .collect(),
             ..self
         }
     }
 
-    /// Fills in defaults; only the kernel has none.
+    /// Fills in defaults (device ids included); only the kernel has none.
     pub fn finish(self) -> Result<VmConfig, ConfigError> {
         Ok(VmConfig {
             kernel: self.kernel.ok_or(ConfigError::MissingKernel)?,
@@ -71,6 +86,7 @@ impl PartialConfig {
             cpus: self.cpus.unwrap_or_else(super::default_cpus),
             memory: self.memory.unwrap_or_else(super::default_memory),
             serial: self.serial.unwrap_or_default(),
+            devices: device::finish(self.devices),
         })
     }
 }

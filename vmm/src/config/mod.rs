@@ -15,9 +15,25 @@
 //! cpus = 4
 //! memory = "2G"                 # or an integer number of bytes
 //! serial = "file=/tmp/guest.log" # or "stdout" / "off"
+//!
+//! [[device]]                    # VFIO passthrough; repeat per device
+//! id = "gpu0"                   # default dev<N>, N = position from 0
+//! path = "/sys/bus/pci/devices/0000:00:03.0" # or just "0000:00:03.0"
+//! backend = "iommufd"           # or "legacy"; default iommufd if /dev/iommu exists
+//! placement = "root-port"       # (default) or "root"
+//!
+//! [[device]]
+//! id = "nvme0"
+//! path = "00:04.0"
+//! switch = "sw0"                # behind PCIe switch sw0, instead of placement
 //! ```
+//!
+//! `--device path=...,id=...` flags add devices after the file's; one with
+//! the id of a file device replaces it.
 
 mod cli;
+mod device;
+mod device_check;
 mod error;
 mod file;
 mod layer;
@@ -35,6 +51,9 @@ use clap::Parser;
 use serde::{Deserialize, Serialize};
 
 pub use cli::Cli;
+#[allow(unused_imports)] // Named by the VFIO set-up when it reads iommu_backend().
+pub use device::IommuBackendKind;
+pub use device::{DeviceConfig, Placement};
 pub use error::ConfigError;
 pub use serial::SerialConfig;
 pub use size::ByteSize;
@@ -65,6 +84,16 @@ pub struct VmConfig {
     /// "file=PATH". Default stdout.
     #[serde(default)]
     pub serial: SerialConfig,
+    /// Host PCI functions passed through with VFIO, as `[[device]]` tables;
+    /// all share one IOMMU address space so they can DMA to each other.
+    /// None by default.
+    #[serde(
+        rename = "device",
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "device::deserialize_list"
+    )]
+    pub devices: Vec<DeviceConfig>,
 }
 
 /// Default vCPU count: one is enough to boot and the least surprising.

@@ -60,6 +60,7 @@ fn valid_config(scratch: &Scratch) -> VmConfig {
         cpus: 2,
         memory: ByteSize(512 * MIB),
         serial: SerialConfig::Stdout,
+        devices: Vec::new(),
     }
 }
 
@@ -75,6 +76,7 @@ fn defaults_apply_when_only_kernel_is_given() {
             cpus: 1,
             memory: ByteSize(512 * MIB),
             serial: SerialConfig::Stdout,
+            devices: Vec::new(),
         }
     );
     assert_eq!(loaded.verbosity, 0);
@@ -165,7 +167,7 @@ fn unknown_key_in_file_is_rejected() {
         msg,
         format!(
             "config file {file:?}, line 2: unknown field `cpu`, expected one of \
-             `kernel`, `initramfs`, `cmdline`, `cpus`, `memory`, `serial`"
+             `kernel`, `initramfs`, `cmdline`, `cpus`, `memory`, `serial`, `device`"
         )
     );
 }
@@ -297,6 +299,7 @@ fn vm_config_round_trips_through_toml() {
         cpus: 4,
         memory: ByteSize(3 * GIB / 2),
         serial: SerialConfig::File("/tmp/guest.log".into()),
+        devices: Vec::new(),
     };
     let text = toml::to_string(&cfg).unwrap();
     assert!(text.contains(r#"memory = "1536M""#), "{text}");
@@ -307,4 +310,230 @@ fn vm_config_round_trips_through_toml() {
     assert_eq!(minimal.cpus, 1);
     assert_eq!(minimal.memory, ByteSize(512 * MIB));
     assert!(toml::from_str::<VmConfig>("kernel = \"/k\"\nmem = 1\n").is_err());
+}
+
+/// A device directory in a fake sysfs under `scratch`, with the attribute
+/// files validation looks for.
+fn fake_pci_device(scratch: &Scratch, bdf: &str) -> PathBuf {
+    let dir = scratch.0.join("sys/bus/pci/devices").join(bdf);
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(dir.join("vendor"), "0x1af4\n").unwrap();
+    fs::write(dir.join("device"), "0x1041\n").unwrap();
+    dir
+}
+
+fn device(id: &str, path: PathBuf, backend: Option<IommuBackendKind>) -> DeviceConfig {
+    DeviceConfig {
+        id: id.into(),
+        path,
+        backend,
+        placement: Placement::RootPort,
+    }
+}
+
+fn sysfs(bdf: &str) -> PathBuf {
+    Path::new("/sys/bus/pci/devices").join(bdf)
+}
+
+#[test]
+fn device_flags_are_added_after_file_devices() {
+    let scratch = Scratch::new("devices");
+    let file = scratch.write(
+        "vm.toml",
+        r#"
+            kernel = "/k"
+
+            [[device]]
+            id = "gpu0"
+            path = "0000:00:03.0"
+
+            [[device]]
+            path = "00:04.0"
+            switch = "sw0"
+        "#,
+    );
+    let file = file.to_str().unwrap();
+
+    let from_file = load_args(&["--config", file]).unwrap().vm.devices;
+    assert_eq!(
+        from_file,
+        [
+            device("gpu0", sysfs("0000:00:03.0"), None),
+            DeviceConfig {
+                placement: Placement::Switch("sw0".into()),
+                ..device("dev1", sysfs("0000:00:04.0"), None)
+            },
+        ]
+    );
+
+    let merged = load_args(&[
+        "--config",
+        file,
+        "--device",
+        "path=00:05.0",
+        "--device",
+        "id=gpu0,path=/sys/bus/pci/devices/0000:00:06.0,backend=legacy,placement=root",
+    ])
+    .unwrap()
+    .vm;
+    assert_eq!(
+        merged.devices,
+        [
+            // Same id as a file device: replaces it in place.
+            DeviceConfig {
+                placement: Placement::Root,
+                ..device(
+                    "gpu0",
+                    sysfs("0000:00:06.0"),
+                    Some(IommuBackendKind::Legacy)
+                )
+            },
+            from_file[1].clone(),
+            // New devices come after the file's and are named by position.
+            device("dev2", sysfs("0000:00:05.0"), None),
+        ]
+    );
+    assert_eq!(merged.iommu_backend(), Some(IommuBackendKind::Legacy));
+
+    let cli_only = load_args(&["--kernel", "/k", "--device", "path=00:03.0"])
+        .unwrap()
+        .vm;
+    assert_eq!(
+        cli_only.devices,
+        [device("dev0", sysfs("0000:00:03.0"), None)]
+    );
+    assert_eq!(cli_only.iommu_backend(), None);
+}
+
+#[test]
+fn bad_device_flags_are_one_line_errors() {
+    assert_eq!(
+        err_text(&["--kernel", "/k", "--device", "path=00:03.0,bus=1"]),
+        r#"invalid --device "path=00:03.0,bus=1": unknown key "bus" (use path, id, backend, placement or switch)"#
+    );
+    assert_eq!(
+        err_text(&["--kernel", "/k", "--device", "id=gpu0"]),
+        r#"invalid --device "id=gpu0": missing key path (e.g. path=/sys/bus/pci/devices/0000:00:03.0)"#
+    );
+    assert_eq!(
+        err_text(&["--kernel", "/k", "--device", "path=00:03.0,switch="]),
+        r#"invalid --device "path=00:03.0,switch=": empty value for key switch"#
+    );
+    assert_eq!(
+        err_text(&["--kernel", "/k", "--device", "path=00:03.0,backend=vfio"]),
+        r#"invalid --device "path=00:03.0,backend=vfio": unknown IOMMU backend "vfio" (use iommufd or legacy)"#
+    );
+    assert_eq!(
+        err_text(&[
+            "--kernel",
+            "/k",
+            "--device",
+            "path=00:03.0,placement=root-port,switch=sw0"
+        ]),
+        r#"invalid --device "path=00:03.0,placement=root-port,switch=sw0": placement "root-port" conflicts with switch "sw0": give only one (switch alone puts the device behind that switch)"#
+    );
+    assert_eq!(
+        err_text(&["--kernel", "/k", "--device", "path=3.0"]),
+        r#"invalid --device "path=3.0": path "3.0" is neither a sysfs directory (/sys/bus/pci/devices/0000:00:03.0) nor a PCI address (0000:00:03.0 or 00:03.0)"#
+    );
+}
+
+#[test]
+fn device_help_lists_every_key() {
+    use clap::CommandFactory;
+    let mut cli = Cli::command();
+    let help = cli.render_long_help().to_string();
+    for key in [
+        "--device <KEY=VALUE,...>",
+        "path=",
+        "id=",
+        "backend=iommufd|legacy",
+        "placement=root-port|root",
+        "switch=",
+    ] {
+        assert!(help.contains(key), "{key} missing from:\n{help}");
+    }
+}
+
+#[test]
+fn devices_are_validated() {
+    let scratch = Scratch::new("validate-devices");
+    let mut cfg = valid_config(&scratch);
+    let gpu = fake_pci_device(&scratch, "0000:00:03.0");
+    let nic = fake_pci_device(&scratch, "0000:00:04.0");
+    cfg.devices = vec![
+        device("gpu0", gpu.clone(), Some(IommuBackendKind::Iommufd)),
+        device("nic0", nic.clone(), None),
+    ];
+    assert!(
+        cfg.validate(&BIG_HOST).is_ok(),
+        "{:?}",
+        cfg.validate(&BIG_HOST)
+    );
+
+    let mut mixed = cfg.clone();
+    mixed.devices[1].backend = Some(IommuBackendKind::Legacy);
+    assert_eq!(
+        mixed.validate(&BIG_HOST).unwrap_err().to_string(),
+        r#"device nic0: backend = "legacy": conflicts with backend = "iommufd" of device gpu0; the devices of a VM share one IOMMU address space, so they must use the same backend"#
+    );
+
+    let mut duplicate = cfg.clone();
+    duplicate.devices[1].id = "gpu0".into();
+    assert_eq!(
+        duplicate.validate(&BIG_HOST).unwrap_err().to_string(),
+        r#"device[1]: id = "gpu0": already used by device[0]"#
+    );
+
+    let mut missing = cfg.clone();
+    let absent = scratch.0.join("sys/bus/pci/devices/0000:00:05.0");
+    missing.devices[1].path = absent.clone();
+    assert_eq!(
+        missing.validate(&BIG_HOST).unwrap_err().to_string(),
+        format!(
+            "device nic0: path = {absent:?}: no such device (lspci -D lists the host's PCI addresses)"
+        )
+    );
+
+    let mut not_pci = cfg;
+    not_pci.devices[1].path = scratch.0.join("sys/bus/pci/devices");
+    let msg = not_pci.validate(&BIG_HOST).unwrap_err().to_string();
+    assert!(
+        msg.ends_with("not a PCI device directory (it has no vendor file)"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn devices_round_trip_through_toml() {
+    let mut cfg: VmConfig = toml::from_str(r#"kernel = "/k""#).unwrap();
+    assert!(cfg.devices.is_empty());
+    assert!(!toml::to_string(&cfg).unwrap().contains("device"));
+    cfg.devices = vec![
+        device(
+            "gpu0",
+            sysfs("0000:00:03.0"),
+            Some(IommuBackendKind::Iommufd),
+        ),
+        DeviceConfig {
+            placement: Placement::Switch("sw0".into()),
+            ..device("nvme0", sysfs("0000:00:04.0"), None)
+        },
+        DeviceConfig {
+            placement: Placement::Root,
+            ..device("nic0", sysfs("0000:00:05.0"), None)
+        },
+    ];
+    let text = toml::to_string(&cfg).unwrap();
+    assert!(text.contains("[[device]]"), "{text}");
+    assert!(text.contains(r#"switch = "sw0""#), "{text}");
+    assert_eq!(toml::from_str::<VmConfig>(&text).unwrap(), cfg);
+
+    // Reading a VmConfig directly applies the file's defaults too.
+    let direct: VmConfig =
+        toml::from_str("kernel = \"/k\"\n[[device]]\npath = \"00:03.0\"\n").unwrap();
+    assert_eq!(
+        direct.devices,
+        [device("dev0", sysfs("0000:00:03.0"), None)]
+    );
 }

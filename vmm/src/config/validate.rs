@@ -7,6 +7,7 @@
 use std::fs::{self, File};
 use std::path::Path;
 
+use super::device_check::{check_device_dirs, check_device_rules};
 use super::{ByteSize, ConfigError, VmConfig};
 
 /// Smallest guest RAM accepted: below this a stock kernel plus initramfs
@@ -70,9 +71,10 @@ fn parse_mem_total(meminfo: &str) -> Option<u64> {
 }
 
 impl VmConfig {
-    /// Checks that the kernel (and initramfs) can be read, and that vCPU
-    /// count, memory size and command line are usable on `host`.
-    /// Returns the first problem found.
+    /// Checks that the kernel (and initramfs) can be read, that vCPU
+    /// count, memory size and command line are usable on `host`, and that
+    /// the passthrough devices are distinct PCI functions that agree on one
+    /// IOMMU backend. Returns the first problem found.
     pub fn validate(&self, host: &HostLimits) -> Result<(), ConfigError> {
         check_readable_file("kernel", &self.kernel)?;
         if let Some(initramfs) = &self.initramfs {
@@ -80,7 +82,10 @@ impl VmConfig {
         }
         check_cpus(self.cpus, host.max_vcpus)?;
         check_memory(self.memory, host.memory_bytes)?;
-        check_cmdline(&self.cmdline)
+        check_cmdline(&self.cmdline)?;
+        // Rules between devices first: they need no file system access.
+        check_device_rules(&self.devices)?;
+        check_device_dirs(&self.devices)
     }
 }
 
