@@ -1,0 +1,532 @@
+//! The peer-BAR table: which BAR areas of the VM's assigned devices are in the IOMMU, and where.
+//!
+//! Peer-to-peer DMA needs each device's BARs in the shared IO address space at the addresses the
+//! guest gave them (guest bus address = guest physical = IOVA). Entries are keyed by device
+//! identity, BAR and area offset, never by guest address: the guest moves BARs and toggles
+//! memory decoding, and each entry keeps its dmabuf (exported once) across all of that. The
+//! table holds the desired state (BAR base, decode on/off) and reconciles the IOMMU with it,
+//! doing the lookup and the map/unmap ioctls under one lock, so a BAR move is always "unmap
+//! old, map new" and never a double map.
+//!
+//! VFIO revokes a device's dmabufs while its memory decoding is off, across a reset, and when it
+//! closes; iommufd then stops translating but keeps the IOVA area, and nothing maps it again.
+//! So the table unmaps on decode-off and reset and maps again on decode-on, and
+//! [`remove_device`](P2pTable::remove_device) unmaps everything before the device closes.
+//!
+//! P2P is best effort: a BAR area that cannot be mapped (kernel without dmabuf export, BAR
+//! outside the host IOMMU's range, guest placing two BARs on top of each other) is logged and
+//! left out, and the VM runs without P2P to it. Guest RAM is mapped by the VMM directly through
+//! [`IommuBackend`], where a failure is an error.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use log::{error, warn};
+
+use crate::device::{DeviceKey, HostPciDevice};
+use crate::iommu::{
+    ranges_cover, BackendKind, Backing, DmaKind, DmaMapRequest, IommuBackend, IovaRange,
+};
+use crate::page_size;
+use crate::region::RegionMapping;
+
+/// One BAR of an assigned device: what the guest moves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BarKey {
+    pub device: DeviceKey,
+    /// VFIO region index = BAR number (0-5).
+    pub region: u32,
+}
+
+/// One P2P target: an mmappable area of a BAR, at `area_offset` from the BAR's start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct P2pKey {
+    pub bar: BarKey,
+    pub area_offset: u64,
+}
+
+impl fmt::Display for BarKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} BAR{}", self.device, self.region)
+    }
+}
+
+impl fmt::Display for P2pKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} area +{:#x}", self.bar, self.area_offset)
+    }
+}
+
+/// What puts a BAR area into the IOMMU.
+#[derive(Debug)]
+pub enum BarBacking {
+    /// A VFIO dmabuf of the area (iommufd, `IOMMU_IOAS_MAP_FILE`).
+    Dmabuf(OwnedFd),
+    /// An mmap of the area (type1, `VFIO_IOMMU_MAP_DMA` by address). Shared, e.g. with the KVM
+    /// memory slot of the same BAR; the table keeps it alive while mapped.
+    Mmap(Arc<RegionMapping>),
+}
+
+/// The table's view of one entry, for diagnostics and tests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct P2pState {
+    /// Where the guest has the BAR, if it placed it.
+    pub bar_base: Option<u64>,
+    /// The IOVA the area is mapped at, if it is in the IOMMU now.
+    pub mapped_at: Option<u64>,
+}
+
+/// Errors of the table's bookkeeping (mapping failures are warnings, not errors).
+#[derive(Debug, thiserror::Error)]
+pub enum P2pError {
+    #[error("{key}: a {backing} cannot be mapped by the {backend} IOMMU")]
+    BackingMismatch {
+        key: P2pKey,
+        backing: &'static str,
+        backend: BackendKind,
+    },
+    #[error("{key}: the mapping holds {mapping:#x} bytes, less than the {size:#x} to map")]
+    BackingTooSmall {
+        key: P2pKey,
+        size: u64,
+        mapping: u64,
+    },
+    #[error("{device} is already in the P2P table")]
+    DeviceExists { device: DeviceKey },
+    #[error("{key} is already in the P2P table")]
+    DuplicateKey { key: P2pKey },
+    #[error("{key}: a P2P area must be a non-empty whole number of pages, not {size:#x} bytes")]
+    InvalidSize { key: P2pKey, size: u64 },
+    #[error("{bar} has no P2P areas in the table")]
+    UnknownBar { bar: BarKey },
+    #[error("{device} is not in the P2P table")]
+    UnknownDevice { device: DeviceKey },
+}
+
+/// Why an entry that should be mapped is not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Failure {
+    Unaligned,
+    OutsideWindows,
+    /// Another P2P area is mapped there; retried whenever the table changes.
+    Overlap,
+    /// The IOMMU refused; retried only when the entry's placement or decode state changes.
+    Iommu,
+}
+
+struct Entry {
+    backing: BarBacking,
+    size: u64,
+    bar_base: Option<u64>,
+    mapped_at: Option<u64>,
+    /// The last failure and the IOVA it happened at, so each is logged once.
+    failure: Option<(u64, Failure)>,
+}
+
+#[derive(Default)]
+struct DeviceState {
+    /// PCI_COMMAND.MEM as the guest last set it (and as forwarded to the device).
+    decode: bool,
+}
+
+#[derive(Default)]
+struct Inner {
+    entries: BTreeMap<P2pKey, Entry>,
+    devices: BTreeMap<DeviceKey, DeviceState>,
+}
+
+impl Inner {
+    /// Where `key` should be mapped now: decoding on and the BAR placed.
+    fn desired(&self, key: &P2pKey) -> Option<u64> {
+        let entry = self.entries.get(key)?;
+        let decode = self.devices.get(&key.bar.device).is_some_and(|d| d.decode);
+        let base = entry.bar_base.filter(|_| decode)?;
+        base.checked_add(key.area_offset)
+    }
+
+    fn keys_of(&self, device: &DeviceKey) -> Vec<P2pKey> {
+        self.entries
+            .keys()
+            .filter(|k| k.bar.device == *device)
+            .copied()
+            .collect()
+    }
+
+    fn clear_failures(&mut self, keys: &[P2pKey]) {
+        for key in keys {
+            if let Some(e) = self.entries.get_mut(key) {
+                e.failure = None;
+            }
+        }
+    }
+}
+
+/// The peer-BAR mapping table of one VM.
+pub struct P2pTable {
+    iommu: Arc<dyn IommuBackend>,
+    windows: Vec<IovaRange>,
+    inner: Mutex<Inner>,
+}
+
+impl P2pTable {
+    /// A table mapping through `iommu`. BARs are mapped only inside `mmio_windows` (the guest
+    /// MMIO windows the VMM places BARs in; empty means no restriction), which keeps a guest
+    /// that points a BAR at RAM from fighting the RAM mapping.
+    pub fn new(iommu: Arc<dyn IommuBackend>, mmio_windows: &[IovaRange]) -> Self {
+        if let Ok(host) = iommu.iova_ranges() {
+            for w in mmio_windows {
+                let size = (w.last - w.start).saturating_add(1);
+                if !ranges_cover(&host, w.start, size) {
+                    warn!(
+                        "guest MMIO window [{:#x}, {:#x}] is not entirely inside the host \
+                         IOMMU's IOVA ranges {host:x?}: peers cannot DMA to BARs placed outside",
+                        w.start, w.last
+                    );
+                }
+            }
+        }
+        Self {
+            iommu,
+            windows: mmio_windows.to_vec(),
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Registers every P2P-capable BAR area of `dev` (see [`HostPciDevice::p2p_areas`]):
+    /// exports a dmabuf per area on iommufd, mmaps it on type1. Areas that cannot be exported or
+    /// mapped are logged and skipped. The device starts with decoding off and no BAR placed.
+    pub fn add_device(&self, dev: &HostPciDevice) -> Result<Vec<P2pKey>, P2pError> {
+        let device = dev.key();
+        {
+            let mut inner = self.lock();
+            if inner.devices.contains_key(&device) {
+                return Err(P2pError::DeviceExists { device });
+            }
+            inner.devices.insert(device, DeviceState::default());
+        }
+        let bdf = dev.bdf();
+        let mut keys = Vec::new();
+        for area in dev.p2p_areas() {
+            let key = P2pKey {
+                bar: BarKey {
+                    device,
+                    region: area.region,
+                },
+                area_offset: area.offset,
+            };
+            let backing = match self.iommu.kind() {
+                BackendKind::Iommufd => {
+                    match dev.export_dmabuf(area.region, area.offset, area.size) {
+                        Ok(Some(fd)) => BarBacking::Dmabuf(fd),
+                        Ok(None) => {
+                            warn!(
+                                "{bdf} BAR{} +{:#x}: this kernel cannot export it as a dmabuf, so \
+                             peers cannot DMA to it (needs Linux 6.19+ with \
+                             CONFIG_VFIO_PCI_DMABUF)",
+                                area.region, area.offset
+                            );
+                            continue;
+                        }
+                        Err(e) => {
+                            warn!("{e}; peers cannot DMA to this BAR area");
+                            continue;
+                        }
+                    }
+                }
+                BackendKind::Type1 => match dev.mmap_region(area.region, area.offset, area.size) {
+                    Ok(m) => BarBacking::Mmap(Arc::new(m)),
+                    Err(e) => {
+                        warn!("{e}; peers cannot DMA to this BAR area");
+                        continue;
+                    }
+                },
+            };
+            self.register(key, backing, area.size)?;
+            keys.push(key);
+        }
+        Ok(keys)
+    }
+
+    /// Adds one BAR area with its backing. Lower-level than [`add_device`](Self::add_device),
+    /// which calls it; the area is unmapped until its BAR is placed and decoding is on.
+    pub fn register(&self, key: P2pKey, backing: BarBacking, size: u64) -> Result<(), P2pError> {
+        if size == 0 || !size.is_multiple_of(page_size()) {
+            return Err(P2pError::InvalidSize { key, size });
+        }
+        let backend = self.iommu.kind();
+        match (&backing, backend) {
+            (BarBacking::Dmabuf(_), BackendKind::Type1) => {
+                return Err(P2pError::BackingMismatch {
+                    key,
+                    backing: "dmabuf",
+                    backend,
+                })
+            }
+            (BarBacking::Mmap(_), BackendKind::Iommufd) => {
+                return Err(P2pError::BackingMismatch {
+                    key,
+                    backing: "BAR mmap",
+                    backend,
+                })
+            }
+            (BarBacking::Mmap(m), _) if m.size() < size => {
+                return Err(P2pError::BackingTooSmall {
+                    key,
+                    size,
+                    mapping: m.size(),
+                })
+            }
+            _ => {}
+        }
+        let mut inner = self.lock();
+        if inner.entries.contains_key(&key) {
+            return Err(P2pError::DuplicateKey { key });
+        }
+        inner.devices.entry(key.bar.device).or_default();
+        let entry = Entry {
+            backing,
+            size,
+            bar_base: None,
+            mapped_at: None,
+            failure: None,
+        };
+        inner.entries.insert(key, entry);
+        Ok(())
+    }
+
+    /// The guest placed `bar` at `base`, or unmapped it (`None`: BAR disabled or being sized).
+    /// Every area of the BAR follows: unmapped from the old address, mapped at the new one if
+    /// decoding is on.
+    pub fn bar_moved(&self, bar: BarKey, base: Option<u64>) -> Result<(), P2pError> {
+        let mut inner = self.lock();
+        let keys: Vec<P2pKey> = inner
+            .entries
+            .keys()
+            .filter(|k| k.bar == bar)
+            .copied()
+            .collect();
+        if keys.is_empty() {
+            return Err(P2pError::UnknownBar { bar });
+        }
+        for key in &keys {
+            if let Some(e) = inner.entries.get_mut(key) {
+                e.bar_base = base;
+                e.failure = None;
+            }
+        }
+        self.reconcile(&mut inner);
+        Ok(())
+    }
+
+    /// The guest set or cleared PCI_COMMAND.MEM of `device`. Call after forwarding the write
+    /// to the device: VFIO revokes the dmabufs on disable (we unmap them) and restores them on
+    /// enable (we map them again; a revoked dmabuf cannot be mapped).
+    pub fn decode_changed(&self, device: DeviceKey, enabled: bool) -> Result<(), P2pError> {
+        let mut inner = self.lock();
+        let Some(state) = inner.devices.get_mut(&device) else {
+            return Err(P2pError::UnknownDevice { device });
+        };
+        state.decode = enabled;
+        let keys = inner.keys_of(&device);
+        inner.clear_failures(&keys);
+        self.reconcile(&mut inner);
+        Ok(())
+    }
+
+    /// Runs `reset` (e.g. `|| dev.reset()`) with every area of `device` out of the IOMMU, then
+    /// maps them again per the decode state. VFIO revokes the dmabufs across a reset and iommufd
+    /// does not restore them. Use it after a guest-initiated FLR too (with a no-op closure): the
+    /// kernel already revoked the mappings, and this replaces them. `reset` runs under the
+    /// table's lock and must not call back into the table.
+    pub fn device_reset<R>(&self, device: DeviceKey, reset: impl FnOnce() -> R) -> R {
+        let mut inner = self.lock();
+        let keys = inner.keys_of(&device);
+        for key in &keys {
+            self.unmap_entry(&mut inner, key);
+        }
+        let result = reset();
+        inner.clear_failures(&keys);
+        self.reconcile(&mut inner);
+        result
+    }
+
+    /// Unmaps and forgets every area of `device` (closing its dmabufs or dropping its mmaps).
+    /// Call before closing the device (hot-unplug, teardown), so nothing of it stays in the
+    /// IOMMU. Other devices' areas that were blocked by it get mapped.
+    pub fn remove_device(&self, device: DeviceKey) {
+        let mut inner = self.lock();
+        for key in inner.keys_of(&device) {
+            self.unmap_entry(&mut inner, &key);
+            if let Some(entry) = inner.entries.remove(&key) {
+                if entry.mapped_at.is_some() {
+                    // The unmap failed, so the IOMMU may still reach this memory: an mmap must
+                    // outlive that (the `IommuBackend::map` contract), so leak it.
+                    error!("{key}: left in the IOMMU after a failed unmap; leaking its backing");
+                    std::mem::forget(entry.backing);
+                }
+            }
+        }
+        inner.devices.remove(&device);
+        self.reconcile(&mut inner);
+    }
+
+    /// The state of one entry, or `None` if it is not in the table.
+    pub fn state(&self, key: &P2pKey) -> Option<P2pState> {
+        let inner = self.lock();
+        inner.entries.get(key).map(|e| P2pState {
+            bar_base: e.bar_base,
+            mapped_at: e.mapped_at,
+        })
+    }
+
+    /// The entries registered for `device`.
+    pub fn keys_of(&self, device: DeviceKey) -> Vec<P2pKey> {
+        self.lock().keys_of(&device)
+    }
+
+    /// Number of registered BAR areas.
+    pub fn len(&self) -> usize {
+        self.lock().entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Brings the IOMMU in line with the desired state: first unmaps every area that is mapped
+    /// somewhere it should not be, then maps every area that should be mapped and is not.
+    fn reconcile(&self, inner: &mut Inner) {
+        let keys: Vec<P2pKey> = inner.entries.keys().copied().collect();
+        for key in &keys {
+            let mapped = inner.entries[key].mapped_at;
+            if mapped.is_some() && mapped != inner.desired(key) {
+                self.unmap_entry(inner, key);
+            }
+        }
+        for key in &keys {
+            if inner.entries[key].mapped_at.is_some() {
+                continue;
+            }
+            if let Some(iova) = inner.desired(key) {
+                self.map_entry(inner, key, iova);
+            }
+        }
+    }
+
+    fn unmap_entry(&self, inner: &mut Inner, key: &P2pKey) {
+        let Some(entry) = inner.entries.get_mut(key) else {
+            return;
+        };
+        let Some(iova) = entry.mapped_at else {
+            return;
+        };
+        match self.iommu.unmap(iova, entry.size) {
+            Ok(()) => entry.mapped_at = None,
+            // Kept as mapped so the next reconcile retries, and nothing maps over it.
+            Err(e) => error!("{key}: {e}"),
+        }
+    }
+
+    /// Why `key` cannot go to `iova`, checked before any ioctl.
+    fn precheck(&self, inner: &Inner, key: &P2pKey, iova: u64, size: u64) -> Option<Failure> {
+        if !iova.is_multiple_of(page_size()) {
+            return Some(Failure::Unaligned);
+        }
+        if !self.windows.is_empty() && !ranges_cover(&self.windows, iova, size) {
+            return Some(Failure::OutsideWindows);
+        }
+        let Some(end) = iova.checked_add(size) else {
+            return Some(Failure::OutsideWindows);
+        };
+        let overlaps = inner.entries.iter().any(|(k, e)| {
+            k != key
+                && e.mapped_at
+                    .is_some_and(|m| m < end && iova < m.saturating_add(e.size))
+        });
+        overlaps.then_some(Failure::Overlap)
+    }
+
+    fn map_entry(&self, inner: &mut Inner, key: &P2pKey, iova: u64) {
+        let size = inner.entries[key].size;
+        let failure = match inner.entries[key].failure {
+            // The IOMMU refused this very placement before; wait for it to change.
+            Some((at, Failure::Iommu)) if at == iova => return,
+            _ => self.precheck(inner, key, iova, size),
+        };
+        let entry = inner
+            .entries
+            .get_mut(key)
+            .expect("key taken from the table");
+        let failure = failure.or_else(|| {
+            let backing = match &entry.backing {
+                BarBacking::Dmabuf(fd) => Backing::File {
+                    fd: fd.as_fd(),
+                    offset: 0,
+                    host_va: None,
+                },
+                BarBacking::Mmap(m) => Backing::HostVa(m.host_va()),
+            };
+            let req = DmaMapRequest {
+                iova,
+                size,
+                kind: DmaKind::DeviceBar,
+                backing,
+                writable: true,
+            };
+            // SAFETY: a dmabuf is a VFIO export of a BAR of a device assigned to this VM, which
+            // the kernel revokes itself when the device stops decoding or goes away; an mmap is
+            // owned by this entry (an `Arc`) and is only dropped after a successful unmap (or
+            // leaked), and the table creates no references into it.
+            match unsafe { self.iommu.map(&req) } {
+                Ok(()) => None,
+                Err(e) => {
+                    if entry.failure != Some((iova, Failure::Iommu)) {
+                        warn!("{key}: {e}; peers cannot DMA to this BAR area");
+                    }
+                    Some(Failure::Iommu)
+                }
+            }
+        });
+        match failure {
+            None => {
+                entry.mapped_at = Some(iova);
+                entry.failure = None;
+            }
+            Some(f) => {
+                if entry.failure != Some((iova, f)) && f != Failure::Iommu {
+                    warn!(
+                        "{key}: not mapping it at IOVA {iova:#x} ({}); peers cannot DMA to it \
+                         there",
+                        match f {
+                            Failure::Unaligned => "not page-aligned",
+                            Failure::OutsideWindows => "outside the guest MMIO windows",
+                            Failure::Overlap => "another BAR is mapped there",
+                            Failure::Iommu => unreachable!(),
+                        }
+                    );
+                }
+                entry.failure = Some((iova, f));
+            }
+        }
+    }
+}
+
+impl Drop for P2pTable {
+    /// Leaves nothing in the IOMMU (teardown without `remove_device` for each device).
+    fn drop(&mut self) {
+        let devices: BTreeSet<DeviceKey> = self.lock().devices.keys().copied().collect();
+        for device in devices {
+            self.remove_device(device);
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "p2p_test.rs"]
+mod tests;
