@@ -3,6 +3,9 @@
 //! VFIO PCI device model.
 
 pub mod bus;
+pub mod interrupt;
 pub mod legacy;
+pub mod pci;
+pub mod vfio;
 
 pub use bus::{Bus, BusDevice, BusError, BusRange};

@@ -72,15 +72,45 @@ pub fn p2pvmm_static() -> Result<PathBuf, String> {
         .clone()
 }
 
-/// The L2 initramfs (prints the `P2PVMM-L2:` report, then powers off or reboots).
-fn l2_initramfs(work: &Path) -> Result<PathBuf, String> {
+/// `edu-dma` (tests/src/bin), statically linked for the L2 initramfs.
+pub fn edu_dma_static() -> Result<PathBuf, String> {
+    static BINARY: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BINARY
+        .get_or_init(|| {
+            let root = repo_root();
+            let target_dir = root.join("target/lab");
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            run_checked(
+                Command::new(cargo)
+                    .current_dir(&root)
+                    .env("RUSTFLAGS", "-C target-feature=+crt-static")
+                    .args([
+                        "build",
+                        "--release",
+                        "-p",
+                        "p2pvmm-tests",
+                        "--bin",
+                        "edu-dma",
+                    ])
+                    .args(["--target", "x86_64-unknown-linux-gnu", "--target-dir"])
+                    .arg(&target_dir),
+                "building the static edu-dma",
+            )?;
+            Ok(target_dir.join("x86_64-unknown-linux-gnu/release/edu-dma"))
+        })
+        .clone()
+}
+
+/// The L2 initramfs (runs `/lab/l2.sh` if given, prints the `P2PVMM-L2:` report, then powers
+/// off or reboots), with `files` added.
+fn l2_initramfs(work: &Path, files: &[(PathBuf, String)]) -> Result<PathBuf, String> {
     let out = work.join("l2.cpio.gz");
-    run_checked(
-        Command::new(repo_root().join("resources/mkinitramfs.sh"))
-            .arg("l2")
-            .arg(&out),
-        "building the L2 initramfs",
-    )?;
+    let mut mk = Command::new(repo_root().join("resources/mkinitramfs.sh"));
+    mk.arg("l2").arg(&out);
+    for (src, dest) in files {
+        mk.arg("--add").arg(format!("{}:{dest}", src.display()));
+    }
+    run_checked(&mut mk, "building the L2 initramfs")?;
     Ok(out)
 }
 
@@ -89,6 +119,8 @@ pub struct L1Run {
     name: String,
     script: String,
     files: Vec<(PathBuf, String)>,
+    l2_files: Vec<(PathBuf, String)>,
+    l2_script: Option<String>,
     mem_mib: u32,
     timeout_s: u32,
 }
@@ -104,9 +136,30 @@ impl L1Run {
                  timeout \"$limit\" \"$@\" 2>&1; echo \"SCENARIO-END $name rc=$?\"; }\n",
             ),
             files: Vec::new(),
+            l2_files: Vec::new(),
+            l2_script: None,
             mem_mib: 4096,
             timeout_s: 900,
         }
+    }
+
+    /// Adds shell lines that run in L1 before the scenarios (device binding, set-up).
+    pub fn prelude(mut self, lines: &str) -> Self {
+        self.script.push_str(lines);
+        self.script.push('\n');
+        self
+    }
+
+    /// Adds a file to the L2 initramfs.
+    pub fn l2_file(mut self, src: impl Into<PathBuf>, dest: &str) -> Self {
+        self.l2_files.push((src.into(), dest.to_owned()));
+        self
+    }
+
+    /// Sets `/lab/l2.sh`, which the L2 init runs before its report line.
+    pub fn l2_script(mut self, script: &str) -> Self {
+        self.l2_script = Some(script.to_owned());
+        self
     }
 
     /// Adds a scenario: `command` (a shell command line run in L1) bounded by `limit_s`.
@@ -142,7 +195,13 @@ impl L1Run {
             std::process::id()
         ));
         std::fs::create_dir_all(&work).map_err(|e| format!("creating {work:?}: {e}"))?;
-        let l2 = l2_initramfs(&work)?;
+        let mut l2_files = self.l2_files.clone();
+        if let Some(text) = &self.l2_script {
+            let path = work.join("l2.sh");
+            std::fs::write(&path, text).map_err(|e| format!("writing {path:?}: {e}"))?;
+            l2_files.push((path, "/lab/l2.sh".to_owned()));
+        }
+        let l2 = l2_initramfs(&work, &l2_files)?;
         let script = work.join("run.sh");
         std::fs::write(&script, &self.script).map_err(|e| format!("writing {script:?}: {e}"))?;
 

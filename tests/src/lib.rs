@@ -9,4 +9,4 @@ mod console;
 mod l1;
 
 pub use console::{Console, L2Report, Scenario};
-pub use l1::{lab_kernel, p2pvmm_static, repo_root, L1Run};
+pub use l1::{edu_dma_static, lab_kernel, p2pvmm_static, repo_root, L1Run};

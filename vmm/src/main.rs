@@ -7,9 +7,13 @@
 mod arch;
 mod config;
 mod console;
+mod device_manager;
 mod event_loop;
+mod interrupts;
+mod kvm_vfio;
 mod layout;
 mod memory;
+mod slots;
 mod vcpu;
 mod vm;
 

@@ -39,7 +39,6 @@ pub struct GuestRam {
     pub memory: GuestMemoryMmap,
     /// The file every region maps; region offsets in it follow the layout order. The IOMMU maps
     /// guest RAM from it by file.
-    #[allow(dead_code)]
     pub file: File,
 }
 

@@ -17,9 +17,12 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::{acpi, boot, cpuid, regs};
 use crate::config::{SerialConfig, VmConfig};
 use crate::console::ConsoleInput;
+use crate::device_manager::{DeviceManager, DeviceManagerError, Platform};
 use crate::event_loop;
+use crate::interrupts::KvmInterrupts;
 use crate::layout::{MemoryLayout, KVM_IDENTITY_MAP_START, KVM_TSS_START};
 use crate::memory::GuestRam;
+use crate::slots::MemorySlots;
 use crate::vcpu::{self, Vcpu, VcpuShared};
 
 const SERIAL_PORT: u64 = 0x3f8;
@@ -80,6 +83,8 @@ pub enum VmError {
     },
     #[error("event loop: {0}")]
     EventLoop(#[from] event_loop::EventLoopError),
+    #[error(transparent)]
+    Devices(#[from] DeviceManagerError),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -96,7 +101,8 @@ pub struct Vm {
     shared: Arc<VcpuShared>,
     serial: Arc<Mutex<Serial>>,
     serial_to_stdout: bool,
-    _vm: VmFd,
+    devices: DeviceManager,
+    _vm: Arc<VmFd>,
     _ram: GuestRam,
 }
 
@@ -116,7 +122,7 @@ impl Vm {
         let layout = MemoryLayout::new(config.memory.0, phys_bits)?;
         log::debug!("guest layout ({phys_bits} physical address bits): {layout:x?}");
 
-        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        let vm = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
         vm.set_tss_address(KVM_TSS_START as usize)
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
         vm.set_identity_map_address(KVM_IDENTITY_MAP_START)
@@ -130,10 +136,16 @@ impl Vm {
         vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
         let ram = GuestRam::new(&layout)?;
-        ram.register(&vm)?;
+        let first_device_slot = ram.register(&vm)?;
+        let slots = Arc::new(MemorySlots::new(
+            vm.clone(),
+            first_device_slot,
+            kvm.get_nr_memslots() as u32,
+        ));
 
         let exit = Arc::new(ExitSignal::new().map_err(io_err("creating the exit eventfd"))?);
         let pio = Arc::new(Bus::new());
+        let mmio = Arc::new(Bus::new());
         let serial = Arc::new(Mutex::new(serial_device(&vm, &config.serial)?));
         let place = |what, base, len, device| {
             pio.insert(BusRange::new(base, len), device)
@@ -160,13 +172,25 @@ impl Vm {
             config.initramfs.as_deref(),
             &config.cmdline,
         )?;
-        acpi::write_tables(&ram.memory, config.cpus)?;
+        let devices = DeviceManager::new(
+            config,
+            Platform {
+                vm: &vm,
+                ram: &ram,
+                layout: &layout,
+                pio: &pio,
+                mmio: &mmio,
+                slots: &slots,
+                interrupts: Arc::new(KvmInterrupts::new(vm.clone())),
+            },
+        )?;
+        acpi::write_tables(&ram.memory, config.cpus, &devices.dsdt_aml())?;
         regs::write_boot_tables(&ram.memory)
             .map_err(|source| VmError::VcpuRegs { index: 0, source })?;
 
         let shared = Arc::new(VcpuShared {
             pio,
-            mmio: Arc::new(Bus::new()),
+            mmio,
             exit,
             stop: Arc::new(AtomicBool::new(false)),
         });
@@ -200,6 +224,7 @@ impl Vm {
             shared,
             serial,
             serial_to_stdout: matches!(config.serial, SerialConfig::Stdout),
+            devices,
             _vm: vm,
             _ram: ram,
         })
@@ -229,6 +254,7 @@ impl Vm {
             result = event_loop::run(&self.shared.exit, console).map_err(VmError::from);
         }
         vcpu::stop_all(&self.shared.stop, threads);
+        self.devices.shut_down();
         result?;
         Ok(self.shared.exit.reason().unwrap_or(GuestExit::Crash))
     }

@@ -62,13 +62,14 @@ fn bytes(table: &dyn Aml) -> Vec<u8> {
     out
 }
 
-/// Writes every table for a guest with `cpus` vCPUs (APIC IDs 0..cpus).
-pub fn write_tables(mem: &GuestMemoryMmap, cpus: u8) -> Result<(), AcpiError> {
+/// Writes every table for a guest with `cpus` vCPUs (APIC IDs 0..cpus); `platform_aml` (the PCI
+/// root complex) goes into the DSDT.
+pub fn write_tables(mem: &GuestMemoryMmap, cpus: u8, platform_aml: &[u8]) -> Result<(), AcpiError> {
     let mut writer = TableWriter {
         mem,
         next: ACPI_START + Rsdp::len() as u64,
     };
-    let dsdt = writer.write(&dsdt())?;
+    let dsdt = writer.write(&dsdt(platform_aml))?;
     let fadt = writer.write(&bytes(&fadt(dsdt)))?;
     let madt = writer.write(&bytes(&madt(cpus)))?;
     let mcfg = writer.write(&bytes(&mcfg()))?;
@@ -81,8 +82,8 @@ pub fn write_tables(mem: &GuestMemoryMmap, cpus: u8) -> Result<(), AcpiError> {
     Ok(())
 }
 
-/// `_S5_` (so the guest can power off) and the COM1 console.
-fn dsdt() -> Vec<u8> {
+/// `_S5_` (so the guest can power off), the COM1 console and the platform's devices.
+fn dsdt(platform_aml: &[u8]) -> Vec<u8> {
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, *b"P2PVDSDT", OEM_REVISION);
     let s5 = aml::Name::new("_S5_".into(), &aml::Package::new(vec![&ACPI_S5_TYPE]));
     let com1_io = aml::IO::new(SERIAL_PORT, SERIAL_PORT, 1, 8);
@@ -95,6 +96,7 @@ fn dsdt() -> Vec<u8> {
     let mut body = Vec::new();
     s5.to_aml_bytes(&mut body);
     com1.to_aml_bytes(&mut body);
+    body.extend_from_slice(platform_aml);
     dsdt.append_slice(&body);
     dsdt.as_slice().to_vec()
 }
@@ -149,7 +151,7 @@ mod tests {
     #[test]
     fn tables_are_found_from_the_rsdp_and_checksum() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
-        write_tables(&mem, 2).unwrap();
+        write_tables(&mem, 2, &[]).unwrap();
         let mut rsdp = [0u8; 36];
         mem.read_slice(&mut rsdp, GuestAddress(ACPI_START)).unwrap();
         assert_eq!(&rsdp[..8], b"RSD PTR ");

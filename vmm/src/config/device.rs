@@ -168,7 +168,6 @@ impl VmConfig {
     /// the choice to the VMM (iommufd when `/dev/iommu` exists, else
     /// legacy). [`VmConfig::validate`] rejects explicit mixes, so the first
     /// explicit choice speaks for all devices.
-    #[allow(dead_code)] // Read by the VFIO set-up, not by the config layer.
     pub fn iommu_backend(&self) -> Option<IommuBackendKind> {
         self.devices.iter().find_map(|device| device.backend)
     }

@@ -51,7 +51,6 @@ use clap::Parser;
 use serde::{Deserialize, Serialize};
 
 pub use cli::Cli;
-#[allow(unused_imports)] // Named by the VFIO set-up when it reads iommu_backend().
 pub use device::IommuBackendKind;
 pub use device::{DeviceConfig, Placement};
 pub use error::ConfigError;

@@ -1,0 +1,270 @@
+//! The VFIO PCI device model: a host PCI function passed through to the guest.
+//!
+//! The guest sees an emulated config space built from the host function (identity, BARs at the
+//! addresses the guest programs, MSI/MSI-X, a PCIe endpoint capability); the command register
+//! is forwarded to the hardware so decoding and bus mastering really change. BAR accesses that
+//! reach this model (those not mapped into the guest as memory slots, and the MSI-X table) are
+//! emulated or forwarded through VFIO region reads and writes. Where BARs live in the guest,
+//! and their peer-to-peer IOMMU mappings, is the VMM's `BarObserver`'s business.
+
+mod irq;
+mod probe;
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use vfio_p2p::{DeviceError, HostPciDevice, IrqIndex, P2pTable, CONFIG_REGION};
+
+use crate::interrupt::InterruptController;
+use crate::pci::regs::{COMMAND, COMMAND_INTX_DISABLE, COMMAND_IO, COMMAND_MASTER, COMMAND_MEMORY};
+use crate::pci::{
+    BarInfo, ConfigError, LinkConfig, MsiCap, Msix, PciDevice, PcieCap, PcieDeviceType, Type0Config,
+};
+pub use irq::VfioMsi;
+pub use probe::{probe, ConfigSource, HostFunction};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VfioPciError {
+    #[error("{bdf}: reading the host config space: {source}")]
+    Probe {
+        bdf: vfio_p2p::Bdf,
+        #[source]
+        source: DeviceError,
+    },
+    #[error("{bdf}: emulating its config space: {source}")]
+    Config {
+        bdf: vfio_p2p::Bdf,
+        #[source]
+        source: ConfigError,
+    },
+    #[error("{bdf}: emulating its {what} capability: {detail}")]
+    Capability {
+        bdf: vfio_p2p::Bdf,
+        what: &'static str,
+        detail: String,
+    },
+}
+
+/// The command register bits that reach the hardware.
+const FORWARDED_COMMAND: u16 = COMMAND_IO | COMMAND_MEMORY | COMMAND_MASTER | COMMAND_INTX_DISABLE;
+const MSI_CONTROL: u16 = 0x02;
+
+pub struct VfioPciDevice {
+    name: String,
+    host: Arc<HostPciDevice>,
+    config: Type0Config,
+    msi: Option<(MsiCap, Arc<VfioMsi>)>,
+    msix: Option<(Msix, Arc<VfioMsi>)>,
+    p2p: Option<Arc<P2pTable>>,
+}
+
+impl VfioPciDevice {
+    /// Builds the guest view of `host`. `integrated`: the function sits on the root bus (a root
+    /// complex integrated endpoint) rather than below a port.
+    pub fn new(
+        name: &str,
+        host: Arc<HostPciDevice>,
+        controller: Arc<dyn InterruptController>,
+        p2p: Option<Arc<P2pTable>>,
+    ) -> Result<Self, VfioPciError> {
+        let bdf = host.bdf();
+        let function = probe(&*host).map_err(|source| VfioPciError::Probe { bdf, source })?;
+        let config_err = |source| VfioPciError::Config { bdf, source };
+        let mut config = Type0Config::new(&function.ids);
+        for (index, def) in &function.bars {
+            config.add_bar(*index, *def).map_err(config_err)?;
+        }
+        PcieCap::add(
+            &mut config,
+            PcieDeviceType::Endpoint,
+            LinkConfig::default(),
+            None,
+        )
+        .map_err(config_err)?;
+        let cap_err = |what, detail: String| VfioPciError::Capability { bdf, what, detail };
+        let msi = match function.msi {
+            Some(cfg) => {
+                let cap =
+                    MsiCap::add(&mut config, cfg).map_err(|e| cap_err("MSI", e.to_string()))?;
+                let sink = VfioMsi::new(
+                    host.clone(),
+                    controller.clone(),
+                    IrqIndex::Msi,
+                    u16::from(cfg.vectors),
+                );
+                Some((cap, Arc::new(sink)))
+            }
+            None => None,
+        };
+        let msix = match function.msix {
+            Some(cfg) => {
+                let cap =
+                    Msix::add(&mut config, cfg).map_err(|e| cap_err("MSI-X", e.to_string()))?;
+                let sink = VfioMsi::new(host.clone(), controller, IrqIndex::Msix, cfg.vectors);
+                Some((cap, Arc::new(sink)))
+            }
+            None => None,
+        };
+        let device = Self {
+            name: name.to_owned(),
+            host,
+            config,
+            msi,
+            msix,
+            p2p,
+        };
+        // Start from a clean function that decodes nothing, as after a PCI reset.
+        device.reset_host();
+        device.forward_command(0);
+        Ok(device)
+    }
+
+    pub fn host(&self) -> &Arc<HostPciDevice> {
+        &self.host
+    }
+
+    /// The MSI-X table and PBA (BAR, byte range): they must stay trapped, never mapped.
+    pub fn msix_ranges(&self) -> Vec<(u8, Range<u64>)> {
+        self.msix
+            .as_ref()
+            .map(|(cap, _)| vec![cap.table_range(), cap.pba_range()])
+            .unwrap_or_default()
+    }
+
+    fn reset_host(&self) {
+        if !self.host.supports_reset() {
+            log::debug!("{}: no reset mechanism", self.name);
+            return;
+        }
+        let result = match &self.p2p {
+            Some(p2p) => p2p.device_reset(self.host.key(), || self.host.reset()),
+            None => self.host.reset(),
+        };
+        if let Err(e) = result {
+            log::warn!("{}: reset failed: {e}", self.name);
+        }
+    }
+
+    /// Writes the forwarded command bits to the hardware (keeping its other bits), then tells the
+    /// P2P table when memory decoding changed: VFIO revokes or restores the BAR dmabufs.
+    fn forward_command(&self, command: u16) {
+        let mut raw = [0u8; 2];
+        if let Err(e) = self
+            .host
+            .read_region(CONFIG_REGION, u64::from(COMMAND), &mut raw)
+        {
+            log::error!("{}: reading the command register: {e}", self.name);
+            return;
+        }
+        let old = u16::from_le_bytes(raw);
+        let new = (old & !FORWARDED_COMMAND) | (command & FORWARDED_COMMAND);
+        if new == old {
+            return;
+        }
+        if let Err(e) =
+            self.host
+                .write_region(CONFIG_REGION, u64::from(COMMAND), &new.to_le_bytes())
+        {
+            log::error!("{}: writing the command register: {e}", self.name);
+            return;
+        }
+        if (old ^ new) & COMMAND_MEMORY != 0 {
+            if let Some(p2p) = &self.p2p {
+                if let Err(e) = p2p.decode_changed(self.host.key(), new & COMMAND_MEMORY != 0) {
+                    log::warn!("{}: peer mappings after a decode change: {e}", self.name);
+                }
+            }
+        }
+    }
+}
+
+fn overlaps(a: &Range<u16>, offset: u16, len: usize) -> bool {
+    let end = offset.saturating_add(len as u16);
+    offset < a.end && a.start < end
+}
+
+impl PciDevice for VfioPciDevice {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn read_config(&mut self, offset: u16, data: &mut [u8]) {
+        self.config.read(offset, data);
+    }
+
+    fn write_config(&mut self, offset: u16, data: &[u8]) {
+        self.config.write(offset, data);
+        if overlaps(&(COMMAND..COMMAND + 2), offset, data.len()) {
+            self.forward_command(self.config.command());
+        }
+        if let Some((cap, sink)) = &mut self.msi {
+            let range = cap.range();
+            if overlaps(&range, offset, data.len()) {
+                let mme = (self.config.regs().read_u16(range.start + MSI_CONTROL) >> 4) & 0x7;
+                sink.set_count(1 << mme);
+                cap.update(self.config.regs_mut(), &**sink);
+            }
+        }
+        if let Some((cap, sink)) = &mut self.msix {
+            if overlaps(&cap.cap_range(), offset, data.len()) {
+                cap.update(self.config.regs(), &**sink);
+            }
+        }
+    }
+
+    fn bars(&self) -> [Option<BarInfo>; 6] {
+        self.config.bars()
+    }
+
+    fn command(&self) -> u16 {
+        self.config.command()
+    }
+
+    fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]) {
+        if let Some((cap, _)) = &self.msix {
+            if cap.bar_read(bar, offset, data) {
+                return;
+            }
+        }
+        if let Err(e) = self.host.read_region(u32::from(bar), offset, data) {
+            log::warn!("{}: BAR {bar} read at {offset:#x}: {e}", self.name);
+            data.fill(0xff);
+        }
+    }
+
+    fn bar_write(&mut self, bar: u8, offset: u64, data: &[u8]) {
+        if let Some((cap, sink)) = &mut self.msix {
+            if cap.bar_write(bar, offset, data, &**sink) {
+                return;
+            }
+        }
+        if let Err(e) = self.host.write_region(u32::from(bar), offset, data) {
+            log::warn!("{}: BAR {bar} write at {offset:#x}: {e}", self.name);
+        }
+    }
+
+    fn reset(&mut self) {
+        self.reset_host();
+        self.config.reset();
+        if let Some((cap, sink)) = &mut self.msi {
+            cap.update(self.config.regs_mut(), &**sink);
+        }
+        if let Some((cap, sink)) = &mut self.msix {
+            cap.reset(self.config.regs(), &**sink);
+        }
+        self.forward_command(self.config.command());
+    }
+}
+
+impl Drop for VfioPciDevice {
+    fn drop(&mut self) {
+        self.forward_command(0);
+        if let Some((_, sink)) = &self.msi {
+            sink.release();
+        }
+        if let Some((_, sink)) = &self.msix {
+            sink.release();
+        }
+        self.reset_host();
+    }
+}

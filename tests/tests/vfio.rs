@@ -1,0 +1,234 @@
+//! VFIO passthrough in the nested lab: L1 binds its emulated edu (DMA engine) and ivshmem to
+//! vfio-pci, p2pvmm passes both to L2 on each IOMMU backend, and inside L2 `edu-dma` drives edu
+//! from userspace: DMA RAM -> edu -> RAM with MSI completion interrupts. L2's sysfs shows where
+//! each device sits (root bus, its own root port, or a switch's downstream port).
+
+use std::sync::OnceLock;
+
+use p2pvmm_tests::{edu_dma_static, Console, L1Run, Scenario};
+
+const L2: &str = "--kernel /l2/bzImage --initramfs /l2/initramfs.cpio.gz --memory 512M --cpus 1";
+const CMDLINE: &str = "console=ttyS0 panic=-1";
+
+/// Binds every function with the given IDs to vfio-pci and prints its address.
+const BIND: &str = r#"
+bind_vfio() {
+    for d in /sys/bus/pci/devices/*; do
+        [ "$(cat "$d/vendor"):$(cat "$d/device")" = "0x$1:0x$2" ] || continue
+        bdf=${d##*/}
+        echo vfio-pci > "$d/driver_override"
+        [ -e "$d/driver" ] && echo "$bdf" > "$d/driver/unbind"
+        echo "$bdf" > /sys/bus/pci/drivers_probe
+        echo "$bdf"
+        return 0
+    done
+    return 1
+}
+EDU=$(bind_vfio 1234 11e8)
+SHM=$(bind_vfio 1af4 1110)
+echo "L1: edu=$EDU ivshmem=$SHM"
+"#;
+
+/// L2: lists its PCI functions with their sysfs paths, then drives edu.
+const L2_SCRIPT: &str = r#"
+for d in /sys/bus/pci/devices/*; do
+    echo "L2-PCI $(cat "$d/vendor"):$(cat "$d/device") class=$(cat "$d/class") $(readlink -f "$d")"
+done
+/usr/bin/edu-dma --rounds 2 2>&1
+"#;
+
+fn run_lab() -> Result<Console, String> {
+    let edu_dma = edu_dma_static()?;
+    let vmm = |backend: &str, edu: &str, shm: &str| {
+        format!(
+            "p2pvmm {L2} --cmdline '{CMDLINE}' \
+             --device path=$EDU,id=edu,backend={backend},{edu} \
+             --device path=$SHM,id=shm,backend={backend},{shm}"
+        )
+    };
+    L1Run::new("vfio")
+        .prelude(BIND)
+        .l2_file(edu_dma, "/usr/bin/edu-dma")
+        .l2_script(L2_SCRIPT)
+        .scenario(
+            "iommufd",
+            300,
+            &vmm("iommufd", "placement=root-port", "switch=sw0"),
+        )
+        .scenario(
+            "legacy",
+            300,
+            &vmm("legacy", "switch=sw0", "placement=root"),
+        )
+        .scenario(
+            "no-such-device",
+            60,
+            &format!("p2pvmm {L2} --device path=0000:00:1f.7,id=ghost"),
+        )
+        .scenario(
+            "not-vfio-bound",
+            60,
+            &format!("p2pvmm {L2} --device path=0000:00:1f.3,id=smbus"),
+        )
+        .run()
+}
+
+fn lab() -> &'static Result<Console, String> {
+    static LAB: OnceLock<Result<Console, String>> = OnceLock::new();
+    LAB.get_or_init(run_lab)
+}
+
+fn scenario(name: &str) -> (Scenario, &'static Console) {
+    let console = match lab() {
+        Ok(console) => console,
+        Err(e) => panic!("the lab did not run: {e}"),
+    };
+    match console.scenario(name) {
+        Some(s) => (s, console),
+        None => panic!(
+            "scenario {name} never started; L1 console:\n{}",
+            console.text
+        ),
+    }
+}
+
+/// The sysfs path of the L2 function with `ids` (e.g. "0x1234:0x11e8").
+fn l2_path<'a>(s: &'a Scenario, ids: &str) -> Option<&'a str> {
+    s.output
+        .lines()
+        .filter_map(|l| l.split_once("L2-PCI ").map(|(_, r)| r))
+        .find(|r| r.starts_with(ids))
+        .and_then(|r| r.split_whitespace().last())
+}
+
+/// Number of PCI functions between the root complex and the device in a sysfs path such as
+/// /sys/devices/pci0000:00/0000:00:02.0/0000:01:00.0 (here 1: one root port).
+fn bridges_above(path: &str) -> usize {
+    path.split('/')
+        .skip_while(|c| !c.starts_with("pci0000:"))
+        .skip(1)
+        .count()
+        .saturating_sub(1)
+}
+
+const EDU: &str = "0x1234:0x11e8";
+const IVSHMEM: &str = "0x1af4:0x1110";
+
+/// edu works in L2: its DMA round trips are byte-exact and each completion raised an MSI.
+fn assert_edu_dma(name: &str) {
+    let (s, console) = scenario(name);
+    let result = s
+        .output
+        .lines()
+        .find_map(|l| l.split_once("EDU-DMA: ").map(|(_, r)| r.trim()));
+    let Some(result) = result else {
+        panic!(
+            "{name}: edu-dma printed no result; console:\n{}",
+            console.text
+        );
+    };
+    assert!(
+        result.starts_with("ok ") && result.contains("wrong=0"),
+        "{name}: {result}; console:\n{}",
+        console.text
+    );
+    let msi: u32 = result
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("msi="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        msi >= 2,
+        "{name}: {msi} MSIs for 2 rounds; console:\n{}",
+        console.text
+    );
+    assert_eq!(
+        s.rc,
+        Some(0),
+        "{name}: p2pvmm exit status; console:\n{}",
+        console.text
+    );
+}
+
+fn assert_placement(name: &str, ids: &str, bridges: usize) {
+    let (s, console) = scenario(name);
+    let Some(path) = l2_path(&s, ids) else {
+        panic!("{name}: L2 does not see {ids}; console:\n{}", console.text);
+    };
+    assert_eq!(
+        bridges_above(path),
+        bridges,
+        "{name}: {ids} at {path}; console:\n{}",
+        console.text
+    );
+}
+
+#[test]
+fn iommufd_edu_dma_with_msi() {
+    assert_edu_dma("iommufd");
+}
+
+#[test]
+fn legacy_edu_dma_with_msi() {
+    assert_edu_dma("legacy");
+}
+
+#[test]
+fn placement_root_port() {
+    assert_placement("iommufd", EDU, 1);
+}
+
+#[test]
+fn placement_switch_downstream_port() {
+    // Root port, switch upstream port, switch downstream port.
+    assert_placement("iommufd", IVSHMEM, 3);
+    assert_placement("legacy", EDU, 3);
+}
+
+#[test]
+fn placement_root_bus() {
+    assert_placement("legacy", IVSHMEM, 0);
+}
+
+fn assert_clean_failure(name: &str, needles: &[&str]) {
+    let (s, console) = scenario(name);
+    assert_eq!(
+        s.rc,
+        Some(1),
+        "{name}: exit status; console:\n{}",
+        console.text
+    );
+    let error = s
+        .output
+        .lines()
+        .find(|l| l.contains("p2pvmm: error:"))
+        .unwrap_or_default();
+    for needle in needles {
+        assert!(
+            error.contains(needle),
+            "{name}: error line {error:?} lacks {needle:?}; console:\n{}",
+            console.text
+        );
+    }
+}
+
+#[test]
+fn wrong_bdf_is_a_clear_error() {
+    assert_clean_failure("no-such-device", &["0000:00:1f.7", "no such device"]);
+}
+
+#[test]
+fn device_not_bound_to_vfio_pci_is_a_clear_error() {
+    assert_clean_failure("not-vfio-bound", &["0000:00:1f.3", "vfio-pci"]);
+}
+
+#[test]
+fn sysfs_path_depth_counts_bridges() {
+    assert_eq!(bridges_above("/sys/devices/pci0000:00/0000:00:03.0"), 0);
+    assert_eq!(
+        bridges_above(
+            "/sys/devices/pci0000:00/0000:00:02.0/0000:01:00.0/0000:02:00.0/0000:03:00.0"
+        ),
+        3
+    );
+}

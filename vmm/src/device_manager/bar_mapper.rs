@@ -1,0 +1,203 @@
+//! The VMM's `BarObserver`: makes the guest address space follow every BAR the guest (or the
+//! boot-time topology) places, moves, enables or disables.
+//!
+//! For every BAR: a trap region on the MMIO (or port I/O) bus covering the whole BAR. For
+//! passthrough BARs additionally: KVM memory slots over the mmappable areas (so guest CPU access
+//! goes straight to the device) and the peer-to-peer IOMMU mappings (so other devices' DMA to
+//! the BAR's guest address reaches it). Each change is all-or-nothing.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use devices::pci::{BarChange, BarKind, BarObserver, BarRegion, ObserverError, SharedPciDevice};
+use devices::{Bus, BusRange};
+use vfio_p2p::{BarKey, DeviceKey, P2pTable, RegionMapping};
+
+use crate::slots::{MemorySlots, Slot};
+
+/// A host mapping of part of a passthrough BAR, ready to become a KVM memory slot.
+pub struct MappedArea {
+    /// Offset inside the BAR.
+    pub offset: u64,
+    pub mapping: RegionMapping,
+}
+
+/// What the mapper knows about a passthrough function.
+pub struct PassthroughBars {
+    pub key: DeviceKey,
+    /// Per BAR index, the areas to map as memory slots.
+    pub areas: [Vec<MappedArea>; 6],
+}
+
+/// A BAR currently decoding in the guest.
+struct LiveBar {
+    range: BusRange,
+    kind: BarKind,
+    slots: Vec<Slot>,
+}
+
+pub struct BarMapper {
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    slots: Arc<MemorySlots>,
+    p2p: Option<Arc<P2pTable>>,
+    passthrough: Mutex<HashMap<usize, PassthroughBars>>,
+    live: Mutex<HashMap<(usize, u8), LiveBar>>,
+}
+
+/// Identity of a device object, stable while it lives.
+fn device_id(device: &SharedPciDevice) -> usize {
+    Arc::as_ptr(device) as *const () as usize
+}
+
+impl BarMapper {
+    pub fn new(
+        pio: Arc<Bus>,
+        mmio: Arc<Bus>,
+        slots: Arc<MemorySlots>,
+        p2p: Option<Arc<P2pTable>>,
+    ) -> Self {
+        Self {
+            pio,
+            mmio,
+            slots,
+            p2p,
+            passthrough: Mutex::new(HashMap::new()),
+            live: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Registers the mappable areas of a passthrough device before it is placed.
+    pub fn add_passthrough(&self, device: &SharedPciDevice, bars: PassthroughBars) {
+        self.passthrough
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(device_id(device), bars);
+    }
+
+    fn bus(&self, kind: BarKind) -> &Bus {
+        match kind {
+            BarKind::Io => &self.pio,
+            BarKind::Mem32 | BarKind::Mem64 => &self.mmio,
+        }
+    }
+
+    /// Undoes a live BAR: slots, then the trap region.
+    fn tear_down(&self, bar: LiveBar) {
+        for slot in bar.slots {
+            if let Err(e) = self.slots.unmap(slot) {
+                log::error!("removing a BAR memory slot: {e}");
+            }
+        }
+        if let Err(e) = self.bus(bar.kind).remove(bar.range) {
+            log::error!("removing BAR trap at {}: {e}", bar.range);
+        }
+    }
+
+    /// Sets up a BAR at `range`: the trap region, then a slot per mappable area.
+    fn set_up(
+        &self,
+        device: &SharedPciDevice,
+        bar: u8,
+        kind: BarKind,
+        range: BusRange,
+    ) -> Result<LiveBar, ObserverError> {
+        let region = Arc::new(Mutex::new(BarRegion::new(device.clone(), bar)));
+        self.bus(kind).insert(range, region)?;
+        let mut live = LiveBar {
+            range,
+            kind,
+            slots: Vec::new(),
+        };
+        let passthrough = self.passthrough.lock().unwrap_or_else(|e| e.into_inner());
+        let areas = passthrough
+            .get(&device_id(device))
+            .and_then(|p| p.areas.get(usize::from(bar)));
+        for area in areas.into_iter().flatten() {
+            let gpa = range.base + area.offset;
+            // SAFETY: the mapping lives in `self.passthrough` until the device is removed, and
+            // every slot over it is removed first (tear_down runs before remove_passthrough).
+            let slot = unsafe {
+                self.slots
+                    .map(gpa, area.mapping.size(), area.mapping.host_va())
+            };
+            match slot {
+                Ok(slot) => live.slots.push(slot),
+                Err(e) => {
+                    drop(passthrough);
+                    self.tear_down(live);
+                    return Err(e.into());
+                }
+            }
+        }
+        Ok(live)
+    }
+
+    fn passthrough_key(&self, device: &SharedPciDevice) -> Option<DeviceKey> {
+        self.passthrough
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&device_id(device))
+            .map(|p| p.key)
+    }
+}
+
+impl BarObserver for BarMapper {
+    fn bar_changed(
+        &self,
+        device: &SharedPciDevice,
+        change: &BarChange,
+    ) -> Result<(), ObserverError> {
+        log::debug!("{change}");
+        let id = (device_id(device), change.bar);
+        let old = self
+            .live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        if let Some(old) = old {
+            self.tear_down(old);
+        }
+        if let Some(range) = change.new {
+            match self.set_up(device, change.bar, change.kind, range) {
+                Ok(live) => {
+                    self.live
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(id, live);
+                }
+                Err(e) => {
+                    // All-or-nothing: put the old placement back before refusing.
+                    if let Some(old_range) = change.old {
+                        match self.set_up(device, change.bar, change.kind, old_range) {
+                            Ok(live) => {
+                                self.live
+                                    .lock()
+                                    .unwrap_or_else(|e| e.into_inner())
+                                    .insert(id, live);
+                            }
+                            Err(e) => log::error!("{change}: cannot restore the old BAR: {e}"),
+                        }
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        if let (Some(p2p), Some(key)) = (&self.p2p, self.passthrough_key(device)) {
+            let region = u32::from(change.bar);
+            // Sub-page and trapped BARs have no peer areas: nothing to map for them.
+            let has_areas = p2p.keys_of(key).iter().any(|k| k.bar.region == region);
+            if change.kind != BarKind::Io && has_areas {
+                let bar = BarKey {
+                    device: key,
+                    region,
+                };
+                // Peer access is best effort: a BAR the IOMMU cannot map still works for the CPU.
+                if let Err(e) = p2p.bar_moved(bar, change.new.map(|r| r.base)) {
+                    log::warn!("{change}: peer-to-peer mapping unavailable: {e}");
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,195 @@
+//! Everything on the guest's PCI Express platform: the root complex (ECAM, 0xCF8 ports,
+//! DSDT description), the topology of root ports and switches, and the passthrough devices
+//! placed on it.
+
+mod bar_mapper;
+mod vfio;
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+
+use devices::interrupt::InterruptController;
+use devices::pci::{PciConfigIo, PciLayout, PciRoot, Placement, TopologyBuilder};
+use devices::{Bus, BusRange};
+use kvm_ioctls::VmFd;
+use vfio_p2p::IovaRange;
+
+use crate::config::{self, VmConfig};
+use crate::kvm_vfio::KvmVfio;
+use crate::layout::{MemoryLayout, MMIO32_SIZE, MMIO32_START, PCI_ECAM_SIZE, PCI_ECAM_START};
+use crate::memory::GuestRam;
+use crate::slots::MemorySlots;
+use bar_mapper::BarMapper;
+pub use vfio::Passthrough;
+
+/// Port I/O the platform hands to I/O BARs: above the legacy devices.
+const PCI_IO_START: u64 = 0x1000;
+const PCI_IO_SIZE: u64 = 0xf000;
+const PCI_CONFIG_IO_PORT: u64 = 0xcf8;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceManagerError {
+    #[error("opening the IOMMU backend: {0}")]
+    Backend(#[source] vfio_p2p::IommuError),
+    #[error("device {id}: {source}")]
+    Open {
+        id: String,
+        #[source]
+        source: vfio_p2p::OpenError,
+    },
+    #[error("device {id}: {source}")]
+    KvmVfio {
+        id: String,
+        #[source]
+        source: crate::kvm_vfio::KvmVfioError,
+    },
+    #[error("{what} at {start:#x} (+{size:#x}) is outside what the host IOMMU can translate")]
+    IovaRange {
+        what: &'static str,
+        start: u64,
+        size: u64,
+    },
+    #[error("device {id}: {source}")]
+    Device {
+        id: String,
+        #[source]
+        source: devices::vfio::VfioPciError,
+    },
+    #[error("device {id}: mapping its BARs: {source}")]
+    Mmap {
+        id: String,
+        #[source]
+        source: vfio_p2p::DeviceError,
+    },
+    #[error("PCI topology: {0}")]
+    Topology(#[from] devices::pci::TopologyError),
+    #[error("placing the PCI root complex: {0}")]
+    Bus(#[from] devices::BusError),
+    #[error("creating the KVM-VFIO device: {0}")]
+    KvmVfioCreate(#[source] crate::kvm_vfio::KvmVfioError),
+}
+
+/// What the VMM must keep for the platform to keep working, and tear down at the end.
+pub struct DeviceManager {
+    root: PciRoot,
+    passthrough: Option<Passthrough>,
+    _mapper: Arc<BarMapper>,
+}
+
+/// Everything the device manager needs from the VM under construction.
+pub struct Platform<'a> {
+    pub vm: &'a Arc<VmFd>,
+    pub ram: &'a GuestRam,
+    pub layout: &'a MemoryLayout,
+    pub pio: &'a Arc<Bus>,
+    pub mmio: &'a Arc<Bus>,
+    pub slots: &'a Arc<MemorySlots>,
+    pub interrupts: Arc<dyn InterruptController>,
+}
+
+fn pci_layout(layout: &MemoryLayout) -> PciLayout {
+    PciLayout {
+        ecam: BusRange::new(PCI_ECAM_START, PCI_ECAM_SIZE),
+        mmio32: BusRange::new(MMIO32_START, MMIO32_SIZE),
+        mmio64: BusRange::new(layout.mmio64.0 .0, layout.mmio64.1),
+        io: Some(BusRange::new(PCI_IO_START, PCI_IO_SIZE)),
+    }
+}
+
+fn placement(p: &config::Placement) -> Placement {
+    match p {
+        config::Placement::Root => Placement::Root,
+        config::Placement::RootPort => Placement::RootPort,
+        config::Placement::Switch(name) => Placement::Switch(name.clone()),
+    }
+}
+
+impl DeviceManager {
+    /// Opens the passthrough devices, maps guest RAM for their DMA, builds the topology and
+    /// places the root complex on the buses.
+    pub fn new(config: &VmConfig, platform: Platform<'_>) -> Result<Self, DeviceManagerError> {
+        let pci = pci_layout(platform.layout);
+        let windows = [
+            IovaRange::with_size(pci.mmio32.base, pci.mmio32.len),
+            IovaRange::with_size(pci.mmio64.base, pci.mmio64.len),
+        ];
+        let opened = if config.devices.is_empty() {
+            None
+        } else {
+            let kvm_vfio = KvmVfio::new(platform.vm).map_err(DeviceManagerError::KvmVfioCreate)?;
+            let opened = vfio::open(config, kvm_vfio)?;
+            vfio::map_guest_ram(&opened.backend, platform.ram, &windows)?;
+            Some(opened)
+        };
+        let p2p_mapper = |p2p| {
+            Arc::new(BarMapper::new(
+                platform.pio.clone(),
+                platform.mmio.clone(),
+                platform.slots.clone(),
+                p2p,
+            ))
+        };
+        let (mapper, passthrough) = match opened {
+            None => (p2p_mapper(None), None),
+            Some(opened) => {
+                let mut pending = Vec::new();
+                let passthrough = vfio::build(
+                    opened,
+                    &windows,
+                    platform.interrupts.clone(),
+                    |device, bars| pending.push((device.clone(), bars)),
+                )?;
+                let mapper = p2p_mapper(Some(passthrough.p2p.clone()));
+                for (device, bars) in pending {
+                    mapper.add_passthrough(&device, bars);
+                }
+                (mapper, Some(passthrough))
+            }
+        };
+
+        let mut builder = TopologyBuilder::new(pci);
+        let mut switches = BTreeSet::new();
+        for device in &config.devices {
+            if let config::Placement::Switch(name) = &device.placement {
+                if switches.insert(name.clone()) {
+                    builder.add_switch(name);
+                }
+            }
+        }
+        for (device_config, _, model) in passthrough.iter().flat_map(|p| p.devices.iter()) {
+            builder.add_device(
+                &device_config.id,
+                placement(&device_config.placement),
+                model.clone(),
+            );
+        }
+        let root = builder.build(mapper.clone())?;
+        for (id, bdf) in root.placements() {
+            log::info!("{id}: guest address {bdf}");
+        }
+        platform
+            .mmio
+            .insert(pci.ecam, Arc::new(Mutex::new(root.ecam())))?;
+        platform.pio.insert(
+            BusRange::new(PCI_CONFIG_IO_PORT, PciConfigIo::LEN),
+            Arc::new(Mutex::new(root.config_io())),
+        )?;
+        Ok(Self {
+            root,
+            passthrough,
+            _mapper: mapper,
+        })
+    }
+
+    /// The root complex's DSDT objects.
+    pub fn dsdt_aml(&self) -> Vec<u8> {
+        self.root.dsdt_aml()
+    }
+
+    /// Releases the passthrough devices in the order the kernel needs.
+    pub fn shut_down(self) {
+        if let Some(passthrough) = self.passthrough {
+            passthrough.shut_down();
+        }
+    }
+}

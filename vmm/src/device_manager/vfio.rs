@@ -1,0 +1,279 @@
+//! Passthrough devices: one IOMMU backend per VM, each configured host function opened and
+//! attached to it, guest RAM mapped at IOVA = GPA, the peer-BAR table, and the device models.
+
+use std::os::fd::AsFd;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use devices::interrupt::InterruptController;
+use devices::pci::SharedPciDevice;
+use devices::vfio::VfioPciDevice;
+use vfio_p2p::{
+    ranges_cover, BackendKind, Backing, DmaKind, DmaMapRequest, HostPciDevice, IovaRange, P2pTable,
+    VfioBackend,
+};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+
+use super::bar_mapper::{MappedArea, PassthroughBars};
+use super::DeviceManagerError;
+use crate::config::{DeviceConfig, IommuBackendKind, VmConfig};
+use crate::kvm_vfio::KvmVfio;
+use crate::memory::GuestRam;
+
+const PAGE_SIZE: u64 = 4096;
+
+/// The VM's passthrough state, in the order it must be torn down.
+pub struct Passthrough {
+    pub p2p: Arc<P2pTable>,
+    pub devices: Vec<(DeviceConfig, Arc<HostPciDevice>, SharedPciDevice)>,
+    pub kvm_vfio: KvmVfio,
+    pub backend: VfioBackend,
+}
+
+/// iommufd where the host has it, unless the configuration names a backend.
+fn backend_kind(config: &VmConfig) -> BackendKind {
+    match config.iommu_backend() {
+        Some(IommuBackendKind::Iommufd) => BackendKind::Iommufd,
+        Some(IommuBackendKind::Legacy) => BackendKind::Type1,
+        None if Path::new("/dev/iommu").exists() => BackendKind::Iommufd,
+        None => BackendKind::Type1,
+    }
+}
+
+/// The configured devices, opened on one backend and known to KVM.
+pub struct Opened {
+    pub backend: VfioBackend,
+    pub kvm_vfio: KvmVfio,
+    pub devices: Vec<(DeviceConfig, Arc<HostPciDevice>)>,
+}
+
+/// Opens every configured device on one backend and registers it with KVM.
+pub fn open(config: &VmConfig, kvm_vfio: KvmVfio) -> Result<Opened, DeviceManagerError> {
+    let kind = backend_kind(config);
+    let backend = VfioBackend::open(kind).map_err(DeviceManagerError::Backend)?;
+    let mut opened = Vec::new();
+    for device in &config.devices {
+        let host = HostPciDevice::open(&device.path, &backend).map_err(|source| {
+            DeviceManagerError::Open {
+                id: device.id.clone(),
+                source,
+            }
+        })?;
+        kvm_vfio
+            .add(&host.device_fd())
+            .map_err(|source| DeviceManagerError::KvmVfio {
+                id: device.id.clone(),
+                source,
+            })?;
+        log::info!("{}: {} opened on {kind:?}", device.id, host.bdf());
+        opened.push((device.clone(), Arc::new(host)));
+    }
+    Ok(Opened {
+        backend,
+        kvm_vfio,
+        devices: opened,
+    })
+}
+
+/// Maps guest RAM into the IOMMU at IOVA = GPA, after checking the host IOMMU can translate it
+/// and the MMIO windows peers will DMA into.
+pub fn map_guest_ram(
+    backend: &VfioBackend,
+    ram: &GuestRam,
+    windows: &[IovaRange],
+) -> Result<(), DeviceManagerError> {
+    let iommu = backend.iommu();
+    let host_ranges = iommu.iova_ranges().map_err(DeviceManagerError::Backend)?;
+    for region in ram.memory.iter() {
+        let gpa = region.start_addr().0;
+        let size = region.len();
+        if !ranges_cover(&host_ranges, gpa, size) {
+            return Err(DeviceManagerError::IovaRange {
+                what: "guest RAM",
+                start: gpa,
+                size,
+            });
+        }
+        let offset = region.file_offset().map_or(gpa, |f| f.start());
+        let host_va = region
+            .get_host_address(MemoryRegionAddress(0))
+            .map_err(|_| DeviceManagerError::IovaRange {
+                what: "guest RAM (no host mapping)",
+                start: gpa,
+                size,
+            })? as u64;
+        let request = DmaMapRequest {
+            iova: gpa,
+            size,
+            kind: DmaKind::Ram,
+            backing: Backing::File {
+                fd: ram.file.as_fd(),
+                offset,
+                host_va: Some(host_va),
+            },
+            writable: true,
+        };
+        let started = std::time::Instant::now();
+        // SAFETY: guest RAM stays mapped and backed by this memfd for the VM's lifetime, longer
+        // than the IOAS or container (torn down first).
+        unsafe { iommu.map(&request) }.map_err(DeviceManagerError::Backend)?;
+        log::info!(
+            "guest RAM {gpa:#x}+{size:#x} mapped into the IOMMU ({:?}) in {:?}",
+            backend.kind(),
+            started.elapsed()
+        );
+    }
+    for window in windows {
+        let size = window.last - window.start + 1;
+        if !ranges_cover(&host_ranges, window.start, size) {
+            log::warn!(
+                "MMIO window {:#x}+{size:#x} is outside the host IOMMU's range: peer DMA to BARs \
+                 placed there will fault",
+                window.start
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Splits `[start, end)` around the (page-rounded) `holes`.
+fn carve(start: u64, end: u64, holes: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut pieces = vec![(start, end)];
+    for &(hole_start, hole_end) in holes {
+        let hs = hole_start - hole_start % PAGE_SIZE;
+        let he = hole_end.next_multiple_of(PAGE_SIZE);
+        pieces = pieces
+            .into_iter()
+            .flat_map(|(s, e)| {
+                if he <= s || hs >= e {
+                    vec![(s, e)]
+                } else {
+                    [(s, hs.max(s)), (he.min(e), e)]
+                        .into_iter()
+                        .filter(|(a, b)| a < b)
+                        .collect()
+                }
+            })
+            .collect();
+    }
+    pieces
+}
+
+/// Mmaps the parts of each BAR the guest CPU may access directly: VFIO's mappable areas in
+/// whole pages, minus the MSI-X table and PBA, which stay trapped.
+fn mappable_areas(
+    id: &str,
+    host: &HostPciDevice,
+    model: &VfioPciDevice,
+) -> Result<[Vec<MappedArea>; 6], DeviceManagerError> {
+    let mut areas: [Vec<MappedArea>; 6] = Default::default();
+    let msix = model.msix_ranges();
+    for area in host.p2p_areas() {
+        let bar = area.region as usize;
+        let holes: Vec<(u64, u64)> = msix
+            .iter()
+            .filter(|(b, _)| usize::from(*b) == bar)
+            .map(|(_, r)| (r.start, r.end))
+            .collect();
+        for (start, end) in carve(area.offset, area.offset + area.size, &holes) {
+            let mapping = host
+                .mmap_region(area.region, start, end - start)
+                .map_err(|source| DeviceManagerError::Mmap {
+                    id: id.to_owned(),
+                    source,
+                })?;
+            if let Some(list) = areas.get_mut(bar) {
+                list.push(MappedArea {
+                    offset: start,
+                    mapping,
+                });
+            }
+        }
+    }
+    Ok(areas)
+}
+
+/// Builds the P2P table and the device models for the opened devices.
+pub fn build(
+    opened: Opened,
+    windows: &[IovaRange],
+    interrupts: Arc<dyn InterruptController>,
+    mut register: impl FnMut(&SharedPciDevice, PassthroughBars),
+) -> Result<Passthrough, DeviceManagerError> {
+    let Opened {
+        backend,
+        kvm_vfio,
+        devices: opened,
+    } = opened;
+    let p2p = Arc::new(P2pTable::new(backend.iommu(), windows));
+    let mut devices = Vec::new();
+    for (config, host) in opened {
+        let areas = match p2p.add_device(&host) {
+            Ok(keys) => keys.len(),
+            Err(e) => {
+                log::warn!("{}: peer-to-peer unavailable: {e}", config.id);
+                0
+            }
+        };
+        log::info!(
+            "{}: {areas} BAR area(s) registered for peer-to-peer DMA",
+            config.id
+        );
+        let model = VfioPciDevice::new(
+            &config.id,
+            host.clone(),
+            interrupts.clone(),
+            Some(p2p.clone()),
+        )
+        .map_err(|source| DeviceManagerError::Device {
+            id: config.id.clone(),
+            source,
+        })?;
+        let areas = mappable_areas(&config.id, &host, &model)?;
+        let shared: SharedPciDevice = Arc::new(Mutex::new(model));
+        register(
+            &shared,
+            PassthroughBars {
+                key: host.key(),
+                areas,
+            },
+        );
+        devices.push((config, host, shared));
+    }
+    Ok(Passthrough {
+        p2p,
+        devices,
+        kvm_vfio,
+        backend,
+    })
+}
+
+impl Passthrough {
+    /// Unmaps every peer BAR, detaches the devices from KVM and closes them, in the order the
+    /// kernel needs (table first: its mmaps keep devices busy).
+    pub fn shut_down(self) {
+        for (config, host, _) in &self.devices {
+            self.p2p.remove_device(host.key());
+            if let Err(e) = self.kvm_vfio.remove(&host.device_fd()) {
+                log::warn!("{}: {e}", config.id);
+            }
+        }
+        drop(self.devices);
+        drop(self.p2p);
+        drop(self.backend);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn carving_keeps_msix_pages_out() {
+        // 64 KiB BAR with the MSI-X table at 0x2000..0x2100 and PBA at 0x3000..0x3008.
+        let pieces = carve(0, 0x10000, &[(0x2000, 0x2100), (0x3000, 0x3008)]);
+        assert_eq!(pieces, vec![(0, 0x2000), (0x4000, 0x10000)]);
+        assert_eq!(carve(0, 0x1000, &[]), vec![(0, 0x1000)]);
+        assert_eq!(carve(0, 0x1000, &[(0, 8)]), vec![]);
+    }
+}

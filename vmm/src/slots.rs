@@ -1,0 +1,110 @@
+//! KVM memory slots for device memory (mmapped BARs) that come and go while the guest runs.
+
+use std::sync::{Arc, Mutex};
+
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SlotError {
+    #[error("no free KVM memory slot (limit {0})")]
+    Exhausted(u32),
+    #[error("KVM memory slot {slot} at {gpa:#x} (+{size:#x}): {source}")]
+    Kvm {
+        slot: u32,
+        gpa: u64,
+        size: u64,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+}
+
+struct State {
+    next: u32,
+    free: Vec<u32>,
+}
+
+/// Hands out slot numbers above the ones guest RAM uses, and reuses freed ones.
+pub struct MemorySlots {
+    vm: Arc<VmFd>,
+    limit: u32,
+    state: Mutex<State>,
+}
+
+/// A device-memory slot; give it back with [`MemorySlots::unmap`].
+#[derive(Debug, PartialEq, Eq)]
+pub struct Slot {
+    pub slot: u32,
+    pub gpa: u64,
+    pub size: u64,
+}
+
+impl MemorySlots {
+    pub fn new(vm: Arc<VmFd>, first: u32, limit: u32) -> Self {
+        Self {
+            vm,
+            limit,
+            state: Mutex::new(State {
+                next: first,
+                free: Vec::new(),
+            }),
+        }
+    }
+
+    fn set(&self, slot: u32, gpa: u64, size: u64, host: u64) -> Result<(), SlotError> {
+        let region = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: gpa,
+            memory_size: size,
+            userspace_addr: host,
+        };
+        // SAFETY: for a non-zero size the caller of `map` guarantees the host range stays mapped
+        // until `unmap`; a zero size deletes the slot and touches no memory.
+        unsafe { self.vm.set_user_memory_region(region) }.map_err(|source| SlotError::Kvm {
+            slot,
+            gpa,
+            size,
+            source,
+        })
+    }
+
+    /// Maps `size` bytes of host memory at `host` into the guest at `gpa`.
+    ///
+    /// # Safety
+    /// `host..host + size` must be a live mapping that stays valid until the returned slot is
+    /// given to [`MemorySlots::unmap`].
+    pub unsafe fn map(&self, gpa: u64, size: u64, host: u64) -> Result<Slot, SlotError> {
+        let slot = {
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            match state.free.pop() {
+                Some(slot) => slot,
+                None if state.next < self.limit => {
+                    state.next += 1;
+                    state.next - 1
+                }
+                None => return Err(SlotError::Exhausted(self.limit)),
+            }
+        };
+        if let Err(e) = self.set(slot, gpa, size, host) {
+            self.release(slot);
+            return Err(e);
+        }
+        Ok(Slot { slot, gpa, size })
+    }
+
+    /// Removes a slot made by [`MemorySlots::map`].
+    pub fn unmap(&self, slot: Slot) -> Result<(), SlotError> {
+        self.set(slot.slot, slot.gpa, 0, 0)?;
+        self.release(slot.slot);
+        Ok(())
+    }
+
+    fn release(&self, slot: u32) {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .free
+            .push(slot);
+    }
+}
