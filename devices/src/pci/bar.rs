@@ -1,0 +1,297 @@
+//! What a function decodes, and the one place where a change to that becomes a guest address
+//! space change.
+//!
+//! Every config access that can move a BAR (BAR writes, command writes, resets) goes through
+//! [`update_decode`]: it reads the decoded ranges before and after, hands the difference to the
+//! [`BarObserver`] as [`BarChange`]s, and if the observer refuses one, restores the BAR and command
+//! registers ([`DecodeSnapshot::restore`]) and undoes the changes already applied, so the device
+//! and the guest address space never disagree. Devices themselves never learn where they are
+//! mapped.
+
+use std::fmt;
+
+use super::regs::{BAR0, COMMAND, COMMAND_IO, COMMAND_MEMORY};
+use super::{lock, Bdf, PciDevice, SharedPciDevice};
+use crate::bus::{BusDevice, BusRange};
+
+/// The address space a BAR decodes in, and how many registers it takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BarKind {
+    Io,
+    Mem32,
+    Mem64,
+}
+
+/// A BAR as currently programmed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BarInfo {
+    pub kind: BarKind,
+    pub prefetchable: bool,
+    /// Power of two, in bytes.
+    pub size: u64,
+    /// The address bits of the register(s), low flag bits cleared.
+    pub address: u64,
+}
+
+/// Port I/O is 16 bits wide on x86; I/O BAR bits above that cannot decode anything.
+const IO_SPACE_END: u64 = 1 << 16;
+
+impl BarInfo {
+    /// The range this BAR decodes given the command register, or `None` when it decodes
+    /// nothing: its space is disabled, it is unassigned (address 0), it holds the sizing
+    /// pattern, or it does not fit its address space.
+    ///
+    /// The sizing pattern is treated as "not decoding" because guests (Linux included, for
+    /// devices with `mmio_always_on`) size BARs with decoding enabled; mapping a BAR at
+    /// 0xfff0_0000 for the few instructions until the old value is written back would collide
+    /// with the LAPIC and IOAPIC, fail, and roll the register back under the guest's feet.
+    pub fn decoded_range(&self, command: u16) -> Option<BusRange> {
+        let enable = match self.kind {
+            BarKind::Io => COMMAND_IO,
+            BarKind::Mem32 | BarKind::Mem64 => COMMAND_MEMORY,
+        };
+        if command & enable == 0 || self.address == 0 || self.is_sizing_pattern() {
+            return None;
+        }
+        let end = self.address.checked_add(self.size)?;
+        let limit = match self.kind {
+            BarKind::Io => IO_SPACE_END,
+            BarKind::Mem32 => 1 << 32,
+            BarKind::Mem64 => u64::MAX,
+        };
+        (end <= limit).then(|| BusRange::new(self.address, self.size))
+    }
+
+    /// True when the writable address bits of either register are all ones, i.e. the guest
+    /// wrote ~0 to size the BAR and has not restored it yet.
+    fn is_sizing_pattern(&self) -> bool {
+        let filled = self.address | (self.size - 1);
+        let low_all_ones = filled as u32 == u32::MAX;
+        match self.kind {
+            BarKind::Io | BarKind::Mem32 => low_all_ones,
+            BarKind::Mem64 => {
+                (self.size < 1 << 32 && low_all_ones) || (filled >> 32) as u32 == u32::MAX
+            }
+        }
+    }
+}
+
+/// One BAR's decoded range changed: `old` stops decoding, `new` starts. `None` on either side
+/// means "nothing" (registration or removal only).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BarChange {
+    pub bdf: Bdf,
+    pub bar: u8,
+    pub kind: BarKind,
+    pub prefetchable: bool,
+    pub old: Option<BusRange>,
+    pub new: Option<BusRange>,
+}
+
+impl BarChange {
+    /// The change that undoes this one.
+    pub fn inverse(&self) -> Self {
+        Self {
+            old: self.new,
+            new: self.old,
+            ..self.clone()
+        }
+    }
+}
+
+impl fmt::Display for BarChange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let show = |r: &Option<BusRange>| r.map_or("none".to_string(), |r| r.to_string());
+        write!(
+            f,
+            "{} BAR {} ({:?}): {} -> {}",
+            self.bdf,
+            self.bar,
+            self.kind,
+            show(&self.old),
+            show(&self.new)
+        )
+    }
+}
+
+/// Errors an observer reports; any error type of the VMM converts into it with `?`.
+pub type ObserverError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Applies BAR changes to the guest address space: the VMM registers and unregisters the BAR on
+/// the MMIO or port I/O bus, adds or removes KVM memory slots for mappable BARs, and updates
+/// IOMMU peer mappings. Called without the device lock held, so it may lock `device`.
+pub trait BarObserver: Send + Sync {
+    /// Must be all-or-nothing: on error the address space is as before the call.
+    fn bar_changed(
+        &self,
+        device: &SharedPciDevice,
+        change: &BarChange,
+    ) -> Result<(), ObserverError>;
+}
+
+/// The observer refused a change; the BAR and command registers were rolled back and every
+/// change of the same access already applied was undone.
+#[derive(Debug, thiserror::Error)]
+#[error("{change}: rejected, BAR registers rolled back")]
+pub struct BarRejected {
+    pub change: BarChange,
+    #[source]
+    pub source: ObserverError,
+}
+
+/// The ranges each BAR of `device` decodes now, indexed by BAR number.
+pub fn decoded_ranges(device: &dyn PciDevice) -> [Option<(BarInfo, BusRange)>; 6] {
+    let command = device.command();
+    device
+        .bars()
+        .map(|bar| bar.and_then(|b| b.decoded_range(command).map(|r| (b, r))))
+}
+
+/// Register values that determine decoding, taken before an access so it can be undone.
+pub struct DecodeSnapshot {
+    command: u16,
+    bar_registers: Vec<(u16, u32)>,
+}
+
+impl DecodeSnapshot {
+    pub fn take(device: &mut dyn PciDevice) -> Self {
+        let mut bar_registers = Vec::new();
+        for (index, bar) in device.bars().iter().enumerate() {
+            let Some(bar) = bar else { continue };
+            let registers = if bar.kind == BarKind::Mem64 { 2 } else { 1 };
+            for r in 0..registers {
+                let offset = BAR0 + 4 * (index + r) as u16;
+                let mut value = [0; 4];
+                device.read_config(offset, &mut value);
+                bar_registers.push((offset, u32::from_le_bytes(value)));
+            }
+        }
+        let mut command = [0; 2];
+        device.read_config(COMMAND, &mut command);
+        Self {
+            command: u16::from_le_bytes(command),
+            bar_registers,
+        }
+    }
+
+    /// The rollback: writes the BAR registers back, then the command register, so the
+    /// function decodes exactly what it did before (BARs first so a passthrough device never
+    /// decodes a half-restored address).
+    pub fn restore(&self, device: &mut dyn PciDevice) {
+        for (offset, value) in &self.bar_registers {
+            device.write_config(*offset, &value.to_le_bytes());
+        }
+        device.write_config(COMMAND, &self.command.to_le_bytes());
+    }
+}
+
+/// Runs `access` on `device` (at `bdf`) and makes the guest address space follow: the single
+/// place BAR moves are computed, applied and, on failure, rolled back.
+///
+/// Returns the changes applied. On [`BarRejected`] the device registers and the address space
+/// are both back to their state before `access` (other side effects of `access` remain).
+pub fn update_decode(
+    device: &SharedPciDevice,
+    bdf: Bdf,
+    observer: &dyn BarObserver,
+    access: impl FnOnce(&mut dyn PciDevice),
+) -> Result<Vec<BarChange>, BarRejected> {
+    let (snapshot, changes) = {
+        let mut dev = lock(device);
+        let snapshot = DecodeSnapshot::take(&mut *dev);
+        let before = decoded_ranges(&*dev);
+        access(&mut *dev);
+        let after = decoded_ranges(&*dev);
+        (snapshot, diff(bdf, &before, &after))
+    };
+    for (applied, change) in changes.iter().enumerate() {
+        if let Err(source) = observer.bar_changed(device, change) {
+            snapshot.restore(&mut *lock(device));
+            for done in changes[..applied].iter().rev() {
+                if let Err(e) = observer.bar_changed(device, &done.inverse()) {
+                    log::error!("{done}: cannot undo after a rejected BAR change: {e}");
+                }
+            }
+            return Err(BarRejected {
+                change: change.clone(),
+                source,
+            });
+        }
+    }
+    Ok(changes)
+}
+
+/// One change per BAR whose decoded range differs. Removals come before additions so an
+/// observer never sees two live ranges of the same device overlap in between.
+fn diff(
+    bdf: Bdf,
+    before: &[Option<(BarInfo, BusRange)>; 6],
+    after: &[Option<(BarInfo, BusRange)>; 6],
+) -> Vec<BarChange> {
+    let mut changes: Vec<BarChange> = (0..6)
+        .filter_map(|i| {
+            let (old, new) = (before[i].map(|b| b.1), after[i].map(|b| b.1));
+            let info = after[i].or(before[i])?.0;
+            (old != new).then_some(BarChange {
+                bdf,
+                bar: i as u8,
+                kind: info.kind,
+                prefetchable: info.prefetchable,
+                old,
+                new,
+            })
+        })
+        .collect();
+    changes.sort_by_key(|c| c.new.is_some());
+    changes
+}
+
+/// Announces every range `device` decodes as a removal (`old` → `None`): what the VMM needs
+/// when a function goes away. Errors are logged; a departing device cannot roll back.
+pub fn announce_removal(device: &SharedPciDevice, bdf: Bdf, observer: &dyn BarObserver) {
+    let ranges = decoded_ranges(&*lock(device));
+    for (bar, (info, range)) in ranges
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| Some((i, (*r)?)))
+    {
+        let change = BarChange {
+            bdf,
+            bar: bar as u8,
+            kind: info.kind,
+            prefetchable: info.prefetchable,
+            old: Some(range),
+            new: None,
+        };
+        if let Err(e) = observer.bar_changed(device, &change) {
+            log::error!("{change}: {e}");
+        }
+    }
+}
+
+/// A BAR as a bus device, for the VMM to register at the range a [`BarChange`] announces:
+/// accesses arrive with BAR-relative offsets and go to [`PciDevice::bar_read`]/`bar_write`.
+pub struct BarRegion {
+    device: SharedPciDevice,
+    bar: u8,
+}
+
+impl BarRegion {
+    pub fn new(device: SharedPciDevice, bar: u8) -> Self {
+        Self { device, bar }
+    }
+}
+
+impl BusDevice for BarRegion {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        lock(&self.device).bar_read(self.bar, offset, data);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        lock(&self.device).bar_write(self.bar, offset, data);
+    }
+}
+
+#[cfg(test)]
+#[path = "bar_tests.rs"]
+mod tests;

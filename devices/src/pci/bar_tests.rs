@@ -1,0 +1,309 @@
+use std::sync::{Arc, Mutex};
+
+use super::*;
+use crate::pci::config::BarDef;
+use crate::pci::fake::{FakeBarObserver, FakeEndpoint};
+
+const MEM32: BarInfo = BarInfo {
+    kind: BarKind::Mem32,
+    prefetchable: false,
+    size: 0x1000,
+    address: 0xc000_0000,
+};
+const BDF: Bdf = Bdf::new(1, 0, 0);
+
+fn write32(device: &SharedPciDevice, offset: u16, value: u32) {
+    lock(device).write_config(offset, &value.to_le_bytes());
+}
+
+/// An endpoint with a 4 KiB 32-bit BAR 0 at 0xc000_0000 and a 1 GiB 64-bit prefetchable BAR 2
+/// at 0x40_0000_0000, decoding nothing yet.
+fn endpoint() -> SharedPciDevice {
+    let dev = FakeEndpoint::with_bars(
+        "ep",
+        &[
+            (0, BarDef::mem32(0x1000)),
+            (2, BarDef::mem64(1 << 30, true)),
+        ],
+    )
+    .unwrap();
+    let dev: SharedPciDevice = Arc::new(Mutex::new(dev));
+    write32(&dev, BAR0, 0xc000_0000);
+    write32(&dev, BAR0 + 8, 0);
+    write32(&dev, BAR0 + 12, 0x40);
+    dev
+}
+
+fn command(
+    device: &SharedPciDevice,
+    observer: &dyn BarObserver,
+    value: u16,
+) -> Result<Vec<BarChange>, BarRejected> {
+    update_decode(device, BDF, observer, |d| {
+        d.write_config(COMMAND, &value.to_le_bytes())
+    })
+}
+
+#[test]
+fn decoded_range_needs_the_enable_bit_of_its_space() {
+    assert_eq!(MEM32.decoded_range(0), None);
+    assert_eq!(MEM32.decoded_range(COMMAND_IO), None);
+    assert_eq!(
+        MEM32.decoded_range(COMMAND_MEMORY),
+        Some(BusRange::new(0xc000_0000, 0x1000))
+    );
+    let io = BarInfo {
+        kind: BarKind::Io,
+        size: 0x20,
+        address: 0x1000,
+        ..MEM32
+    };
+    assert_eq!(io.decoded_range(COMMAND_MEMORY), None);
+    assert_eq!(
+        io.decoded_range(COMMAND_IO),
+        Some(BusRange::new(0x1000, 0x20))
+    );
+}
+
+#[test]
+fn unassigned_bars_decode_nothing() {
+    let bar = BarInfo {
+        address: 0,
+        ..MEM32
+    };
+    assert_eq!(bar.decoded_range(COMMAND_MEMORY), None);
+}
+
+#[test]
+fn sizing_patterns_decode_nothing() {
+    let sizing32 = BarInfo {
+        address: 0xffff_f000,
+        ..MEM32
+    };
+    assert_eq!(sizing32.decoded_range(COMMAND_MEMORY), None);
+    let small64 = BarInfo {
+        kind: BarKind::Mem64,
+        size: 0x10_0000,
+        // Low half sized, high half still holding the old address.
+        address: 0x40_fff0_0000,
+        ..MEM32
+    };
+    assert_eq!(small64.decoded_range(COMMAND_MEMORY), None);
+    let big64 = BarInfo {
+        kind: BarKind::Mem64,
+        size: 16 << 30,
+        address: 0xffff_fffc_0000_0000,
+        ..MEM32
+    };
+    assert_eq!(big64.decoded_range(COMMAND_MEMORY), None);
+    // A large 64-bit BAR has no writable low bits, so an ordinary address is not a pattern.
+    let placed = BarInfo {
+        address: 0x40_0000_0000,
+        ..big64
+    };
+    assert_eq!(
+        placed.decoded_range(COMMAND_MEMORY),
+        Some(BusRange::new(0x40_0000_0000, 16 << 30))
+    );
+}
+
+#[test]
+fn io_bars_beyond_64k_decode_nothing() {
+    let io = BarInfo {
+        kind: BarKind::Io,
+        size: 0x20,
+        address: 0x1_0000,
+        ..MEM32
+    };
+    assert_eq!(io.decoded_range(COMMAND_IO), None);
+}
+
+#[test]
+fn enabling_memory_decode_registers_every_memory_bar() {
+    let dev = endpoint();
+    let observer = FakeBarObserver::new();
+    let changes = command(&dev, &observer, COMMAND_MEMORY).unwrap();
+    assert_eq!(changes.len(), 2);
+    assert_eq!(
+        observer.range_of(BDF, 0),
+        Some(BusRange::new(0xc000_0000, 0x1000))
+    );
+    assert_eq!(
+        observer.range_of(BDF, 2),
+        Some(BusRange::new(0x40_0000_0000, 1 << 30))
+    );
+    assert!(changes.iter().all(|c| c.old.is_none()));
+}
+
+#[test]
+fn disabling_decode_unregisters_them() {
+    let dev = endpoint();
+    let observer = FakeBarObserver::new();
+    command(&dev, &observer, COMMAND_MEMORY).unwrap();
+    let changes = command(&dev, &observer, 0).unwrap();
+    assert_eq!(changes.len(), 2);
+    assert!(observer.live().is_empty());
+}
+
+#[test]
+fn moving_a_live_bar_is_one_change_from_old_to_new() {
+    let dev = endpoint();
+    let observer = FakeBarObserver::new();
+    command(&dev, &observer, COMMAND_MEMORY).unwrap();
+    let changes = update_decode(&dev, BDF, &observer, |d| {
+        d.write_config(BAR0, &0xc010_0000u32.to_le_bytes())
+    })
+    .unwrap();
+    assert_eq!(
+        changes,
+        vec![BarChange {
+            bdf: BDF,
+            bar: 0,
+            kind: BarKind::Mem32,
+            prefetchable: false,
+            old: Some(BusRange::new(0xc000_0000, 0x1000)),
+            new: Some(BusRange::new(0xc010_0000, 0x1000)),
+        }]
+    );
+    assert_eq!(
+        observer.range_of(BDF, 0),
+        Some(BusRange::new(0xc010_0000, 0x1000))
+    );
+}
+
+#[test]
+fn sizing_a_live_bar_unmaps_it_until_the_address_is_restored() {
+    let dev = endpoint();
+    let observer = FakeBarObserver::new();
+    command(&dev, &observer, COMMAND_MEMORY).unwrap();
+    let write = |v: u32| {
+        update_decode(&dev, BDF, &observer, |d| {
+            d.write_config(BAR0, &v.to_le_bytes())
+        })
+        .unwrap()
+    };
+    assert_eq!(write(u32::MAX).len(), 1);
+    assert_eq!(observer.range_of(BDF, 0), None);
+    let mut size = [0; 4];
+    lock(&dev).read_config(BAR0, &mut size);
+    assert_eq!(u32::from_le_bytes(size), 0xffff_f000);
+    assert_eq!(write(0xc000_0000).len(), 1);
+    assert_eq!(
+        observer.range_of(BDF, 0),
+        Some(BusRange::new(0xc000_0000, 0x1000))
+    );
+}
+
+#[test]
+fn a_rejected_move_rolls_the_bar_register_back() {
+    let dev = endpoint();
+    let observer = FakeBarObserver::new();
+    command(&dev, &observer, COMMAND_MEMORY).unwrap();
+    observer.reject_when(|c| c.new.is_some_and(|r| r.base == 0xd000_0000));
+    let err = update_decode(&dev, BDF, &observer, |d| {
+        d.write_config(BAR0, &0xd000_0000u32.to_le_bytes())
+    })
+    .unwrap_err();
+    assert_eq!(err.change.bar, 0);
+    assert_eq!(lock(&dev).bars()[0].unwrap().address, 0xc000_0000);
+    assert_eq!(
+        observer.range_of(BDF, 0),
+        Some(BusRange::new(0xc000_0000, 0x1000))
+    );
+}
+
+#[test]
+fn a_rejection_midway_undoes_the_changes_already_applied() {
+    let dev = endpoint();
+    let observer = FakeBarObserver::new();
+    observer.reject_when(|c| c.bar == 2);
+    let err = command(&dev, &observer, COMMAND_MEMORY).unwrap_err();
+    assert_eq!(err.change.bar, 2);
+    assert_eq!(lock(&dev).command(), 0);
+    assert!(observer.live().is_empty());
+    // BAR 0 was added, then removed again.
+    let history = observer.history();
+    assert_eq!(history.len(), 2);
+    assert_eq!(history[1], history[0].inverse());
+}
+
+#[test]
+fn a_rejected_64bit_move_restores_both_halves() {
+    let dev = endpoint();
+    let observer = FakeBarObserver::new();
+    command(&dev, &observer, COMMAND_MEMORY).unwrap();
+    observer.reject_when(|c| c.bar == 2);
+    update_decode(&dev, BDF, &observer, |d| {
+        d.write_config(BAR0 + 12, &0x41u32.to_le_bytes())
+    })
+    .unwrap_err();
+    let mut regs = [0; 8];
+    lock(&dev).read_config(BAR0 + 8, &mut regs[..4]);
+    lock(&dev).read_config(BAR0 + 12, &mut regs[4..]);
+    assert_eq!(u64::from_le_bytes(regs) & !0xf, 0x40_0000_0000);
+}
+
+#[test]
+fn removals_come_before_additions() {
+    let before = [
+        Some((MEM32, BusRange::new(0xc000_0000, 0x1000))),
+        None,
+        None,
+        None,
+        None,
+        None,
+    ];
+    let moved = BarInfo {
+        address: 0xc000_1000,
+        ..MEM32
+    };
+    let after = [
+        Some((moved, BusRange::new(0xc000_1000, 0x1000))),
+        Some((MEM32, BusRange::new(0xc000_0000, 0x1000))),
+        None,
+        None,
+        None,
+        None,
+    ];
+    let changes = diff(BDF, &after, &before);
+    assert_eq!(changes[0].new, None);
+    let changes = diff(BDF, &before, &after);
+    assert!(changes[0].old.is_some() && changes[0].new.is_some());
+    assert_eq!(changes.len(), 2);
+}
+
+#[test]
+fn announce_removal_withdraws_every_live_range() {
+    let dev = endpoint();
+    let observer = FakeBarObserver::new();
+    command(&dev, &observer, COMMAND_MEMORY).unwrap();
+    announce_removal(&dev, BDF, &observer);
+    assert!(observer.live().is_empty());
+}
+
+#[test]
+fn bar_region_forwards_with_the_bar_number() {
+    let fake = FakeEndpoint::new("ep").shared();
+    let mut region = BarRegion::new(fake.clone(), 2);
+    let mut data = [0; 2];
+    region.read(5, &mut data);
+    assert_eq!(data, [0x25, 0x26]);
+    region.write(8, &[1, 2]);
+    assert_eq!(lock(&fake).bar_writes, vec![(2, 8, vec![1, 2])]);
+}
+
+#[test]
+fn change_display_names_the_function_and_ranges() {
+    let change = BarChange {
+        bdf: BDF,
+        bar: 0,
+        kind: BarKind::Mem32,
+        prefetchable: false,
+        old: None,
+        new: Some(BusRange::new(0xc000_0000, 0x1000)),
+    };
+    assert_eq!(
+        change.to_string(),
+        "0000:01:00.0 BAR 0 (Mem32): none -> 0xc0000000..0xc0001000"
+    );
+}

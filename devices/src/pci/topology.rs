@@ -1,0 +1,410 @@
+//! Builds the PCIe hierarchy and does the firmware's job up front: bus numbers, BAR addresses,
+//! bridge windows and command registers. Linux on x86 keeps firmware assignments that are valid,
+//! so the guest boots with exactly this layout and the VMM knows every BAR address before the
+//! first vCPU runs.
+//!
+//! Placements:
+//! - [`Placement::Root`]: the device sits on bus 0 (a root complex integrated endpoint).
+//! - [`Placement::RootPort`]: the device gets a root port of its own.
+//! - [`Placement::Switch`]: the device sits behind a downstream port of a named switch, whose
+//!   upstream port sits behind its own root port. Devices on one switch can do peer-to-peer
+//!   DMA without crossing the root complex.
+//!
+//! All programming goes through [`PciSegment::config_write`], the same path guest writes take,
+//! so the observer learns the initial BAR layout exactly as it will learn later moves.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use super::config::ConfigError;
+use super::host_bridge::HostBridge;
+use super::pcie_cap::{LinkConfig, SlotConfig};
+use super::port::PciePort;
+use super::resources::{Allocators, WindowKind};
+use super::segment::{PciConfigIo, PciEcam, PciSegment, SegmentError};
+use super::switch::{PcieSwitch, SwitchError, MAX_DOWNSTREAM_PORTS};
+use super::{root_port, BarObserver, Bdf, SharedPciDevice};
+use crate::bus::BusRange;
+use firmware::{assign, attach, number_buses, program, Ctx, Node, Placed};
+
+const MIB: u64 = 1 << 20;
+
+/// The guest physical windows the platform decodes (from the VMM's memory layout).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PciLayout {
+    /// ECAM: 1 MiB per bus starting at bus 0 (256 MiB for buses 0..=255).
+    pub ecam: BusRange,
+    /// Below 4 GiB: 32-bit BARs and non-prefetchable bridge windows.
+    pub mmio32: BusRange,
+    /// 64-bit prefetchable BARs and bridge windows.
+    pub mmio64: BusRange,
+    /// Port I/O for I/O BARs, e.g. 0x1000..0x10000; `None` leaves I/O BARs unassigned.
+    pub io: Option<BusRange>,
+}
+
+impl PciLayout {
+    /// The last bus the ECAM window covers.
+    pub fn end_bus(&self) -> u8 {
+        ((self.ecam.len >> 20).clamp(1, 256) - 1) as u8
+    }
+
+    fn validate(&self) -> Result<(), TopologyError> {
+        let bad = |why: &str| Err(TopologyError::InvalidLayout(why.to_string()));
+        if self.ecam.len == 0 || !self.ecam.len.is_multiple_of(MIB) || self.ecam.len > 256 * MIB {
+            return bad("ECAM must be 1 to 256 whole MiB");
+        }
+        if self.mmio32.len == 0 || self.mmio32.end() > 1 << 32 {
+            return bad("the 32-bit window must be non-empty and below 4 GiB");
+        }
+        if self.mmio64.len == 0 {
+            return bad("the 64-bit window must be non-empty");
+        }
+        if self.io.is_some_and(|io| io.len == 0 || io.end() > 1 << 16) {
+            return bad("the I/O window must be non-empty and below 64 KiB");
+        }
+        Ok(())
+    }
+
+    fn host_windows(&self) -> [Option<BusRange>; 3] {
+        [self.io, Some(self.mmio32), Some(self.mmio64)]
+    }
+}
+
+/// Where a device goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Placement {
+    Root,
+    RootPort,
+    /// Behind a downstream port of the switch declared with [`TopologyBuilder::add_switch`].
+    Switch(String),
+}
+
+/// Room left in every root port for devices hotplugged later. Linux sizes nothing on hotplug
+/// into a port whose windows are full, so this has to be decided at boot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HotplugReserve {
+    /// Extra bus numbers below each root port (for a switch plugged in later).
+    pub buses: u8,
+    /// Extra non-prefetchable window (rounded to 1 MiB).
+    pub mem32: u64,
+    /// Extra 64-bit prefetchable window (rounded to 1 MiB).
+    pub pref64: u64,
+}
+
+impl Default for HotplugReserve {
+    fn default() -> Self {
+        Self {
+            buses: 0,
+            mem32: 2 * MIB,
+            pref64: 256 * MIB,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TopologyError {
+    #[error("port construction: {0}")]
+    Config(#[from] ConfigError),
+    #[error("duplicate id {0:?}")]
+    DuplicateId(String),
+    #[error("switch {0:?} has no devices")]
+    EmptySwitch(String),
+    #[error("invalid PCI layout: {0}")]
+    InvalidLayout(String),
+    #[error("{id}: BAR {bar} has invalid size {size:#x}")]
+    InvalidBar { id: String, bar: u8, size: u64 },
+    #[error("bus {bus} has {needed} devices but only {available} device numbers are free")]
+    OutOfDeviceNumbers {
+        bus: u8,
+        needed: usize,
+        available: usize,
+    },
+    #[error("{owner}: no room for {size:#x} bytes in the {window:?} window")]
+    OutOfSpace {
+        owner: String,
+        window: WindowKind,
+        size: u64,
+    },
+    #[error(transparent)]
+    Segment(#[from] SegmentError),
+    #[error(transparent)]
+    Switch(#[from] SwitchError),
+    #[error("switch {switch:?} has {devices} devices, more than {MAX_DOWNSTREAM_PORTS} ports")]
+    SwitchFull { switch: String, devices: usize },
+    #[error("the topology needs {needed} buses but ECAM covers buses 0..={end_bus}")]
+    TooManyBuses { needed: usize, end_bus: u8 },
+    #[error("{id}: unknown switch {switch:?}")]
+    UnknownSwitch { id: String, switch: String },
+}
+
+/// What occupies one device number of bus 0, in declaration order.
+enum Slot {
+    Device(String, SharedPciDevice),
+    RootPort(String, SharedPciDevice),
+    Switch(String),
+    EmptyRootPort(String),
+}
+
+/// Collects the topology; [`TopologyBuilder::build`] validates and programs it.
+pub struct TopologyBuilder {
+    layout: PciLayout,
+    reserve: HotplugReserve,
+    link: LinkConfig,
+    slots: Vec<Slot>,
+    /// Devices per switch, in placement order.
+    switch_devices: Vec<(String, SharedPciDevice, String)>,
+}
+
+impl TopologyBuilder {
+    pub fn new(layout: PciLayout) -> Self {
+        Self {
+            layout,
+            reserve: HotplugReserve::default(),
+            link: LinkConfig::default(),
+            slots: Vec::new(),
+            switch_devices: Vec::new(),
+        }
+    }
+
+    pub fn hotplug_reserve(&mut self, reserve: HotplugReserve) -> &mut Self {
+        self.reserve = reserve;
+        self
+    }
+
+    /// Link speed and width every port advertises.
+    pub fn link(&mut self, link: LinkConfig) -> &mut Self {
+        self.link = link;
+        self
+    }
+
+    /// Places `device` under the name `id` (used for errors and [`PciRoot::bdf`]).
+    pub fn add_device(
+        &mut self,
+        id: &str,
+        placement: Placement,
+        device: SharedPciDevice,
+    ) -> &mut Self {
+        let id = id.to_string();
+        match placement {
+            Placement::Root => self.slots.push(Slot::Device(id, device)),
+            Placement::RootPort => self.slots.push(Slot::RootPort(id, device)),
+            Placement::Switch(name) => self.switch_devices.push((id, device, name)),
+        }
+        self
+    }
+
+    /// Declares a switch; it takes a root port in declaration order.
+    pub fn add_switch(&mut self, name: &str) -> &mut Self {
+        self.slots.push(Slot::Switch(name.to_string()));
+        self
+    }
+
+    /// A root port with nothing behind it yet, for hotplug.
+    pub fn add_empty_root_port(&mut self, id: &str) -> &mut Self {
+        self.slots.push(Slot::EmptyRootPort(id.to_string()));
+        self
+    }
+
+    /// Validates, builds the segment, assigns resources and programs every register through
+    /// `observer`'s segment.
+    pub fn build(&self, observer: Arc<dyn BarObserver>) -> Result<PciRoot, TopologyError> {
+        self.layout.validate()?;
+        self.validate_names()?;
+        let available = 31; // device 0 is the host bridge
+        if self.slots.len() > available {
+            return Err(TopologyError::OutOfDeviceNumbers {
+                bus: 0,
+                needed: self.slots.len(),
+                available,
+            });
+        }
+        let mut tree = self.plan()?;
+        let last_bus = number_buses(&mut tree, 0, self.reserve.buses);
+        if last_bus > usize::from(self.layout.end_bus()) {
+            return Err(TopologyError::TooManyBuses {
+                needed: last_bus + 1,
+                end_bus: self.layout.end_bus(),
+            });
+        }
+        let segment = Arc::new(PciSegment::new(observer));
+        segment.add_device(None, 0, Arc::new(Mutex::new(HostBridge::new())))?;
+        for node in &tree {
+            attach(&segment, None, node)?;
+        }
+        let ctx = Ctx {
+            reserve: self.reserve,
+            io: self.layout.io.is_some(),
+        };
+        let mut host = Allocators::new(self.layout.host_windows());
+        assign(&mut tree, &mut host, &ctx)?;
+        let mut placed = Placed::default();
+        for node in &tree {
+            program(&segment, 0, node, &mut placed)?;
+        }
+        Ok(PciRoot {
+            segment,
+            layout: self.layout,
+            bdfs: placed.bdfs,
+            ports: placed.ports,
+        })
+    }
+
+    fn validate_names(&self) -> Result<(), TopologyError> {
+        let mut seen = HashSet::new();
+        let mut switches = HashSet::new();
+        let names = self.slots.iter().map(|s| match s {
+            Slot::Device(id, _) | Slot::RootPort(id, _) | Slot::EmptyRootPort(id) => id,
+            Slot::Switch(name) => {
+                switches.insert(name.clone());
+                name
+            }
+        });
+        let names: Vec<_> = names
+            .chain(self.switch_devices.iter().map(|d| &d.0))
+            .collect();
+        for name in names {
+            if !seen.insert(name) {
+                return Err(TopologyError::DuplicateId(name.clone()));
+            }
+        }
+        for (id, _, switch) in &self.switch_devices {
+            if !switches.contains(switch) {
+                return Err(TopologyError::UnknownSwitch {
+                    id: id.clone(),
+                    switch: switch.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The tree below bus 0, with ports created and device numbers chosen.
+    fn plan(&self) -> Result<Vec<Node>, TopologyError> {
+        let mut next_slot = 1u16;
+        let mut slot = || {
+            let s = SlotConfig {
+                physical_slot: next_slot,
+                hotplug: false,
+            };
+            next_slot += 1;
+            s
+        };
+        let mut nodes = Vec::new();
+        for (i, entry) in self.slots.iter().enumerate() {
+            let devfn = ((i + 1) as u8) << 3;
+            let port_number = (i + 1) as u8;
+            let new_root_port = |name: &str, slot| -> Result<Arc<Mutex<PciePort>>, TopologyError> {
+                let link = LinkConfig {
+                    port_number,
+                    ..self.link
+                };
+                Ok(Arc::new(Mutex::new(root_port::with_link(
+                    name,
+                    link,
+                    Some(slot),
+                )?)))
+            };
+            let node = match entry {
+                Slot::Device(id, dev) => Node::endpoint(id, devfn, dev.clone()),
+                Slot::RootPort(id, dev) => {
+                    let port = new_root_port(&format!("rp-{id}"), slot())?;
+                    Node::port(&format!("rp-{id}"), devfn, port, true)
+                        .with_children(vec![Node::endpoint(id, 0, dev.clone())])
+                }
+                Slot::EmptyRootPort(id) => Node::port(id, devfn, new_root_port(id, slot())?, true),
+                Slot::Switch(name) => {
+                    let members: Vec<_> = self
+                        .switch_devices
+                        .iter()
+                        .filter(|d| &d.2 == name)
+                        .collect();
+                    if members.is_empty() {
+                        return Err(TopologyError::EmptySwitch(name.clone()));
+                    }
+                    if members.len() > MAX_DOWNSTREAM_PORTS {
+                        return Err(TopologyError::SwitchFull {
+                            switch: name.clone(),
+                            devices: members.len(),
+                        });
+                    }
+                    let slots: Vec<_> = members.iter().map(|_| slot()).collect();
+                    let switch = PcieSwitch::new(name, self.link, &slots)?;
+                    let downstream =
+                        switch
+                            .downstream
+                            .iter()
+                            .zip(&members)
+                            .enumerate()
+                            .map(|(i, (dp, (id, dev, _)))| {
+                                Node::port(
+                                    &format!("{name}-down{i}"),
+                                    (i as u8) << 3,
+                                    dp.clone(),
+                                    false,
+                                )
+                                .with_children(vec![Node::endpoint(id, 0, dev.clone())])
+                            })
+                            .collect();
+                    let upstream = Node::port(&format!("{name}-up"), 0, switch.upstream, false)
+                        .with_children(downstream);
+                    let port = new_root_port(&format!("rp-{name}"), slot())?;
+                    Node::port(&format!("rp-{name}"), devfn, port, true)
+                        .with_children(vec![upstream])
+                }
+            };
+            nodes.push(node);
+        }
+        Ok(nodes)
+    }
+}
+
+/// The built platform: the segment plus what the VMM needs to wire it and describe it.
+pub struct PciRoot {
+    segment: Arc<PciSegment>,
+    layout: PciLayout,
+    bdfs: BTreeMap<String, Bdf>,
+    ports: BTreeMap<String, Arc<Mutex<PciePort>>>,
+}
+
+impl PciRoot {
+    pub fn segment(&self) -> &Arc<PciSegment> {
+        &self.segment
+    }
+
+    pub fn layout(&self) -> &PciLayout {
+        &self.layout
+    }
+
+    /// Where the device added as `id` ended up.
+    pub fn bdf(&self, id: &str) -> Option<Bdf> {
+        self.bdfs.get(id).copied()
+    }
+
+    /// Every device id with its address.
+    pub fn placements(&self) -> &BTreeMap<String, Bdf> {
+        &self.bdfs
+    }
+
+    /// A port by name: `rp-<device id>`, `rp-<switch>`, `<switch>-up`, `<switch>-down<i>`, or
+    /// the id of an empty root port.
+    pub fn port(&self, name: &str) -> Option<&Arc<Mutex<PciePort>>> {
+        self.ports.get(name)
+    }
+
+    /// The bus device to register over `layout().ecam` on the MMIO bus.
+    pub fn ecam(&self) -> PciEcam {
+        PciEcam::new(self.segment.clone())
+    }
+
+    /// The bus device to register at 0xCF8 (length [`PciConfigIo::LEN`]) on the I/O bus.
+    pub fn config_io(&self) -> PciConfigIo {
+        PciConfigIo::new(self.segment.clone())
+    }
+}
+
+#[path = "topology_firmware.rs"]
+mod firmware;
+
+#[cfg(test)]
+#[path = "topology_tests.rs"]
+mod tests;

@@ -1,0 +1,308 @@
+//! The firmware half of the topology builder: the planned tree, bus numbering, resource
+//! assignment and register programming. Kept apart from the builder's public API so each file
+//! does one job.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use super::super::bar::{BarInfo, BarKind};
+use super::super::port::PciePort;
+use super::super::regs::*;
+use super::super::resources::{
+    bar_request, reserve_request, sort, window_request, Allocators, Request, WindowKind,
+};
+use super::super::segment::PciSegment;
+use super::super::{lock, Bdf, SharedPciDevice};
+use super::{HotplugReserve, TopologyError};
+use crate::bus::BusRange;
+
+/// A function in the plan, with what the builder decided for it.
+pub(super) struct Node {
+    name: String,
+    devfn: u8,
+    device: SharedPciDevice,
+    /// For ports: the port, whether it is a root port (gets the hotplug reserve), bus numbers
+    /// and windows, indexed like [`WindowKind::ALL`].
+    port: Option<PortPlan>,
+    children: Vec<Node>,
+    /// For endpoints: assigned BAR addresses.
+    bars: [Option<(BarInfo, u64)>; 6],
+}
+
+pub(super) struct PortPlan {
+    port: Arc<Mutex<PciePort>>,
+    root: bool,
+    buses: (u8, u8),
+    windows: [Option<BusRange>; 3],
+}
+
+impl Node {
+    pub(super) fn endpoint(name: &str, devfn: u8, device: SharedPciDevice) -> Self {
+        Self {
+            name: name.to_string(),
+            devfn,
+            device,
+            port: None,
+            children: Vec::new(),
+            bars: [None; 6],
+        }
+    }
+
+    pub(super) fn port(name: &str, devfn: u8, port: Arc<Mutex<PciePort>>, root: bool) -> Self {
+        Self {
+            name: name.to_string(),
+            devfn,
+            device: port.clone(),
+            port: Some(PortPlan {
+                port,
+                root,
+                buses: (0, 0),
+                windows: [None; 3],
+            }),
+            children: Vec::new(),
+            bars: [None; 6],
+        }
+    }
+
+    pub(super) fn with_children(mut self, children: Vec<Node>) -> Self {
+        self.children = children;
+        self
+    }
+}
+
+/// Depth-first bus numbering below `bus`; returns the last bus used. Counts past 255 so the
+/// caller can say how many buses the topology needs; bus numbers beyond 255 are stored
+/// saturated and never programmed because the caller rejects the topology first.
+pub(super) fn number_buses(nodes: &mut [Node], bus: usize, reserve: u8) -> usize {
+    let mut last = bus;
+    for node in nodes.iter_mut() {
+        let Some(plan) = node.port.as_mut() else {
+            continue;
+        };
+        let secondary = last + 1;
+        let mut subordinate = number_buses(&mut node.children, secondary, reserve);
+        if plan.root {
+            subordinate += usize::from(reserve);
+        }
+        let saturate = |b: usize| u8::try_from(b).unwrap_or(u8::MAX);
+        plan.buses = (saturate(secondary), saturate(subordinate));
+        last = subordinate;
+    }
+    last
+}
+
+pub(super) fn attach(
+    segment: &PciSegment,
+    parent: Option<&Arc<Mutex<PciePort>>>,
+    node: &Node,
+) -> Result<(), TopologyError> {
+    match &node.port {
+        Some(plan) => {
+            segment.add_port(parent, node.devfn, plan.port.clone())?;
+            for child in &node.children {
+                attach(segment, Some(&plan.port), child)?;
+            }
+        }
+        None => segment.add_device(parent, node.devfn, node.device.clone())?,
+    }
+    Ok(())
+}
+
+/// Settings resource assignment needs everywhere in the tree.
+pub(super) struct Ctx {
+    pub(super) reserve: HotplugReserve,
+    /// Whether there is an I/O window at all; without one I/O BARs stay unassigned, as
+    /// firmware leaves them when I/O space runs out (drivers of modern devices do not use them).
+    pub(super) io: bool,
+}
+
+/// What `node` needs from its parent's windows, per window kind, with the BAR index for
+/// endpoints.
+fn requests(node: &Node, ctx: &Ctx) -> Result<Vec<(WindowKind, Request, usize)>, TopologyError> {
+    let Some(plan) = &node.port else {
+        let bars = lock(&node.device).bars();
+        let mut out = Vec::new();
+        for (i, bar) in bars.iter().enumerate() {
+            let Some(bar) = bar else { continue };
+            let min = if bar.kind == BarKind::Io { 4 } else { 16 };
+            if !bar.size.is_power_of_two() || bar.size < min {
+                return Err(TopologyError::InvalidBar {
+                    id: node.name.clone(),
+                    bar: i as u8,
+                    size: bar.size,
+                });
+            }
+            let (kind, request) = bar_request(bar);
+            if kind == WindowKind::Io && !ctx.io {
+                log::warn!("{}: BAR {i} left unassigned: no I/O window", node.name);
+                continue;
+            }
+            out.push((kind, request, i));
+        }
+        return Ok(out);
+    };
+    let mut out = Vec::new();
+    for kind in WindowKind::ALL {
+        let mut children = Vec::new();
+        for child in &node.children {
+            children.extend(
+                requests(child, ctx)?
+                    .into_iter()
+                    .filter(|(k, _, _)| *k == kind)
+                    .map(|(_, r, _)| r),
+            );
+        }
+        if plan.root {
+            let size = match kind {
+                WindowKind::Io => 0,
+                WindowKind::Mem32 => ctx.reserve.mem32,
+                WindowKind::Pref64 => ctx.reserve.pref64,
+            };
+            children.extend(reserve_request(kind, size));
+        }
+        if let Some(window) = window_request(kind, &children) {
+            out.push((kind, window, 0));
+        }
+    }
+    Ok(out)
+}
+
+/// Allocates the BARs and windows of `nodes` from `allocators`, then recurses into each port's
+/// own windows. Largest alignment first, matching how the windows were sized.
+pub(super) fn assign(
+    nodes: &mut [Node],
+    allocators: &mut Allocators,
+    ctx: &Ctx,
+) -> Result<(), TopologyError> {
+    let mut wanted = Vec::new();
+    for (n, node) in nodes.iter().enumerate() {
+        for (kind, request, index) in requests(node, ctx)? {
+            wanted.push((kind, request, n, index));
+        }
+    }
+    let mut order: Vec<_> = wanted.iter().enumerate().map(|(i, w)| (w.1, i)).collect();
+    sort(&mut order);
+    for (_, i) in order {
+        let (kind, request, n, index) = wanted[i];
+        let node = &mut nodes[n];
+        let address =
+            allocators
+                .allocate(kind, request)
+                .ok_or_else(|| TopologyError::OutOfSpace {
+                    owner: node.name.clone(),
+                    window: kind,
+                    size: request.size,
+                })?;
+        match &mut node.port {
+            Some(plan) => plan.windows[kind as usize] = Some(BusRange::new(address, request.size)),
+            None => {
+                let bar = lock(&node.device).bars()[index];
+                node.bars[index] = bar.map(|b| (b, address));
+            }
+        }
+    }
+    for node in nodes.iter_mut() {
+        if let Some(plan) = &node.port {
+            let mut inner = Allocators::new(plan.windows);
+            assign(&mut node.children, &mut inner, ctx)?;
+        }
+    }
+    Ok(())
+}
+
+fn write(segment: &PciSegment, bdf: Bdf, offset: u16, data: &[u8]) -> Result<(), TopologyError> {
+    segment.config_write(bdf, offset, data)?;
+    Ok(())
+}
+
+/// Names and handles collected while programming.
+#[derive(Default)]
+pub(super) struct Placed {
+    pub(super) bdfs: BTreeMap<String, Bdf>,
+    pub(super) ports: BTreeMap<String, Arc<Mutex<PciePort>>>,
+}
+
+/// Programs `node` (on `bus`) and everything below it, parents first so routing reaches the
+/// children. Endpoints get decoding turned off while their BARs are written, so the observer
+/// sees one registration per BAR and no transient moves, then the decode enables for the BARs
+/// they have; bus mastering is left to their drivers (`pci_set_master`), as firmware without a
+/// driver for them leaves it. Ports get memory, I/O (with an I/O window) and bus master enabled,
+/// so DMA from below is forwarded upstream.
+pub(super) fn program(
+    segment: &PciSegment,
+    bus: u8,
+    node: &Node,
+    placed: &mut Placed,
+) -> Result<(), TopologyError> {
+    let bdf = Bdf::from_devfn(bus, node.devfn);
+    let Some(plan) = &node.port else {
+        placed.bdfs.insert(node.name.clone(), bdf);
+        write(segment, bdf, COMMAND, &0u16.to_le_bytes())?;
+        let mut command = 0;
+        for (i, (bar, address)) in node
+            .bars
+            .iter()
+            .enumerate()
+            .filter_map(|(i, b)| Some((i, (*b)?)))
+        {
+            let offset = BAR0 + 4 * i as u16;
+            write(segment, bdf, offset, &(address as u32).to_le_bytes())?;
+            if bar.kind == BarKind::Mem64 {
+                write(
+                    segment,
+                    bdf,
+                    offset + 4,
+                    &((address >> 32) as u32).to_le_bytes(),
+                )?;
+            }
+            command |= if bar.kind == BarKind::Io {
+                COMMAND_IO
+            } else {
+                COMMAND_MEMORY
+            };
+        }
+        return write(segment, bdf, COMMAND, &command.to_le_bytes());
+    };
+    placed.ports.insert(node.name.clone(), plan.port.clone());
+    let (secondary, subordinate) = plan.buses;
+    write(segment, bdf, PRIMARY_BUS, &[bus, secondary, subordinate])?;
+    let [io, mem, pref] = plan.windows;
+    let mut command = COMMAND_MEMORY | COMMAND_MASTER;
+    if let Some(io) = io {
+        let (base, limit) = (io.base, io.end() - 1);
+        write(
+            segment,
+            bdf,
+            IO_BASE,
+            &[(base >> 8) as u8 & 0xf0, (limit >> 8) as u8 & 0xf0],
+        )?;
+        command |= COMMAND_IO;
+    }
+    if let Some(mem) = mem {
+        let (base, limit) = (mem.base, mem.end() - 1);
+        let value = ((base >> 16) as u32 & 0xfff0) | (((limit >> 16) as u32 & 0xfff0) << 16);
+        write(segment, bdf, MEMORY_BASE, &value.to_le_bytes())?;
+    }
+    if let Some(pref) = pref {
+        let (base, limit) = (pref.base, pref.end() - 1);
+        write(
+            segment,
+            bdf,
+            PREF_BASE_UPPER32,
+            &((base >> 32) as u32).to_le_bytes(),
+        )?;
+        write(
+            segment,
+            bdf,
+            PREF_LIMIT_UPPER32,
+            &((limit >> 32) as u32).to_le_bytes(),
+        )?;
+        let value = ((base >> 16) as u32 & 0xfff0) | (((limit >> 16) as u32 & 0xfff0) << 16);
+        write(segment, bdf, PREF_MEMORY_BASE, &value.to_le_bytes())?;
+    }
+    write(segment, bdf, COMMAND, &command.to_le_bytes())?;
+    for child in &node.children {
+        program(segment, secondary, child, placed)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,383 @@
+use super::*;
+use crate::pci::bar::decoded_ranges;
+use crate::pci::config::BarDef;
+use crate::pci::fake::{FakeBarObserver, FakeEndpoint};
+use crate::pci::regs::*;
+use crate::pci::resources::bar_request;
+use crate::pci::resources::WindowKind;
+use crate::pci::{lock, BarKind, PciDevice};
+
+const GIB: u64 = 1 << 30;
+
+fn layout() -> PciLayout {
+    PciLayout {
+        ecam: BusRange::new(0xe000_0000, 256 * MIB),
+        mmio32: BusRange::new(0xc000_0000, 512 * MIB),
+        mmio64: BusRange::new(0x40_0000_0000, 256 * GIB),
+        io: Some(BusRange::new(0x1000, 0xf000)),
+    }
+}
+
+/// A GPU-like device: 16 MiB registers, a large 64-bit prefetchable aperture, a small 64-bit
+/// prefetchable BAR and a 128-byte I/O BAR.
+fn gpu(aperture: u64) -> SharedPciDevice {
+    let bars = [
+        (0, BarDef::mem32(16 * MIB)),
+        (1, BarDef::mem64(aperture, true)),
+        (3, BarDef::mem64(32 * MIB, true)),
+        (5, BarDef::io(0x80)),
+    ];
+    Arc::new(Mutex::new(FakeEndpoint::with_bars("gpu", &bars).unwrap()))
+}
+
+/// A NIC-like device with one tiny BAR, which must still get a page of its own.
+fn nic() -> SharedPciDevice {
+    let bars = [(0, BarDef::mem32(0x100)), (2, BarDef::mem64(0x4000, false))];
+    Arc::new(Mutex::new(FakeEndpoint::with_bars("nic", &bars).unwrap()))
+}
+
+fn build(builder: &TopologyBuilder) -> (PciRoot, Arc<FakeBarObserver>) {
+    let observer = Arc::new(FakeBarObserver::new());
+    let root = builder.build(observer.clone()).unwrap();
+    (root, observer)
+}
+
+fn window_of(port: &PciePort, kind: WindowKind) -> Option<BusRange> {
+    match kind {
+        WindowKind::Io => port.io_window(),
+        WindowKind::Mem32 => port.mem_window(),
+        WindowKind::Pref64 => port.pref_window(),
+    }
+}
+
+fn inside(inner: BusRange, outer: BusRange) -> bool {
+    inner.base >= outer.base && inner.end() <= outer.end()
+}
+
+/// What firmware must guarantee: every BAR decodes, naturally aligned, inside a host window
+/// and inside the matching window of every bridge above it; bridge windows nest; sibling
+/// windows do not overlap (the fake observer already panics on overlapping BARs).
+fn check_invariants(root: &PciRoot) {
+    let devices = root.segment().devices();
+    let host = layout();
+    for (bdf, device, port) in &devices {
+        let above: Vec<_> = devices
+            .iter()
+            .filter_map(|(_, _, p)| p.clone())
+            .filter(|p| lock(p).bus_range().is_some_and(|r| r.contains(&bdf.bus)))
+            .collect();
+        match port {
+            None => {
+                for (info, range) in decoded_ranges(&*lock(device)).into_iter().flatten() {
+                    assert_eq!(range.base % info.size, 0, "{bdf}: natural alignment");
+                    let kind = bar_request(&info).0;
+                    let host_window = [host.io.unwrap(), host.mmio32, host.mmio64][kind as usize];
+                    assert!(
+                        inside(range, host_window),
+                        "{bdf}: {range} outside host window"
+                    );
+                    for p in &above {
+                        let window = window_of(&lock(p), kind).expect("bridge window open");
+                        assert!(inside(range, window), "{bdf}: {range} outside {window}");
+                    }
+                }
+            }
+            Some(port) => {
+                let port = lock(port);
+                for kind in WindowKind::ALL {
+                    let Some(window) = window_of(&port, kind) else {
+                        continue;
+                    };
+                    assert_eq!(window.base % kind.granularity(), 0);
+                    // A port's own bus is its primary bus, outside its bus range, so `above`
+                    // never contains the port itself.
+                    for p in &above {
+                        let parent = window_of(&lock(p), kind).expect("parent window open");
+                        assert!(inside(window, parent), "{bdf}: {window} outside {parent}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_device_behind_its_own_root_port() {
+    let mut b = TopologyBuilder::new(layout());
+    b.add_device("gpu0", Placement::RootPort, gpu(8 * GIB));
+    let (root, observer) = build(&b);
+    assert_eq!(root.bdf("gpu0"), Some(Bdf::new(1, 0, 0)));
+    let rp = lock(root.port("rp-gpu0").unwrap());
+    assert_eq!(rp.bus_range(), Some(1..=1));
+    assert_eq!(rp.primary_bus(), 0);
+    // 16 MiB of registers plus the 2 MiB reserve, in 1 MiB units.
+    assert_eq!(rp.mem_window().unwrap().len, 18 * MIB);
+    // 8 GiB + 32 MiB + the 256 MiB reserve.
+    assert_eq!(rp.pref_window().unwrap().len, 8 * GIB + 288 * MIB);
+    assert_eq!(rp.io_window().unwrap().len, 0x1000);
+    assert_eq!(rp.command(), COMMAND_IO | COMMAND_MEMORY | COMMAND_MASTER);
+    drop(rp);
+    let gpu = root.segment().device(Bdf::new(1, 0, 0)).unwrap();
+    assert_eq!(lock(&gpu).command(), COMMAND_IO | COMMAND_MEMORY);
+    assert_eq!(observer.live().len(), 4);
+    check_invariants(&root);
+}
+
+#[test]
+fn the_observer_sees_one_registration_per_bar() {
+    let mut b = TopologyBuilder::new(layout());
+    b.add_device("gpu0", Placement::RootPort, gpu(8 * GIB));
+    let (_root, observer) = build(&b);
+    let history = observer.history();
+    assert_eq!(history.len(), 4);
+    assert!(history.iter().all(|c| c.old.is_none() && c.new.is_some()));
+}
+
+#[test]
+fn a_mixed_topology_is_consistent() {
+    let mut b = TopologyBuilder::new(layout());
+    b.add_device("nic0", Placement::Root, nic())
+        .add_switch("sw0")
+        .add_device("gpu0", Placement::Switch("sw0".into()), gpu(16 * GIB))
+        .add_device("gpu1", Placement::Switch("sw0".into()), gpu(16 * GIB))
+        .add_device("nic1", Placement::Switch("sw0".into()), nic())
+        .add_device("gpu2", Placement::RootPort, gpu(64 * GIB))
+        .add_empty_root_port("hp0");
+    let (root, observer) = build(&b);
+    let placed: Vec<_> = root
+        .placements()
+        .iter()
+        .map(|(id, bdf)| format!("{id}={bdf}"))
+        .collect();
+    assert_eq!(
+        placed,
+        [
+            "gpu0=0000:03:00.0",
+            "gpu1=0000:04:00.0",
+            "gpu2=0000:06:00.0",
+            "nic0=0000:00:01.0",
+            "nic1=0000:05:00.0"
+        ]
+    );
+    // Root port bus 1, upstream port's internal bus 2, one bus per downstream port.
+    assert_eq!(lock(root.port("rp-sw0").unwrap()).bus_range(), Some(1..=5));
+    assert_eq!(lock(root.port("sw0-up").unwrap()).bus_range(), Some(2..=5));
+    assert_eq!(
+        lock(root.port("sw0-down2").unwrap()).bus_range(),
+        Some(5..=5)
+    );
+    assert_eq!(lock(root.port("hp0").unwrap()).bus_range(), Some(7..=7));
+    // Four BARs per GPU (I/O included), two per NIC.
+    assert_eq!(observer.live().len(), 4 * 3 + 2 * 2);
+    check_invariants(&root);
+}
+
+#[test]
+fn an_empty_root_port_gets_only_the_hotplug_reserve() {
+    let mut b = TopologyBuilder::new(layout());
+    b.add_empty_root_port("hp0");
+    let (root, _) = build(&b);
+    let hp = lock(root.port("hp0").unwrap());
+    assert_eq!(hp.mem_window().unwrap().len, 2 * MIB);
+    assert_eq!(hp.pref_window().unwrap().len, 256 * MIB);
+    assert_eq!(hp.pref_window().unwrap().base % (256 * MIB), 0);
+    assert_eq!(hp.io_window(), None);
+    assert!(!hp.link_active());
+}
+
+#[test]
+fn hotplug_reserve_is_configurable_including_buses() {
+    let mut b = TopologyBuilder::new(layout());
+    b.hotplug_reserve(HotplugReserve {
+        buses: 3,
+        mem32: 0,
+        pref64: GIB,
+    })
+    .add_device("nic0", Placement::RootPort, nic())
+    .add_empty_root_port("hp0");
+    let (root, _) = build(&b);
+    let rp = lock(root.port("rp-nic0").unwrap());
+    assert_eq!(rp.bus_range(), Some(1..=4));
+    assert_eq!(rp.mem_window().unwrap().len, MIB);
+    assert_eq!(rp.pref_window().unwrap().len, GIB);
+    assert_eq!(lock(root.port("hp0").unwrap()).bus_range(), Some(5..=8));
+}
+
+#[test]
+fn small_bars_are_page_aligned_and_64bit_non_prefetchable_bars_stay_below_4g() {
+    let mut b = TopologyBuilder::new(layout());
+    b.add_device("nic0", Placement::Root, nic());
+    let (root, observer) = build(&b);
+    let bdf = root.bdf("nic0").unwrap();
+    let bar0 = observer.range_of(bdf, 0).unwrap();
+    let bar2 = observer.range_of(bdf, 2).unwrap();
+    assert_eq!((bar0.base % 4096, bar0.len), (0, 0x100));
+    assert!(bar2.end() <= 1 << 32);
+    assert!(bar0.end() <= bar2.base || bar2.end() <= bar0.base + 4096);
+}
+
+#[test]
+fn a_huge_bar_is_naturally_aligned_in_the_64bit_window() {
+    let mut b = TopologyBuilder::new(layout());
+    b.add_device("gpu0", Placement::RootPort, gpu(128 * GIB));
+    let (root, observer) = build(&b);
+    let aperture = observer.range_of(root.bdf("gpu0").unwrap(), 1).unwrap();
+    assert_eq!(aperture.base % (128 * GIB), 0);
+    assert_eq!(aperture.len, 128 * GIB);
+    check_invariants(&root);
+}
+
+#[test]
+fn without_an_io_window_io_bars_stay_unassigned() {
+    let mut b = TopologyBuilder::new(PciLayout {
+        io: None,
+        ..layout()
+    });
+    b.add_device("gpu0", Placement::RootPort, gpu(GIB));
+    let (root, observer) = build(&b);
+    let bdf = root.bdf("gpu0").unwrap();
+    assert_eq!(observer.range_of(bdf, 5), None);
+    let gpu = root.segment().device(bdf).unwrap();
+    assert_eq!(lock(&gpu).command(), COMMAND_MEMORY);
+    assert_eq!(lock(root.port("rp-gpu0").unwrap()).io_window(), None);
+}
+
+#[test]
+fn the_guest_reads_the_programmed_registers_through_ecam() {
+    let mut b = TopologyBuilder::new(layout());
+    b.add_device("nic0", Placement::RootPort, nic());
+    let (root, _) = build(&b);
+    let mut ecam = root.ecam();
+    let mut buses = [0; 4];
+    crate::BusDevice::read(&mut ecam, (1 << 15) | u64::from(PRIMARY_BUS), &mut buses);
+    assert_eq!(&buses[..3], &[0, 1, 1]);
+    let mut vendor = [0; 4];
+    crate::BusDevice::read(&mut ecam, 1 << 20, &mut vendor);
+    assert_eq!(u32::from_le_bytes(vendor), 0x0005_1b36);
+}
+
+#[test]
+fn duplicate_ids_are_rejected() {
+    let mut b = TopologyBuilder::new(layout());
+    b.add_device("x", Placement::RootPort, nic())
+        .add_switch("x")
+        .add_device("y", Placement::Switch("x".into()), nic());
+    let err = b.build(Arc::new(FakeBarObserver::new())).err().unwrap();
+    assert!(matches!(err, TopologyError::DuplicateId(id) if id == "x"));
+}
+
+#[test]
+fn unknown_and_empty_switches_are_rejected() {
+    let mut b = TopologyBuilder::new(layout());
+    b.add_device("a", Placement::Switch("nope".into()), nic());
+    let err = b.build(Arc::new(FakeBarObserver::new())).err().unwrap();
+    assert!(matches!(err, TopologyError::UnknownSwitch { switch, .. } if switch == "nope"));
+    let mut b = TopologyBuilder::new(layout());
+    b.add_switch("sw");
+    let err = b.build(Arc::new(FakeBarObserver::new())).err().unwrap();
+    assert!(matches!(err, TopologyError::EmptySwitch(name) if name == "sw"));
+}
+
+#[test]
+fn bus_0_has_31_free_device_numbers() {
+    let mut b = TopologyBuilder::new(layout());
+    for i in 0..32 {
+        b.add_empty_root_port(&format!("hp{i}"));
+    }
+    let err = b.build(Arc::new(FakeBarObserver::new())).err().unwrap();
+    assert!(matches!(
+        err,
+        TopologyError::OutOfDeviceNumbers {
+            bus: 0,
+            needed: 32,
+            available: 31
+        }
+    ));
+}
+
+#[test]
+fn a_switch_has_at_most_32_downstream_ports() {
+    let mut b = TopologyBuilder::new(layout());
+    b.add_switch("sw");
+    for i in 0..33 {
+        b.add_device(&format!("d{i}"), Placement::Switch("sw".into()), nic());
+    }
+    let err = b.build(Arc::new(FakeBarObserver::new())).err().unwrap();
+    assert!(matches!(err, TopologyError::SwitchFull { devices: 33, .. }));
+}
+
+#[test]
+fn buses_beyond_the_ecam_window_are_rejected() {
+    let mut b = TopologyBuilder::new(PciLayout {
+        ecam: BusRange::new(0xe000_0000, 2 * MIB),
+        ..layout()
+    });
+    b.add_empty_root_port("a").add_empty_root_port("b");
+    let err = b.build(Arc::new(FakeBarObserver::new())).err().unwrap();
+    assert!(matches!(
+        err,
+        TopologyError::TooManyBuses {
+            needed: 3,
+            end_bus: 1
+        }
+    ));
+}
+
+#[test]
+fn bus_reserves_count_against_the_256_buses() {
+    let mut b = TopologyBuilder::new(layout());
+    b.hotplug_reserve(HotplugReserve {
+        buses: 10,
+        ..HotplugReserve::default()
+    });
+    for i in 0..31 {
+        b.add_empty_root_port(&format!("hp{i}"));
+    }
+    let err = b.build(Arc::new(FakeBarObserver::new())).err().unwrap();
+    // Bus 0, then 1 + 10 buses for each of 31 root ports.
+    assert!(matches!(
+        err,
+        TopologyError::TooManyBuses {
+            needed: 342,
+            end_bus: 255
+        }
+    ));
+}
+
+#[test]
+fn bars_that_do_not_fit_are_rejected() {
+    let mut b = TopologyBuilder::new(layout());
+    let big = FakeEndpoint::with_bars("big", &[(0, BarDef::mem32(GIB))]).unwrap();
+    b.add_device("big", Placement::RootPort, Arc::new(Mutex::new(big)));
+    let err = b.build(Arc::new(FakeBarObserver::new())).err().unwrap();
+    assert!(matches!(
+        err,
+        TopologyError::OutOfSpace {
+            window: WindowKind::Mem32,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn an_invalid_layout_is_rejected() {
+    let b = TopologyBuilder::new(PciLayout {
+        mmio32: BusRange::new(0xf000_0000, 512 * MIB),
+        ..layout()
+    });
+    let err = b.build(Arc::new(FakeBarObserver::new())).err().unwrap();
+    assert!(matches!(err, TopologyError::InvalidLayout(_)));
+}
+
+#[test]
+fn a_rejected_initial_mapping_fails_the_build() {
+    let mut b = TopologyBuilder::new(layout());
+    b.add_device("nic0", Placement::RootPort, nic());
+    let observer = Arc::new(FakeBarObserver::new());
+    observer.reject_when(|c| c.kind == BarKind::Mem64);
+    let err = b.build(observer).err().unwrap();
+    assert!(matches!(
+        err,
+        TopologyError::Segment(SegmentError::BarRejected(_))
+    ));
+}
