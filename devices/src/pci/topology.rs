@@ -53,6 +53,9 @@ impl PciLayout {
         if self.ecam.len == 0 || !self.ecam.len.is_multiple_of(MIB) || self.ecam.len > 256 * MIB {
             return bad("ECAM must be 1 to 256 whole MiB");
         }
+        if self.ecam.end() > 1 << 32 {
+            return bad("ECAM must be below 4 GiB (it is reserved with a 32-bit descriptor)");
+        }
         if self.mmio32.len == 0 || self.mmio32.end() > 1 << 32 {
             return bad("the 32-bit window must be non-empty and below 4 GiB");
         }

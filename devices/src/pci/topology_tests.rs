@@ -367,6 +367,12 @@ fn an_invalid_layout_is_rejected() {
     });
     let err = b.build(Arc::new(FakeBarObserver::new())).err().unwrap();
     assert!(matches!(err, TopologyError::InvalidLayout(_)));
+    let b = TopologyBuilder::new(PciLayout {
+        ecam: BusRange::new(0x1_0000_0000, 256 * MIB),
+        ..layout()
+    });
+    let err = b.build(Arc::new(FakeBarObserver::new())).err().unwrap();
+    assert!(matches!(err, TopologyError::InvalidLayout(_)));
 }
 
 #[test]
