@@ -49,55 +49,35 @@ pub fn lab_kernel() -> Result<PathBuf, String> {
         .clone()
 }
 
-/// A statically linked p2pvmm (L1's initramfs has no libraries), built once per test process in
-/// its own target directory so it does not wait on the outer `cargo test` lock.
-pub fn p2pvmm_static() -> Result<PathBuf, String> {
-    static BINARY: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    BINARY
-        .get_or_init(|| {
-            let root = repo_root();
-            let target_dir = root.join("target/lab");
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            run_checked(
-                Command::new(cargo)
-                    .current_dir(&root)
-                    .env("RUSTFLAGS", "-C target-feature=+crt-static")
-                    .args(["build", "--release", "-p", "vmm", "--bin", "p2pvmm"])
-                    .args(["--target", "x86_64-unknown-linux-gnu", "--target-dir"])
-                    .arg(&target_dir),
-                "building the static p2pvmm",
-            )?;
-            Ok(target_dir.join("x86_64-unknown-linux-gnu/release/p2pvmm"))
-        })
-        .clone()
+/// Builds `bin` of `package` statically linked (L1 and L2 initramfs images have no libraries),
+/// in its own target directory so it does not wait on the outer `cargo test` lock.
+fn static_binary(package: &str, bin: &str) -> Result<PathBuf, String> {
+    let root = repo_root();
+    let target_dir = root.join("target/lab");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    run_checked(
+        Command::new(cargo)
+            .current_dir(&root)
+            .env("RUSTFLAGS", "-C target-feature=+crt-static")
+            .args(["build", "--release", "-p", package, "--bin", bin])
+            .args(["--target", "x86_64-unknown-linux-gnu", "--target-dir"])
+            .arg(&target_dir),
+        &format!("building the static {bin}"),
+    )?;
+    Ok(target_dir.join("x86_64-unknown-linux-gnu/release").join(bin))
 }
 
-/// `edu-dma` (tests/src/bin), statically linked for the L2 initramfs.
+/// p2pvmm for L1, built once per test process.
+pub fn p2pvmm_static() -> Result<PathBuf, String> {
+    static BINARY: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BINARY.get_or_init(|| static_binary("vmm", "p2pvmm")).clone()
+}
+
+/// `edu-dma` (tests/src/bin) for the L2 initramfs, built once per test process.
 pub fn edu_dma_static() -> Result<PathBuf, String> {
     static BINARY: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     BINARY
-        .get_or_init(|| {
-            let root = repo_root();
-            let target_dir = root.join("target/lab");
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            run_checked(
-                Command::new(cargo)
-                    .current_dir(&root)
-                    .env("RUSTFLAGS", "-C target-feature=+crt-static")
-                    .args([
-                        "build",
-                        "--release",
-                        "-p",
-                        "p2pvmm-tests",
-                        "--bin",
-                        "edu-dma",
-                    ])
-                    .args(["--target", "x86_64-unknown-linux-gnu", "--target-dir"])
-                    .arg(&target_dir),
-                "building the static edu-dma",
-            )?;
-            Ok(target_dir.join("x86_64-unknown-linux-gnu/release/edu-dma"))
-        })
+        .get_or_init(|| static_binary("p2pvmm-tests", "edu-dma"))
         .clone()
 }
 
