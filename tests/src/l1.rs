@@ -64,13 +64,17 @@ fn static_binary(package: &str, bin: &str) -> Result<PathBuf, String> {
             .arg(&target_dir),
         &format!("building the static {bin}"),
     )?;
-    Ok(target_dir.join("x86_64-unknown-linux-gnu/release").join(bin))
+    Ok(target_dir
+        .join("x86_64-unknown-linux-gnu/release")
+        .join(bin))
 }
 
 /// p2pvmm for L1, built once per test process.
 pub fn p2pvmm_static() -> Result<PathBuf, String> {
     static BINARY: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    BINARY.get_or_init(|| static_binary("vmm", "p2pvmm")).clone()
+    BINARY
+        .get_or_init(|| static_binary("vmm", "p2pvmm"))
+        .clone()
 }
 
 /// `edu-dma` (tests/src/bin) for the L2 initramfs, built once per test process.

@@ -1,7 +1,8 @@
 //! VFIO passthrough in the nested lab: L1 binds its emulated edu (DMA engine) and ivshmem to
 //! vfio-pci, p2pvmm passes both to L2 on each IOMMU backend, and inside L2 `edu-dma` drives edu
-//! from userspace: DMA RAM -> edu -> RAM with MSI completion interrupts. L2's sysfs shows where
-//! each device sits (root bus, its own root port, or a switch's downstream port).
+//! from userspace: DMA RAM -> edu -> RAM with MSI completion interrupts, or with INTx through
+//! the `_PRT` route and the IOAPIC (`p2pvmm.edu=intx` on L2's command line). L2's sysfs shows
+//! where each device sits (root bus, its own root port, or a switch's downstream port).
 
 use std::sync::OnceLock;
 
@@ -29,12 +30,15 @@ SHM=$(bind_vfio 1af4 1110)
 echo "L1: edu=$EDU ivshmem=$SHM"
 "#;
 
-/// L2: lists its PCI functions with their sysfs paths, then drives edu.
+/// L2: lists its PCI functions with their sysfs paths, then drives edu (with INTx if the
+/// command line asks).
 const L2_SCRIPT: &str = r#"
 for d in /sys/bus/pci/devices/*; do
     echo "L2-PCI $(cat "$d/vendor"):$(cat "$d/device") class=$(cat "$d/class") $(readlink -f "$d")"
 done
-/usr/bin/edu-dma --rounds 2 2>&1
+mode=
+grep -q 'p2pvmm\.edu=intx' /proc/cmdline && mode=--intx
+/usr/bin/edu-dma --rounds 2 $mode 2>&1
 "#;
 
 fn run_lab() -> Result<Console, String> {
@@ -59,6 +63,17 @@ fn run_lab() -> Result<Console, String> {
             "legacy",
             300,
             &vmm("legacy", "switch=sw0", "placement=root"),
+        )
+        .scenario(
+            "intx",
+            300,
+            // edu behind the switch's second downstream port, so its INTA is swizzled; -v logs
+            // the GSI p2pvmm wires.
+            &format!(
+                "p2pvmm -v {L2} --cmdline '{CMDLINE} p2pvmm.edu=intx' \
+                 --device path=$SHM,id=shm,backend=iommufd,switch=sw0 \
+                 --device path=$EDU,id=edu,backend=iommufd,switch=sw0"
+            ),
         )
         .scenario(
             "no-such-device",
@@ -114,8 +129,9 @@ fn bridges_above(path: &str) -> usize {
 const EDU: &str = "0x1234:0x11e8";
 const IVSHMEM: &str = "0x1af4:0x1110";
 
-/// edu works in L2: its DMA round trips are byte-exact and each completion raised an MSI.
-fn assert_edu_dma(name: &str) {
+/// edu works in L2: its DMA round trips are byte-exact and each completion raised an
+/// interrupt, counted as `counter` (`msi` or `intx`).
+fn assert_edu_dma(name: &str, counter: &str) {
     let (s, console) = scenario(name);
     let result = s
         .output
@@ -132,14 +148,15 @@ fn assert_edu_dma(name: &str) {
         "{name}: {result}; console:\n{}",
         console.text
     );
-    let msi: u32 = result
+    let key = format!("{counter}=");
+    let irqs: u32 = result
         .split_whitespace()
-        .find_map(|kv| kv.strip_prefix("msi="))
+        .find_map(|kv| kv.strip_prefix(key.as_str()))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     assert!(
-        msi >= 2,
-        "{name}: {msi} MSIs for 2 rounds; console:\n{}",
+        irqs >= 2,
+        "{name}: {counter}={irqs} for 2 rounds; console:\n{}",
         console.text
     );
     assert_eq!(
@@ -165,12 +182,41 @@ fn assert_placement(name: &str, ids: &str, bridges: usize) {
 
 #[test]
 fn iommufd_edu_dma_with_msi() {
-    assert_edu_dma("iommufd");
+    assert_edu_dma("iommufd", "msi");
 }
 
 #[test]
 fn legacy_edu_dma_with_msi() {
-    assert_edu_dma("legacy");
+    assert_edu_dma("legacy", "msi");
+}
+
+#[test]
+fn iommufd_edu_dma_with_intx() {
+    assert_edu_dma("intx", "intx");
+}
+
+#[test]
+fn intx_arrives_on_the_swizzled_ioapic_pin_level_triggered() {
+    // The switch takes root port 00:01.0; edu sits behind downstream port 1, so its INTA
+    // reaches the root port as INTB: GSI 16 + (1 + 1) % 8. "fasteoi" is Linux's flow for a
+    // level-triggered IOAPIC input.
+    let (s, console) = scenario("intx");
+    assert!(
+        s.output.contains("edu: INTx on GSI 18"),
+        "p2pvmm wired edu's INTx elsewhere; console:\n{}",
+        console.text
+    );
+    let line = s
+        .output
+        .lines()
+        .find_map(|l| l.split_once("edu-dma: /proc/interrupts: ").map(|(_, r)| r))
+        .unwrap_or_default();
+    assert!(
+        line.contains("IO-APIC 18-fasteoi"),
+        "L2's edu interrupt: {line:?}; console:\n{}",
+        console.text
+    );
+    assert_placement("intx", EDU, 3);
 }
 
 #[test]

@@ -5,15 +5,24 @@
 //! 0xCF8 config ports (consumed), the I/O window, and the two MMIO windows; Linux only assigns
 //! and accepts BARs inside these. Its `_OSC` grants the OS everything it asks for (native PCIe
 //! hotplug, PME, AER, capability structure control), since there is no firmware that wants to
-//! keep any of it. A separate PNP0C02 device reserves the ECAM range: Linux refuses MMCONFIG
-//! from MCFG unless the range is reserved in ACPI or the E820 map.
+//! keep any of it. Its `_PRT` routes every root-bus device's INTA..INTD to a GSI of the IOAPIC
+//! ([`super::intx`] has the scheme); functions below bridges reach it through the standard
+//! swizzle, which the OS applies itself. A separate PNP0C02 device reserves the ECAM range: Linux
+//! refuses MMCONFIG from MCFG unless the range is reserved in ACPI or the E820 map.
+//!
+//! The `_PRT` entries name GSIs directly (source 0), which ACPI defines as level-triggered,
+//! active-low, shareable inputs: Linux programs the IOAPIC pins that way when a driver enables
+//! the device, so the MADT needs no interrupt source override for them (overrides only remap
+//! the ISA IRQs 0-15).
 
 use acpi_tables::aml::{
     AddressSpace, AddressSpaceCacheable, Arg, CreateDWordField, Device, EISAName, Equal, If,
-    Memory32Fixed, Method, Name, Or, Path, ResourceTemplate, Return, Uuid, IO, ZERO,
+    Memory32Fixed, Method, Name, Or, PackageBuilder, Path, ResourceTemplate, Return, Uuid, IO,
+    ZERO,
 };
 use acpi_tables::{Aml, AmlSink};
 
+use super::intx::root_bus_routes;
 use super::topology::{PciLayout, PciRoot};
 
 /// `_OSC` UUID for PCI host bridges (PCI Firmware Specification).
@@ -68,6 +77,7 @@ fn dsdt_aml(layout: &PciLayout) -> Vec<u8> {
         Name::new("_BBN".into(), &ZERO),
         Name::new("_UID".into(), &ZERO),
         Name::new("_CRS".into(), &crs),
+        Name::new("_PRT".into(), &prt()),
     ];
     let osc = osc_method();
     let mut children: Vec<&dyn Aml> = names.iter().map(|n| n as &dyn Aml).collect();
@@ -91,6 +101,22 @@ fn dsdt_aml(layout: &PciLayout) -> Vec<u8> {
     pci0.to_aml_bytes(&mut aml);
     ecam.to_aml_bytes(&mut aml);
     aml
+}
+
+/// `_PRT`: `Package { Package { 0xDDDDFFFF, pin, 0, GSI }, ... }` for every root-bus device
+/// `DDDD` (any function) and pin 0..=3 (INTA..INTD). Source 0 means the last field is a GSI.
+fn prt() -> PackageBuilder {
+    let mut table = PackageBuilder::new();
+    for (device, pin, gsi) in root_bus_routes() {
+        let address = (u32::from(device) << 16) | 0xffff;
+        let mut entry = PackageBuilder::new();
+        entry.add_element(&address);
+        entry.add_element(&pin);
+        entry.add_element(&ZERO);
+        entry.add_element(&gsi);
+        table.add_element(&entry);
+    }
+    table
 }
 
 /// Already-encoded AML, so a helper can build a subtree whose operands borrow its locals.

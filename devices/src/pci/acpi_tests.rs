@@ -153,3 +153,82 @@ fn ecam_is_reserved_as_a_motherboard_resource() {
     fixed.extend_from_slice(&0x1000_0000u32.to_le_bytes());
     assert!(contains(ecam, &fixed), "Memory32Fixed over ECAM");
 }
+
+/// Decodes an AML integer (Zero, One, Byte/Word/DWord constants) at `bytes[0..]`: (value, bytes
+/// used).
+fn integer(bytes: &[u8]) -> (u32, usize) {
+    let le = |n: usize| {
+        let mut v = 0u32;
+        for (i, b) in bytes[1..=n].iter().enumerate() {
+            v |= u32::from(*b) << (8 * i);
+        }
+        v
+    };
+    match bytes[0] {
+        0x00 => (0, 1),
+        0x01 => (1, 1),
+        0x0a => (le(1), 2),
+        0x0b => (le(2), 3),
+        0x0c => (le(4), 5),
+        op => panic!("not an integer: {op:#x}"),
+    }
+}
+
+/// A package at `bytes[0..]`: its element count, its body (after the count byte) and the bytes
+/// after it.
+fn package(bytes: &[u8]) -> (usize, &[u8], &[u8]) {
+    assert_eq!(bytes[0], 0x12, "PackageOp");
+    let (len, used) = pkg_length(&bytes[1..]);
+    let count = usize::from(bytes[1 + used]);
+    (count, &bytes[2 + used..1 + len], &bytes[1 + len..])
+}
+
+/// The `_PRT` entries of `\_SB.PCI0` as (address, pin, source, GSI).
+fn prt_entries(pci0: &[u8]) -> Vec<(u32, u32, u32, u32)> {
+    let at = pci0
+        .windows(5)
+        .position(|w| w == b"\x08_PRT")
+        .expect("Name(_PRT)");
+    let (count, mut body, _) = package(&pci0[at + 5..]);
+    let mut entries = Vec::new();
+    for _ in 0..count {
+        let (fields, mut entry, rest) = package(body);
+        assert_eq!(fields, 4, "an entry has address, pin, source, source index");
+        body = rest;
+        let mut values = [0u32; 4];
+        for v in &mut values {
+            let (value, used) = integer(entry);
+            *v = value;
+            entry = &entry[used..];
+        }
+        assert!(entry.is_empty(), "trailing bytes in an entry");
+        entries.push((values[0], values[1], values[2], values[3]));
+    }
+    assert!(body.is_empty(), "trailing bytes after the entries");
+    entries
+}
+
+#[test]
+fn prt_routes_every_root_bus_slot_and_pin_to_gsis_16_to_23() {
+    let aml = dsdt_aml(&layout());
+    let entries = prt_entries(devices(&aml)[0].1);
+    assert_eq!(entries.len(), 32 * 4);
+    for (i, (address, pin, source, gsi)) in entries.into_iter().enumerate() {
+        let (device, index) = ((i / 4) as u32, (i % 4) as u32);
+        assert_eq!(address, (device << 16) | 0xffff, "entry {i}: any function");
+        assert_eq!(pin, index, "entry {i}: 0 = INTA .. 3 = INTD");
+        assert_eq!(source, 0, "entry {i}: a GSI, not a link device");
+        assert_eq!(gsi, 16 + (device + index) % 8, "entry {i}");
+    }
+}
+
+#[test]
+fn prt_agrees_with_the_routing_the_vmm_wires() {
+    let aml = dsdt_aml(&layout());
+    let entries = prt_entries(devices(&aml)[0].1);
+    let slot_3_intb = entries
+        .iter()
+        .find(|e| e.0 == 0x0003_ffff && e.1 == 1)
+        .map(|e| e.3);
+    assert_eq!(slot_3_intb, crate::pci::intx::root_bus_gsi(3, 2));
+}

@@ -16,7 +16,8 @@
 //! - [`segment`]: config routing through bridges, the ECAM and 0xCF8 bus devices.
 //! - [`port`], [`root_port`], [`switch`], [`host_bridge`]: the emulated functions.
 //! - [`topology`]: does the firmware's job (bus numbers, BARs, bridge windows) up front.
-//! - [`acpi`]: the root complex's DSDT fragment.
+//! - [`acpi`]: the root complex's DSDT fragment, with the INTx routing table.
+//! - [`intx`]: which IOAPIC input each function's INTx pin drives (root-bus table + swizzle).
 //! - [`msi`] / [`msix`]: interrupt capability state machines for passthrough devices.
 //! - [`fake`]: test doubles that check their own invariants.
 
@@ -26,6 +27,7 @@ pub mod caps;
 pub mod config;
 pub mod fake;
 pub mod host_bridge;
+pub mod intx;
 pub mod msi;
 pub mod msix;
 pub mod pcie_cap;

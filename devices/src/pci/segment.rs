@@ -14,7 +14,9 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
 
 use super::bar::{announce_removal, update_decode, BarChange, BarObserver, BarRejected};
+use super::intx::gsi_for_path;
 use super::port::PciePort;
+use super::regs::INTERRUPT_PIN;
 use super::{lock, Bdf, PciDevice, SharedPciDevice};
 use crate::bus::BusDevice;
 
@@ -212,6 +214,21 @@ impl PciSegment {
         out
     }
 
+    /// The IOAPIC GSI that `device`'s INTx pin drives under the platform's routing
+    /// ([`super::intx`]): its Interrupt Pin register swizzled through every bridge above it
+    /// down to the root bus. Found by position in the tree, so it holds before the guest
+    /// numbers any bus. `None` if the function has no pin or is not on this segment. Locks
+    /// `device`, so the caller must not hold it.
+    pub fn intx_gsi(&self, device: &SharedPciDevice) -> Option<u32> {
+        let path = {
+            let bus0 = self.bus0.read().unwrap_or_else(|e| e.into_inner());
+            device_path(&bus0, device)?
+        };
+        let mut pin = [0u8];
+        lock(device).read_config(INTERRUPT_PIN, &mut pin);
+        gsi_for_path(&path, pin[0])
+    }
+
     /// Guest config read; absent functions read as all-ones.
     pub fn config_read(&self, bdf: Bdf, offset: u16, data: &mut [u8]) {
         match self.route(bdf) {
@@ -292,6 +309,22 @@ fn children_of<'a>(
         None => Some(bus0),
         Some(port) => search(bus0, port),
     }
+}
+
+/// Device numbers from the root bus down to `device` (its own last), matched by identity.
+fn device_path(nodes: &BTreeMap<u8, Node>, device: &SharedPciDevice) -> Option<Vec<u8>> {
+    for (devfn, node) in nodes {
+        let below = if Arc::ptr_eq(&node.device, device) {
+            Some(Vec::new())
+        } else {
+            device_path(&node.children, device)
+        };
+        if let Some(mut path) = below {
+            path.insert(0, devfn >> 3);
+            return Some(path);
+        }
+    }
+    None
 }
 
 fn collect(

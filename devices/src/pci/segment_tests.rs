@@ -365,3 +365,26 @@ fn removal_and_insertion_are_validated() {
         Err(SegmentError::UnknownParent(_))
     ));
 }
+
+#[test]
+fn intx_gsi_follows_the_interrupt_pin_and_the_path() {
+    let p = platform();
+    lock(&p.a).config.set_interrupt_pin(1);
+    lock(&p.b).config.set_interrupt_pin(2);
+    let (a, b): (SharedPciDevice, SharedPciDevice) = (p.a.clone(), p.b.clone());
+    // a: INTA of root-bus device 2. b: INTB of device 0 behind the root port at device 1,
+    // which the port presents as INTB of its own slot.
+    assert_eq!(p.segment.intx_gsi(&a), Some(16 + 2));
+    assert_eq!(p.segment.intx_gsi(&b), Some(16 + 1 + 1));
+}
+
+#[test]
+fn intx_gsi_needs_a_pin_and_a_place_on_the_segment() {
+    let p = platform();
+    let a: SharedPciDevice = p.a.clone();
+    assert_eq!(p.segment.intx_gsi(&a), None, "no interrupt pin");
+    let stranger = endpoint("stranger");
+    lock(&stranger).config.set_interrupt_pin(1);
+    let stranger: SharedPciDevice = stranger;
+    assert_eq!(p.segment.intx_gsi(&stranger), None, "not attached");
+}

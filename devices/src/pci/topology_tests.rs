@@ -172,6 +172,44 @@ fn a_mixed_topology_is_consistent() {
     check_invariants(&root);
 }
 
+/// A NIC whose function raises INTx on `pin` (1 = INTA).
+fn nic_with_pin(pin: u8) -> SharedPciDevice {
+    let bars = [(0, BarDef::mem32(0x100))];
+    let mut nic = FakeEndpoint::with_bars("nic", &bars).unwrap();
+    nic.config.set_interrupt_pin(pin);
+    Arc::new(Mutex::new(nic))
+}
+
+#[test]
+fn every_placement_gets_the_swizzled_intx_gsi() {
+    let root_dev = nic_with_pin(1);
+    let rp_dev = nic_with_pin(2);
+    let sw_devs: Vec<_> = (0..3).map(|_| nic_with_pin(1)).collect();
+    let mut b = TopologyBuilder::new(layout());
+    b.add_device("root", Placement::Root, root_dev.clone())
+        .add_switch("sw0")
+        .add_device("rp", Placement::RootPort, rp_dev.clone());
+    for (i, dev) in sw_devs.iter().enumerate() {
+        b.add_device(
+            &format!("d{i}"),
+            Placement::Switch("sw0".into()),
+            dev.clone(),
+        );
+    }
+    let (root, _) = build(&b);
+    let segment = root.segment();
+    // 00:01.0 on the root bus, INTA: 16 + 1.
+    assert_eq!(root.bdf("root"), Some(Bdf::new(0, 1, 0)));
+    assert_eq!(segment.intx_gsi(&root_dev), Some(17));
+    // Behind root port 00:03.0, INTB: the port's slot with the pin unchanged (device 0).
+    assert_eq!(segment.intx_gsi(&rp_dev), Some(20)); // 16 + (3 + INTB)
+                                                     // Behind root port 00:02.0, the upstream port (device 0) and downstream port i (device i):
+                                                     // INTA becomes INT(A + i) at the root port's slot.
+    for (i, dev) in sw_devs.iter().enumerate() {
+        assert_eq!(segment.intx_gsi(dev), Some(16 + (2 + i as u32) % 8), "d{i}");
+    }
+}
+
 #[test]
 fn an_empty_root_port_gets_only_the_hotplug_reserve() {
     let mut b = TopologyBuilder::new(layout());

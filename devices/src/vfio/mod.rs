@@ -5,8 +5,11 @@
 //! is forwarded to the hardware so decoding and bus mastering really change. BAR accesses that
 //! reach this model (those not mapped into the guest as memory slots, and the MSI-X table) are
 //! emulated or forwarded through VFIO region reads and writes. Where BARs live in the guest,
-//! and their peer-to-peer IOMMU mappings, is the VMM's `BarObserver`'s business.
+//! and their peer-to-peer IOMMU mappings, is the VMM's `BarObserver`'s business. INTx, the
+//! fallback while MSI and MSI-X are off, is connected once the topology knows the function's
+//! GSI ([`VfioPciDevice::connect_intx`]).
 
+mod intx;
 mod irq;
 mod probe;
 
@@ -15,11 +18,12 @@ use std::sync::Arc;
 
 use vfio_p2p::{DeviceError, HostPciDevice, IrqIndex, P2pTable, CONFIG_REGION};
 
-use crate::interrupt::InterruptController;
+use crate::interrupt::{InterruptController, InterruptError};
 use crate::pci::regs::{COMMAND, COMMAND_INTX_DISABLE, COMMAND_IO, COMMAND_MASTER, COMMAND_MEMORY};
 use crate::pci::{
     BarInfo, ConfigError, LinkConfig, MsiCap, Msix, PciDevice, PcieCap, PcieDeviceType, Type0Config,
 };
+pub use intx::{IntxHost, VfioIntx};
 pub use irq::VfioMsi;
 pub use probe::{probe, ConfigSource, HostFunction};
 
@@ -48,6 +52,8 @@ pub enum VfioPciError {
 /// The command register bits that reach the hardware.
 const FORWARDED_COMMAND: u16 = COMMAND_IO | COMMAND_MEMORY | COMMAND_MASTER | COMMAND_INTX_DISABLE;
 const MSI_CONTROL: u16 = 0x02;
+const MSI_ENABLE: u16 = 1 << 0;
+const MSIX_ENABLE: u16 = 1 << 15;
 
 pub struct VfioPciDevice {
     name: String,
@@ -55,6 +61,8 @@ pub struct VfioPciDevice {
     config: Type0Config,
     msi: Option<(MsiCap, Arc<VfioMsi>)>,
     msix: Option<(Msix, Arc<VfioMsi>)>,
+    /// Present when the host function has an INTx pin VFIO can deliver.
+    intx: Option<VfioIntx>,
     p2p: Option<Arc<P2pTable>>,
 }
 
@@ -71,6 +79,9 @@ impl VfioPciDevice {
         let function = probe(&*host).map_err(|source| VfioPciError::Probe { bdf, source })?;
         let config_err = |source| VfioPciError::Config { bdf, source };
         let mut config = Type0Config::new(&function.ids);
+        let pin = intx::host_pin(&host, function.interrupt_pin);
+        config.set_interrupt_pin(pin);
+        let intx = (pin != 0).then(|| VfioIntx::new(host.clone(), controller.clone()));
         for (index, def) in &function.bars {
             config.add_bar(*index, *def).map_err(config_err)?;
         }
@@ -111,6 +122,7 @@ impl VfioPciDevice {
             config,
             msi,
             msix,
+            intx,
             p2p,
         };
         // Start from a clean function that decodes nothing, as after a PCI reset.
@@ -121,6 +133,32 @@ impl VfioPciDevice {
 
     pub fn host(&self) -> &Arc<HostPciDevice> {
         &self.host
+    }
+
+    /// Connects the function's INTx to guest GSI `gsi`, where the platform routes its pin
+    /// (`PciSegment::intx_gsi`). Without a host pin there is nothing to connect.
+    pub fn connect_intx(&mut self, gsi: u32) -> Result<(), InterruptError> {
+        match &mut self.intx {
+            Some(intx) => intx.connect(gsi),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether the guest has MSI or MSI-X enabled in config space (what the capabilities are
+    /// about to act on, during a write).
+    fn msi_requested(&self) -> bool {
+        let regs = self.config.regs();
+        let enabled = |cap: u16, bit: u16| regs.read_u16(cap + MSI_CONTROL) & bit != 0;
+        let msi = self.msi.as_ref().map(|(c, _)| c.range().start);
+        let msix = self.msix.as_ref().map(|(c, _)| c.cap_range().start);
+        msi.is_some_and(|cap| enabled(cap, MSI_ENABLE))
+            || msix.is_some_and(|cap| enabled(cap, MSIX_ENABLE))
+    }
+
+    fn set_intx_wanted(&mut self, wanted: bool) {
+        if let Some(intx) = &mut self.intx {
+            intx.set_wanted(wanted);
+        }
     }
 
     /// The MSI-X table and PBA (BAR, byte range): they must stay trapped, never mapped.
@@ -190,10 +228,19 @@ impl PciDevice for VfioPciDevice {
 
     fn read_config(&mut self, offset: u16, data: &mut [u8]) {
         self.config.read(offset, data);
+        if let Some(intx) = &self.intx {
+            intx.merge_status(offset, data);
+        }
     }
 
     fn write_config(&mut self, offset: u16, data: &[u8]) {
         self.config.write(offset, data);
+        // VFIO delivers one interrupt type at a time: INTx stops before MSI/MSI-X start, and
+        // resumes after they stopped.
+        let msi_on = self.msi_requested();
+        if msi_on {
+            self.set_intx_wanted(false);
+        }
         if overlaps(&(COMMAND..COMMAND + 2), offset, data.len()) {
             self.forward_command(self.config.command());
         }
@@ -209,6 +256,9 @@ impl PciDevice for VfioPciDevice {
             if overlaps(&cap.cap_range(), offset, data.len()) {
                 cap.update(self.config.regs(), &**sink);
             }
+        }
+        if !msi_on {
+            self.set_intx_wanted(true);
         }
     }
 
@@ -252,6 +302,7 @@ impl PciDevice for VfioPciDevice {
         if let Some((cap, sink)) = &mut self.msix {
             cap.reset(self.config.regs(), &**sink);
         }
+        self.set_intx_wanted(!self.msi_requested());
         self.forward_command(self.config.command());
     }
 }
@@ -259,6 +310,9 @@ impl PciDevice for VfioPciDevice {
 impl Drop for VfioPciDevice {
     fn drop(&mut self) {
         self.forward_command(0);
+        if let Some(intx) = &mut self.intx {
+            intx.release();
+        }
         if let Some((_, sink)) = &self.msi {
             sink.release();
         }

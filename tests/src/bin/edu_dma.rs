@@ -1,7 +1,7 @@
 //! edu-dma: drive QEMU's `edu` DMA engine (1234:11e8) from userspace through VFIO in no-IOMMU
-//! mode, with MSI completion interrupts counted on an eventfd. Runs inside a lab guest (L2),
-//! statically linked; prints one machine-readable result line:
-//!   `EDU-DMA: ok bytes=N wrong=0 msi=K`  or  `EDU-DMA: FAIL <reason>`
+//! mode, with completion interrupts (MSI, or INTx with `--intx`) counted on an eventfd. Runs
+//! inside a lab guest (L2), statically linked; prints one machine-readable result line:
+//!   `EDU-DMA: ok bytes=N wrong=0 msi=K` (`intx=K` with `--intx`)  or  `EDU-DMA: FAIL <reason>`
 //! and exits 0 only on success. See `usage()` for the options.
 
 // A crate root resolves `mod` next to itself, so point into edu_dma/ explicitly.
@@ -18,7 +18,7 @@ use std::fmt;
 use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use edu::{Edu, Engine, EventFd, BUF_ADDR, MAX_XFER};
+use edu::{Edu, Engine, EventFd, Irq, BUF_ADDR, MAX_XFER};
 use page::{DmaPage, Pagemap};
 
 /// A failed step: what was being done, and why (errno text included for OS errors).
@@ -65,13 +65,43 @@ fn usage() -> &'static str {
   --rounds N           repeat the test N times (default 1)
   --timeout-ms MS      bound for each transfer (default 5000)
   --no-msi             poll the command register instead of waiting for MSI (msi=0)
+  --intx               wait for INTx instead of MSI: VFIO's INTx eventfd, edu acknowledged, then
+                       the line unmasked (VFIO_IRQ_SET_ACTION_UNMASK); counted as intx=K
   --peer-dst ADDR      also round-trip through bus address ADDR (hex 0x.. or decimal), e.g. a
                        peer device's BAR: RAM -> edu -> ADDR, zero edu, ADDR -> edu -> RAM
   --peer-bar BDF:N     like --peer-dst with BAR N of device BDF (its address from sysfs; turns on
                        the device's memory decoding)
 Needs root, CONFIG_VFIO_NOIOMMU and /proc/self/pagemap. Binds the device to vfio-pci in
 no-IOMMU mode (DMA addresses are physical addresses). Transfers per round: 2, or 5 with a peer.
-Result: 'EDU-DMA: ok bytes=N wrong=0 msi=K' (exit 0) or 'EDU-DMA: FAIL <reason>' (exit 1)."
+Result: 'EDU-DMA: ok bytes=N wrong=0 msi=K' (intx=K with --intx; exit 0) or
+'EDU-DMA: FAIL <reason>' (exit 1)."
+}
+
+/// How transfer completions are awaited.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum IrqMode {
+    Msi,
+    Intx,
+    Poll,
+}
+
+impl IrqMode {
+    /// The VFIO interrupt index and the name used in messages and the result line.
+    fn vfio(self) -> Option<(u32, &'static str)> {
+        match self {
+            Self::Msi => Some((vfio::MSI_IRQ_INDEX, "MSI")),
+            Self::Intx => Some((vfio::INTX_IRQ_INDEX, "INTx")),
+            Self::Poll => None,
+        }
+    }
+
+    /// The result line's counter.
+    fn counter(self) -> &'static str {
+        match self {
+            Self::Intx => "intx",
+            Self::Msi | Self::Poll => "msi",
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -86,7 +116,7 @@ struct Args {
     len: usize,
     rounds: u32,
     timeout_ms: u64,
-    msi: bool,
+    irq: IrqMode,
     peer: Option<Peer>,
 }
 
@@ -104,7 +134,7 @@ fn parse_args(argv: &[String]) -> std::result::Result<Option<Args>, String> {
         len: MAX_XFER,
         rounds: 1,
         timeout_ms: 5000,
-        msi: true,
+        irq: IrqMode::Msi,
         peer: None,
     };
     let mut it = argv.iter();
@@ -125,7 +155,8 @@ fn parse_args(argv: &[String]) -> std::result::Result<Option<Args>, String> {
                     .map_err(|_| "--rounds too big")?
             }
             "--timeout-ms" => a.timeout_ms = num("--timeout-ms", val("--timeout-ms")?)?,
-            "--no-msi" => a.msi = false,
+            "--no-msi" => a.irq = IrqMode::Poll,
+            "--intx" => a.irq = IrqMode::Intx,
             "--peer-dst" => a.peer = Some(Peer::Addr(num("--peer-dst", val("--peer-dst")?)?)),
             "--peer-bar" => {
                 let v = val("--peer-bar")?;
@@ -155,7 +186,7 @@ struct Report {
     bytes: u64,
     wrong: u64,
     first_bad: Option<(usize, u8, u8)>,
-    msi: u64,
+    irqs: u64,
     transfers: u64,
 }
 
@@ -215,26 +246,38 @@ fn run(a: &Args) -> Result<Report> {
     let id = edu.sanity()?;
     println!("edu-dma: id 0x{id:08x}, liveness ok, PCI_COMMAND 0x{cmd:x} -> 0x{cmd_now:x}");
 
-    // Clear anything left pending (e.g. by an earlier run), then hook MSI to an eventfd.
+    // Clear anything left pending (e.g. by an earlier run), then hook the interrupt to an
+    // eventfd.
     let stale = edu.intr_status()?;
     if stale != 0 {
         edu.ack(stale)?;
     }
-    let irq = if a.msi {
-        let n = dev.irq_count(vfio::MSI_IRQ_INDEX)?;
-        if n == 0 {
-            return Err(Fail::msg(
-                "MSI",
-                "device reports no MSI vectors (VFIO_DEVICE_GET_IRQ_INFO count 0)",
-            ));
+    let unmask = || dev.unmask_intx();
+    let irq = match a.irq.vfio() {
+        Some((index, name)) => {
+            let n = dev.irq_count(index)?;
+            if n == 0 {
+                return Err(Fail::msg(
+                    name,
+                    format!("device reports no {name} (VFIO_DEVICE_GET_IRQ_INFO count 0)"),
+                ));
+            }
+            let event = EventFd::new()?;
+            dev.set_irq_eventfd(index, event.raw())?;
+            let spurious = event.take()?;
+            println!(
+                "edu-dma: {name} enabled ({n} vector(s), {}) -> eventfd {}; {spurious} pending before the test",
+                sysfs::irq_line(&bdf),
+                event.raw()
+            );
+            let after_ack = (a.irq == IrqMode::Intx).then_some(&unmask as &dyn Fn() -> Result<()>);
+            Some(Irq {
+                name,
+                event,
+                after_ack,
+            })
         }
-        let efd = EventFd::new()?;
-        dev.set_irq_eventfd(vfio::MSI_IRQ_INDEX, efd.raw())?;
-        let spurious = efd.take()?;
-        println!("edu-dma: MSI enabled ({n} vector(s)) -> eventfd {}; {spurious} pending before the test", efd.raw());
-        Some(efd)
-    } else {
-        None
+        None => None,
     };
 
     let pm = Pagemap::open()?;
@@ -256,7 +299,7 @@ fn run(a: &Args) -> Result<Report> {
         edu: &edu,
         irq,
         timeout_ms: a.timeout_ms,
-        msi: 0,
+        irqs: 0,
         transfers: 0,
     };
     let pages = Pages { src, dst, zero };
@@ -270,12 +313,19 @@ fn run(a: &Args) -> Result<Report> {
         }
     }
     drop(pages);
-    let mut rep = result?;
-    if let Some(efd) = &eng.irq {
-        eng.msi += efd.take()?; // any late or extra interrupt counts too
-        dev.disable_irq(vfio::MSI_IRQ_INDEX)?;
+    if a.irq == IrqMode::Intx {
+        let name = format!("vfio-intx({bdf})");
+        match sysfs::interrupts_line(&name) {
+            Some(line) => println!("edu-dma: /proc/interrupts: {line}"),
+            None => println!("edu-dma: /proc/interrupts has no {name}"),
+        }
     }
-    rep.msi = eng.msi;
+    let mut rep = result?;
+    if let (Some(irq), Some((index, _))) = (&eng.irq, a.irq.vfio()) {
+        eng.irqs += irq.event.take()?; // any late or extra interrupt counts too
+        dev.disable_irq(index)?;
+    }
+    rep.irqs = eng.irqs;
     rep.transfers = eng.transfers;
     Ok(rep)
 }
@@ -292,7 +342,7 @@ fn rounds(a: &Args, eng: &mut Engine, pg: &Pages, peer: Option<u64>, seed: u32) 
         bytes: 0,
         wrong: 0,
         first_bad: None,
-        msi: 0,
+        irqs: 0,
         transfers: 0,
     };
     let (len, src, dst) = (a.len, &pg.src, &pg.dst);
@@ -342,29 +392,56 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let counter = args.irq.counter();
     match run(&args) {
         Ok(r) if r.wrong != 0 => {
             let (i, want, got) = r.first_bad.unwrap_or((0, 0, 0));
             println!(
-                "EDU-DMA: FAIL data mismatch bytes={} wrong={} msi={} first at offset {i}: want 0x{want:02x} got 0x{got:02x}",
-                r.bytes, r.wrong, r.msi
+                "EDU-DMA: FAIL data mismatch bytes={} wrong={} {counter}={} first at offset {i}: want 0x{want:02x} got 0x{got:02x}",
+                r.bytes, r.wrong, r.irqs
             );
             ExitCode::FAILURE
         }
-        Ok(r) if args.msi && r.msi != r.transfers => {
+        Ok(r) if args.irq != IrqMode::Poll && r.irqs != r.transfers => {
             println!(
-                "EDU-DMA: FAIL interrupt count bytes={} wrong=0 msi={} but {} transfers",
-                r.bytes, r.msi, r.transfers
+                "EDU-DMA: FAIL interrupt count bytes={} wrong=0 {counter}={} but {} transfers",
+                r.bytes, r.irqs, r.transfers
             );
             ExitCode::FAILURE
         }
         Ok(r) => {
-            println!("EDU-DMA: ok bytes={} wrong=0 msi={}", r.bytes, r.msi);
+            println!("EDU-DMA: ok bytes={} wrong=0 {counter}={}", r.bytes, r.irqs);
             ExitCode::SUCCESS
         }
         Err(f) => {
             println!("EDU-DMA: FAIL {f}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(argv: &[&str]) -> Args {
+        let argv: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
+        parse_args(&argv).unwrap().unwrap()
+    }
+
+    #[test]
+    fn msi_is_the_default_and_intx_or_polling_are_chosen_by_flag() {
+        assert_eq!(parse(&[]).irq, IrqMode::Msi);
+        assert_eq!(parse(&["--intx", "--rounds", "2"]).irq, IrqMode::Intx);
+        assert_eq!(parse(&["--no-msi"]).irq, IrqMode::Poll);
+    }
+
+    #[test]
+    fn intx_uses_vfio_index_0_and_its_own_counter() {
+        assert_eq!(IrqMode::Intx.vfio(), Some((vfio::INTX_IRQ_INDEX, "INTx")));
+        assert_eq!(vfio::INTX_IRQ_INDEX, 0);
+        assert_eq!(IrqMode::Intx.counter(), "intx");
+        assert_eq!(IrqMode::Msi.counter(), "msi");
+        assert_eq!(IrqMode::Poll.vfio(), None);
     }
 }

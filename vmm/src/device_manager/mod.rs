@@ -164,6 +164,9 @@ impl DeviceManager {
             );
         }
         let root = builder.build(mapper.clone())?;
+        if let Some(passthrough) = &passthrough {
+            passthrough.connect_intx(root.segment());
+        }
         for (id, bdf) in root.placements() {
             log::info!("{id}: guest address {bdf}");
         }

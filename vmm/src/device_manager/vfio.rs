@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use devices::interrupt::InterruptController;
-use devices::pci::SharedPciDevice;
+use devices::pci::{PciSegment, SharedPciDevice};
 use devices::vfio::VfioPciDevice;
 use vfio_p2p::{
     ranges_cover, BackendKind, Backing, DmaKind, DmaMapRequest, HostPciDevice, IovaRange, P2pTable,
@@ -22,10 +22,13 @@ use crate::memory::GuestRam;
 
 const PAGE_SIZE: u64 = 4096;
 
+/// A passthrough device model, shared with the PCI segment and buses.
+pub type SharedVfioDevice = Arc<Mutex<VfioPciDevice>>;
+
 /// The VM's passthrough state, in the order it must be torn down.
 pub struct Passthrough {
     pub p2p: Arc<P2pTable>,
-    pub devices: Vec<(DeviceConfig, Arc<HostPciDevice>, SharedPciDevice)>,
+    pub devices: Vec<(DeviceConfig, Arc<HostPciDevice>, SharedVfioDevice)>,
     pub kvm_vfio: KvmVfio,
     pub backend: VfioBackend,
 }
@@ -230,7 +233,8 @@ pub fn build(
             source,
         })?;
         let areas = mappable_areas(&config.id, &host, &model)?;
-        let shared: SharedPciDevice = Arc::new(Mutex::new(model));
+        let model = Arc::new(Mutex::new(model));
+        let shared: SharedPciDevice = model.clone();
         register(
             &shared,
             PassthroughBars {
@@ -238,7 +242,7 @@ pub fn build(
                 areas,
             },
         );
-        devices.push((config, host, shared));
+        devices.push((config, host, model));
     }
     Ok(Passthrough {
         p2p,
@@ -249,6 +253,23 @@ pub fn build(
 }
 
 impl Passthrough {
+    /// Connects each device's INTx to the GSI its place on `segment` routes it to. A device
+    /// whose line cannot be connected still works with MSI/MSI-X.
+    pub fn connect_intx(&self, segment: &PciSegment) {
+        for (config, _, model) in &self.devices {
+            let shared: SharedPciDevice = model.clone();
+            let Some(gsi) = segment.intx_gsi(&shared) else {
+                log::info!("{}: no INTx", config.id);
+                continue;
+            };
+            let mut model = model.lock().unwrap_or_else(|e| e.into_inner());
+            match model.connect_intx(gsi) {
+                Ok(()) => log::info!("{}: INTx on GSI {gsi}", config.id),
+                Err(e) => log::warn!("{}: INTx on GSI {gsi} unavailable: {e}", config.id),
+            }
+        }
+    }
+
     /// Unmaps every peer BAR, detaches the devices from KVM and closes them, in the order the
     /// kernel needs (table first: its mmaps keep devices busy).
     pub fn shut_down(self) {

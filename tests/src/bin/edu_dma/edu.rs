@@ -1,5 +1,5 @@
 //! QEMU's `edu` device (hw/misc/edu.c) through its BAR0 mapping: identification, liveness, and
-//! the DMA engine with its completion interrupt counted on an eventfd.
+//! the DMA engine with its completion interrupt (MSI or INTx) counted on an eventfd.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::thread::sleep;
@@ -128,7 +128,7 @@ impl Edu {
     }
 }
 
-/// A non-blocking eventfd that VFIO signals on each MSI.
+/// A non-blocking eventfd that VFIO signals on each interrupt.
 pub struct EventFd(OwnedFd);
 
 impl EventFd {
@@ -191,12 +191,24 @@ impl EventFd {
     }
 }
 
-/// Runs transfers one at a time, waiting for each either on MSI (counted) or by polling.
+/// The completion interrupt, as VFIO delivers it.
+pub struct Irq<'a> {
+    /// "MSI" or "INTx", for messages.
+    pub name: &'static str,
+    pub event: EventFd,
+    /// Runs after each interrupt was acknowledged at the device (INTx: VFIO masked the line
+    /// when it fired; this unmasks it).
+    pub after_ack: Option<&'a dyn Fn() -> Result<()>>,
+}
+
+/// Runs transfers one at a time, waiting for each either on an interrupt (counted) or by
+/// polling.
 pub struct Engine<'a> {
     pub edu: &'a Edu,
-    pub irq: Option<EventFd>,
+    pub irq: Option<Irq<'a>>,
     pub timeout_ms: u64,
-    pub msi: u64,
+    /// Interrupts counted so far.
+    pub irqs: u64,
     pub transfers: u64,
 }
 
@@ -220,25 +232,29 @@ impl Engine<'_> {
         let t0 = Instant::now();
         self.edu.start(src, dst, len, to_ram, self.irq.is_some())?;
         let mut got = 0;
-        if let Some(efd) = &self.irq {
-            got = efd.wait(self.timeout_ms)?;
+        if let Some(irq) = &self.irq {
+            got = irq.event.wait(self.timeout_ms)?;
             if got == 0 {
                 return Err(Fail::msg(
                     step,
                     format!(
-                        "no MSI within {} ms (command=0x{:x} intr_status=0x{:x}, msi so far {})",
+                        "no {} within {} ms (command=0x{:x} intr_status=0x{:x}, {} so far)",
+                        irq.name,
                         self.timeout_ms,
                         self.edu.dma_cmd()?,
                         self.edu.intr_status()?,
-                        self.msi
+                        self.irqs
                     ),
                 ));
             }
-            self.msi += got;
+            self.irqs += got;
             if self.edu.dma_cmd()? & CMD_START != 0 {
                 return Err(Fail::msg(
                     step,
-                    "MSI arrived but the command register still shows the DMA running",
+                    format!(
+                        "{} arrived but the command register still shows the DMA running",
+                        irq.name
+                    ),
                 ));
             }
         } else {
@@ -254,17 +270,26 @@ impl Engine<'_> {
         }
         let ms = t0.elapsed().as_secs_f64() * 1e3;
         let st = self.edu.intr_status()?;
-        if self.irq.is_some() && st & DMA_IRQ == 0 {
-            return Err(Fail::msg(
-                step,
-                format!("MSI arrived but INTR_STATUS=0x{st:x} lacks the DMA bit 0x{DMA_IRQ:x}"),
-            ));
+        if let Some(irq) = &self.irq {
+            if st & DMA_IRQ == 0 {
+                return Err(Fail::msg(
+                    step,
+                    format!(
+                        "{} arrived but INTR_STATUS=0x{st:x} lacks the DMA bit 0x{DMA_IRQ:x}",
+                        irq.name
+                    ),
+                ));
+            }
         }
         if st != 0 {
             self.edu.ack(st)?;
         }
+        if let Some(after_ack) = self.irq.as_ref().and_then(|irq| irq.after_ack) {
+            after_ack().map_err(|f| f.context(step.clone()))?;
+        }
         self.transfers += 1;
-        println!("edu-dma: {what}: {len} bytes 0x{src:x} -> 0x{dst:x}, {ms:.1} ms, msi +{got}, intr_status 0x{st:x} acked");
+        let name = self.irq.as_ref().map_or("irq", |irq| irq.name);
+        println!("edu-dma: {what}: {len} bytes 0x{src:x} -> 0x{dst:x}, {ms:.1} ms, {name} +{got}, intr_status 0x{st:x} acked");
         Ok(())
     }
 }

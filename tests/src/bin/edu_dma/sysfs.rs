@@ -156,6 +156,22 @@ pub fn noiommu_group_node(bdf: &str) -> Result<String> {
     Err(Fail::msg("iommu group", format!("{node} did not appear")))
 }
 
+/// The function's interrupt line as the kernel assigned it (`irq N`), for messages.
+pub fn irq_line(bdf: &str) -> String {
+    match read_trim(&dev_path(bdf).join("irq")) {
+        Ok(irq) => format!("irq {irq}"),
+        Err(f) => f.to_string(),
+    }
+}
+
+/// The `/proc/interrupts` line of the interrupt named `name` (e.g. `vfio-intx(0000:03:00.0)`),
+/// whitespace collapsed: shows the controller, input and trigger (`IO-APIC 18-fasteoi`).
+pub fn interrupts_line(name: &str) -> Option<String> {
+    let text = fs::read_to_string("/proc/interrupts").ok()?;
+    let line = text.lines().find(|l| l.contains(name))?;
+    Some(line.split_whitespace().collect::<Vec<_>>().join(" "))
+}
+
 /// Resolve BAR `bar` of `bdf` to its bus address (= physical address without an IOMMU) and
 /// size, and make sure the device decodes memory so the BAR answers DMA. Returns (addr, size).
 pub fn peer_bar(bdf: &str, bar: usize) -> Result<(u64, u64)> {

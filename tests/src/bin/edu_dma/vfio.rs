@@ -1,5 +1,6 @@
 //! The few pieces of the VFIO uAPI (`linux/vfio.h`) that `edu-dma` needs: a legacy container in
-//! no-IOMMU mode, one group, one device, its regions (BAR mmap, config space) and MSI via eventfd.
+//! no-IOMMU mode, one group, one device, its regions (BAR mmap, config space) and MSI or INTx via
+//! eventfd.
 //! Numbers and layouts were checked against the kernel uAPI header (`_IO(';', 100 + n)`).
 
 use std::ffi::CString;
@@ -30,10 +31,13 @@ const VFIO_GROUP_FLAGS_VIABLE: u32 = 1 << 0;
 const VFIO_REGION_INFO_FLAG_MMAP: u32 = 1 << 2;
 const VFIO_IRQ_SET_DATA_NONE: u32 = 1 << 0;
 const VFIO_IRQ_SET_DATA_EVENTFD: u32 = 1 << 2;
+const VFIO_IRQ_SET_ACTION_UNMASK: u32 = 1 << 4;
 const VFIO_IRQ_SET_ACTION_TRIGGER: u32 = 1 << 5;
 
 /// Region index of the PCI configuration space.
 pub const CONFIG_REGION: u32 = 7;
+/// IRQ index of INTx.
+pub const INTX_IRQ_INDEX: u32 = 0;
 /// IRQ index of MSI.
 pub const MSI_IRQ_INDEX: u32 = 1;
 
@@ -248,7 +252,8 @@ impl Device {
         Ok(info.count)
     }
 
-    /// Route vector 0 of IRQ index `index` to `eventfd` (this enables MSI on the device).
+    /// Route vector 0 of IRQ index `index` to `eventfd` (this enables MSI or INTx on the
+    /// device).
     pub fn set_irq_eventfd(&self, index: u32, eventfd: RawFd) -> Result<()> {
         let set = IrqSetOneFd {
             argsz: size_of::<IrqSetOneFd>() as u32,
@@ -268,23 +273,30 @@ impl Device {
         Ok(())
     }
 
-    /// Tear down all vectors of IRQ index `index` (disables MSI).
+    /// Tear down all vectors of IRQ index `index` (disables MSI or INTx).
     pub fn disable_irq(&self, index: u32) -> Result<()> {
+        self.set_irqs_no_data(VFIO_IRQ_SET_ACTION_TRIGGER, index, 0, "disable")
+    }
+
+    /// Unmask INTx: VFIO masks the line on every interrupt; call after acknowledging the device.
+    pub fn unmask_intx(&self) -> Result<()> {
+        self.set_irqs_no_data(VFIO_IRQ_SET_ACTION_UNMASK, INTX_IRQ_INDEX, 1, "unmask")
+    }
+
+    /// VFIO_DEVICE_SET_IRQS with `action` on vectors 0..count and no data.
+    fn set_irqs_no_data(&self, action: u32, index: u32, count: u32, what: &str) -> Result<()> {
         let set = IrqSetOneFd {
-            argsz: 20, // the header only: DATA_NONE with count 0 carries no data
-            flags: VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER,
+            argsz: 20, // the header only: DATA_NONE carries no data
+            flags: VFIO_IRQ_SET_DATA_NONE | action,
             index,
             start: 0,
-            count: 0,
+            count,
             fd: -1,
         };
         // SAFETY: the argument is a valid vfio_irq_set header (argsz 20, no data); the kernel
         // only reads it.
         let ret = unsafe { libc::ioctl(self.fd(), VFIO_DEVICE_SET_IRQS, &set) };
-        check(
-            ret,
-            &format!("VFIO_DEVICE_SET_IRQS(index {index}, disable)"),
-        )?;
+        check(ret, &format!("VFIO_DEVICE_SET_IRQS(index {index}, {what})"))?;
         Ok(())
     }
 }
