@@ -107,6 +107,7 @@ pub struct L1Run {
     l2_script: Option<String>,
     mem_mib: u32,
     timeout_s: u32,
+    qemu_args: Vec<String>,
 }
 
 impl L1Run {
@@ -124,6 +125,7 @@ impl L1Run {
             l2_script: None,
             mem_mib: 4096,
             timeout_s: 900,
+            qemu_args: Vec::new(),
         }
     }
 
@@ -155,6 +157,13 @@ impl L1Run {
     /// Adds a file to L1's initramfs.
     pub fn file(mut self, src: impl Into<PathBuf>, dest: &str) -> Self {
         self.files.push((src.into(), dest.to_owned()));
+        self
+    }
+
+    /// Adds arguments to L1's QEMU command line, e.g. `["-device", "e1000e"]` for another
+    /// device to pass through (it appears after edu and ivshmem on L1's bus).
+    pub fn qemu_args(mut self, args: &[&str]) -> Self {
+        self.qemu_args.extend(args.iter().map(|a| a.to_string()));
         self
     }
 
@@ -205,7 +214,11 @@ impl L1Run {
         run_checked(&mut mk, "building the L1 initramfs")?;
 
         let log = work.join("l1-console.log");
-        let out = Command::new(repo_root().join("resources/run-l1.sh"))
+        let mut qemu = Command::new(repo_root().join("resources/run-l1.sh"));
+        for arg in &self.qemu_args {
+            qemu.arg("--qemu-arg").arg(arg);
+        }
+        let out = qemu
             .arg("--kernel")
             .arg(&kernel)
             .arg("--initrd")
