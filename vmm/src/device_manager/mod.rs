@@ -49,6 +49,13 @@ pub enum DeviceManagerError {
         start: u64,
         size: u64,
     },
+    #[error("allocating guest RAM {start:#x} (+{size:#x}) for device DMA: {source}")]
+    Populate {
+        start: u64,
+        size: u64,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("device {id}: {source}")]
     Device {
         id: String,

@@ -117,11 +117,19 @@ pub fn map_guest_ram(
             writable: true,
         };
         let started = std::time::Instant::now();
+        populate(&ram.file, offset, size).map_err(|source| DeviceManagerError::Populate {
+            start: gpa,
+            size,
+            source,
+        })?;
+        let populated = started.elapsed();
+        let started = std::time::Instant::now();
         // SAFETY: guest RAM stays mapped and backed by this memfd for the VM's lifetime, longer
         // than the IOAS or container (torn down first).
         unsafe { iommu.map(&request) }.map_err(DeviceManagerError::Backend)?;
         log::info!(
-            "guest RAM {gpa:#x}+{size:#x} mapped into the IOMMU ({:?}) in {:?}",
+            "guest RAM {gpa:#x}+{size:#x} allocated in {populated:?}, mapped into the IOMMU \
+             ({:?}) in {:?}",
             backend.kind(),
             started.elapsed()
         );
@@ -135,6 +143,22 @@ pub fn map_guest_ram(
                 window.start
             );
         }
+    }
+    Ok(())
+}
+
+/// Allocates the memfd's pages for `[offset, offset + size)`. Device DMA pins all of guest RAM
+/// anyway; allocating it up front with one call is cheaper than faulting it in page by page
+/// inside the IOMMU map, and keeps the map itself measurable.
+fn populate(file: &std::fs::File, offset: u64, size: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(size)) else {
+        return Err(std::io::ErrorKind::InvalidInput.into());
+    };
+    // SAFETY: fallocate only allocates blocks of the file; no memory of ours is touched.
+    let ret = unsafe { libc::fallocate(file.as_raw_fd(), 0, offset, len) };
+    if ret != 0 {
+        return Err(std::io::Error::last_os_error());
     }
     Ok(())
 }
