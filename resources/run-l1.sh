@@ -3,7 +3,7 @@
 #
 # Usage:
 #   resources/run-l1.sh --kernel BZ --initrd CPIO [--mem 4096] [--smp 2] [--append EXTRA]
-#                       [--timeout SECS] [--log FILE] [--qemu-arg ARG ...]
+#                       [--timeout SECS] [--log FILE] [--edu-romfile FILE] [--qemu-arg ARG ...]
 #     --kernel BZ       L1 kernel (resources/lab-kernel.sh prints its path)
 #     --initrd CPIO     L1 initramfs (resources/mkinitramfs.sh l1 ...)
 #     --mem MiB         L1 RAM, default 4096 (host memory is allocated lazily)
@@ -11,6 +11,9 @@
 #     --append EXTRA    appended to "console=ttyS0 panic=-1 intel_iommu=on"
 #     --timeout SECS    wall-clock bound, default 600; QEMU is killed when it expires
 #     --log FILE        also write the console (and QEMU's own messages) to FILE
+#     --edu-romfile FILE  give edu an expansion ROM BAR holding FILE (QEMU's romfile property;
+#                       an absolute path is safest, QEMU also searches its firmware dirs); the
+#                       default is no ROM
 #     --qemu-arg ARG    one extra QEMU argument (repeatable), e.g. --qemu-arg -device --qemu-arg nvme,...
 #   Env: P2PVMM_QEMU (default qemu-system-x86_64).
 #
@@ -24,7 +27,7 @@ set -euo pipefail
 log() { echo "run-l1: $*" >&2; }
 usage() { sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0" >&2; echo >&2; exit 2; }
 
-kernel='' initrd='' mem=4096 smp=2 extra='' timeout_s=600 logfile=''
+kernel='' initrd='' mem=4096 smp=2 extra='' timeout_s=600 logfile='' edu_romfile=''
 qemu_extra=()
 while (($#)); do
     (($# >= 2)) || { [[ $1 == -h || $1 == --help ]] || log "missing value for $1"; usage; }
@@ -36,6 +39,7 @@ while (($#)); do
         --append) extra=$2 ;;
         --timeout) timeout_s=$2 ;;
         --log) logfile=$2 ;;
+        --edu-romfile) edu_romfile=$2 ;;
         --qemu-arg) qemu_extra+=("$2") ;;
         *) log "unknown argument '$1'"; usage ;;
     esac
@@ -45,6 +49,11 @@ done
 [[ -f $kernel ]] || { log "kernel $kernel not found"; exit 2; }
 [[ -f $initrd ]] || { log "initrd $initrd not found"; exit 2; }
 [[ $timeout_s =~ ^[0-9]+$ && $mem =~ ^[0-9]+$ && $smp =~ ^[0-9]+$ ]] || { log "--mem, --smp and --timeout take integers"; exit 2; }
+if [[ -n $edu_romfile ]]; then
+    [[ -f $edu_romfile ]] || { log "edu ROM file $edu_romfile not found"; exit 2; }
+    # A comma would end the property inside QEMU's -device option string.
+    [[ $edu_romfile != *,* ]] || { log "edu ROM file path must not contain ','"; exit 2; }
+fi
 
 qemu=${P2PVMM_QEMU:-qemu-system-x86_64}
 append="console=ttyS0 panic=-1 intel_iommu=on${extra:+ $extra}"
@@ -54,7 +63,8 @@ append="console=ttyS0 panic=-1 intel_iommu=on${extra:+ $extra}"
 #   works inside L1 (nested paging) and L1's /dev/kvm runs the L2 guests.
 # - kernel-irqchip=split + intel-iommu intremap=on: interrupt remapping, needed by VFIO's MSI
 #   isolation check; caching-mode=on lets VFIO inside L1 use the emulated IOMMU.
-# - edu: a DMA engine; without the 64-bit dma_mask it clamps addresses to 28 bits.
+# - edu: a DMA engine; without the 64-bit dma_mask it clamps addresses to 28 bits. With
+#   --edu-romfile it also gets an expansion ROM BAR (romfile is a property of every PCI device).
 # - ivshmem-plain: BAR2 backed by host RAM, the peer-to-peer DMA target.
 # - -no-reboot: a guest reboot or panic (panic=-1) ends QEMU instead of looping.
 # shellcheck disable=SC2054 # commas belong to QEMU option values
@@ -63,7 +73,7 @@ cmd=(
     -machine q35,kernel-irqchip=split -accel tcg -cpu max -m "$mem" -smp "$smp"
     -nographic -no-reboot -vga none -nic none
     -device intel-iommu,intremap=on,caching-mode=on
-    -device edu,dma_mask=0xffffffffffffffff
+    -device "edu,dma_mask=0xffffffffffffffff${edu_romfile:+,romfile=$edu_romfile}"
     -object memory-backend-ram,id=shm0,size=64M,share=on -device ivshmem-plain,memdev=shm0
     -kernel "$kernel" -initrd "$initrd" -append "$append"
     "${qemu_extra[@]}"

@@ -1,16 +1,20 @@
 //! What a function decodes, and the one place where a change to that becomes a guest address
 //! space change.
 //!
-//! Every config access that can move a BAR (BAR writes, command writes, resets) goes through
-//! [`update_decode`]: it reads the decoded ranges before and after, hands the difference to the
-//! [`BarObserver`] as [`BarChange`]s, and if the observer refuses one, restores the BAR and command
-//! registers ([`DecodeSnapshot::restore`]) and undoes the changes already applied, so the device
-//! and the guest address space never disagree. Devices themselves never learn where they are
-//! mapped.
+//! Every config access that can move a BAR (BAR writes, ROM register writes, command writes,
+//! resets) goes through [`update_decode`]: it reads the decoded ranges before and after, hands the
+//! difference to the [`BarObserver`] as [`BarChange`]s, and if the observer refuses one, restores
+//! the BAR, ROM and command registers ([`DecodeSnapshot::restore`]) and undoes the changes already
+//! applied, so the device and the guest address space never disagree. Devices themselves never
+//! learn where they are mapped.
+//!
+//! The expansion ROM takes part as BAR [`ROM_BAR`] (6): a 32-bit, non-prefetchable memory range
+//! that decodes only while its own enable bit and the command register's memory enable are both
+//! set ([`RomInfo`]).
 
 use std::fmt;
 
-use super::regs::{BAR0, COMMAND, COMMAND_IO, COMMAND_MEMORY};
+use super::regs::{BAR0, COMMAND, COMMAND_IO, COMMAND_MEMORY, ROM_ADDRESS};
 use super::{lock, Bdf, PciDevice, SharedPciDevice};
 use crate::bus::{BusDevice, BusRange};
 
@@ -76,8 +80,36 @@ impl BarInfo {
     }
 }
 
+/// The index the expansion ROM takes among the BARs wherever decoding is tracked
+/// ([`decoded_ranges`], [`BarChange::bar`], [`BarRegion`]); also VFIO's ROM region index.
+pub const ROM_BAR: u8 = 6;
+
+/// BARs 0-5 and the ROM: the length of the arrays [`decoded_ranges`] and [`bars_and_rom`] return.
+pub const DECODE_SLOTS: usize = 7;
+
+/// The expansion ROM register as programmed: a 32-bit memory BAR (address bits 31:11) plus its
+/// enable bit. Only type-0 functions have one here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RomInfo {
+    /// Kind [`BarKind::Mem32`], never prefetchable; `address` holds bits 31:11 of the register.
+    pub bar: BarInfo,
+    /// Bit 0 of the register.
+    pub enabled: bool,
+}
+
+impl RomInfo {
+    /// The range the ROM decodes: like a BAR's ([`BarInfo::decoded_range`]), and only while the
+    /// ROM enable bit is set as well.
+    pub fn decoded_range(&self, command: u16) -> Option<BusRange> {
+        self.enabled
+            .then(|| self.bar.decoded_range(command))
+            .flatten()
+    }
+}
+
 /// One BAR's decoded range changed: `old` stops decoding, `new` starts. `None` on either side
-/// means "nothing" (registration or removal only).
+/// means "nothing" (registration or removal only). `bar` is 0-5, or [`ROM_BAR`] for the
+/// expansion ROM.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BarChange {
     pub bdf: Bdf,
@@ -102,11 +134,14 @@ impl BarChange {
 impl fmt::Display for BarChange {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let show = |r: &Option<BusRange>| r.map_or("none".to_string(), |r| r.to_string());
+        let bar = match self.bar {
+            ROM_BAR => "ROM".to_string(),
+            n => format!("BAR {n}"),
+        };
         write!(
             f,
-            "{} BAR {} ({:?}): {} -> {}",
+            "{} {bar} ({:?}): {} -> {}",
             self.bdf,
-            self.bar,
             self.kind,
             show(&self.old),
             show(&self.new)
@@ -119,7 +154,8 @@ pub type ObserverError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Applies BAR changes to the guest address space: the VMM registers and unregisters the BAR on
 /// the MMIO or port I/O bus, adds or removes KVM memory slots for mappable BARs, and updates
-/// IOMMU peer mappings. Called without the device lock held, so it may lock `device`.
+/// IOMMU peer mappings (expansion ROMs, [`ROM_BAR`], are read-only and only ever trapped). Called
+/// without the device lock held, so it may lock `device`.
 pub trait BarObserver: Send + Sync {
     /// Must be all-or-nothing: on error the address space is as before the call.
     fn bar_changed(
@@ -139,33 +175,51 @@ pub struct BarRejected {
     pub source: ObserverError,
 }
 
-/// The ranges each BAR of `device` decodes now, indexed by BAR number.
-pub fn decoded_ranges(device: &dyn PciDevice) -> [Option<(BarInfo, BusRange)>; 6] {
+/// Every BAR of `device` as programmed, indexed by BAR number, with the ROM (enabled or not) at
+/// [`ROM_BAR`]: what resource assignment needs.
+pub fn bars_and_rom(device: &dyn PciDevice) -> [Option<BarInfo>; DECODE_SLOTS] {
+    let bars = device.bars();
+    let rom = device.rom().map(|r| r.bar);
+    std::array::from_fn(|i| bars.get(i).copied().unwrap_or(rom))
+}
+
+/// The ranges each BAR of `device` decodes now, indexed by BAR number, the ROM at [`ROM_BAR`].
+pub fn decoded_ranges(device: &dyn PciDevice) -> [Option<(BarInfo, BusRange)>; DECODE_SLOTS] {
     let command = device.command();
-    device
-        .bars()
-        .map(|bar| bar.and_then(|b| b.decoded_range(command).map(|r| (b, r))))
+    let bars = device.bars();
+    let rom = device.rom();
+    std::array::from_fn(|i| match bars.get(i) {
+        Some(bar) => bar.and_then(|b| b.decoded_range(command).map(|r| (b, r))),
+        None => rom.and_then(|rom| rom.decoded_range(command).map(|r| (rom.bar, r))),
+    })
 }
 
 /// Register values that determine decoding, taken before an access so it can be undone.
 pub struct DecodeSnapshot {
     command: u16,
+    /// BAR registers, then the ROM register.
     bar_registers: Vec<(u16, u32)>,
 }
 
 impl DecodeSnapshot {
     pub fn take(device: &mut dyn PciDevice) -> Self {
-        let mut bar_registers = Vec::new();
+        let mut offsets = Vec::new();
         for (index, bar) in device.bars().iter().enumerate() {
             let Some(bar) = bar else { continue };
             let registers = if bar.kind == BarKind::Mem64 { 2 } else { 1 };
-            for r in 0..registers {
-                let offset = BAR0 + 4 * (index + r) as u16;
+            offsets.extend((0..registers).map(|r| BAR0 + 4 * (index + r) as u16));
+        }
+        if device.rom().is_some() {
+            offsets.push(ROM_ADDRESS);
+        }
+        let bar_registers = offsets
+            .into_iter()
+            .map(|offset| {
                 let mut value = [0; 4];
                 device.read_config(offset, &mut value);
-                bar_registers.push((offset, u32::from_le_bytes(value)));
-            }
-        }
+                (offset, u32::from_le_bytes(value))
+            })
+            .collect();
         let mut command = [0; 2];
         device.read_config(COMMAND, &mut command);
         Self {
@@ -174,7 +228,7 @@ impl DecodeSnapshot {
         }
     }
 
-    /// The rollback: writes the BAR registers back, then the command register, so the
+    /// The rollback: writes the BAR and ROM registers back, then the command register, so the
     /// function decodes exactly what it did before (BARs first so a passthrough device never
     /// decodes a half-restored address).
     pub fn restore(&self, device: &mut dyn PciDevice) {
@@ -225,10 +279,10 @@ pub fn update_decode(
 /// observer never sees two live ranges of the same device overlap in between.
 fn diff(
     bdf: Bdf,
-    before: &[Option<(BarInfo, BusRange)>; 6],
-    after: &[Option<(BarInfo, BusRange)>; 6],
+    before: &[Option<(BarInfo, BusRange)>; DECODE_SLOTS],
+    after: &[Option<(BarInfo, BusRange)>; DECODE_SLOTS],
 ) -> Vec<BarChange> {
-    let mut changes: Vec<BarChange> = (0..6)
+    let mut changes: Vec<BarChange> = (0..DECODE_SLOTS)
         .filter_map(|i| {
             let (old, new) = (before[i].map(|b| b.1), after[i].map(|b| b.1));
             let info = after[i].or(before[i])?.0;
@@ -269,8 +323,9 @@ pub fn announce_removal(device: &SharedPciDevice, bdf: Bdf, observer: &dyn BarOb
     }
 }
 
-/// A BAR as a bus device, for the VMM to register at the range a [`BarChange`] announces:
-/// accesses arrive with BAR-relative offsets and go to [`PciDevice::bar_read`]/`bar_write`.
+/// A BAR (or the ROM, [`ROM_BAR`]) as a bus device, for the VMM to register at the range a
+/// [`BarChange`] announces: accesses arrive with BAR-relative offsets and go to
+/// [`PciDevice::bar_read`]/`bar_write`.
 pub struct BarRegion {
     device: SharedPciDevice,
     bar: u8,

@@ -3,6 +3,7 @@ use std::sync::{Arc, Mutex};
 use super::*;
 use crate::pci::config::BarDef;
 use crate::pci::fake::{FakeBarObserver, FakeEndpoint};
+use crate::pci::regs::ROM_ADDRESS_ENABLE;
 
 const MEM32: BarInfo = BarInfo {
     kind: BarKind::Mem32,
@@ -32,6 +33,37 @@ fn endpoint() -> SharedPciDevice {
     write32(&dev, BAR0 + 8, 0);
     write32(&dev, BAR0 + 12, 0x40);
     dev
+}
+
+const ROM_SIZE: u64 = 0x1_0000;
+const ROM_AT: u32 = 0xc010_0000;
+
+/// [`endpoint`] plus a 64 KiB expansion ROM assigned at `ROM_AT`, not enabled.
+fn endpoint_with_rom() -> SharedPciDevice {
+    let mut dev = FakeEndpoint::with_bars(
+        "ep-rom",
+        &[
+            (0, BarDef::mem32(0x1000)),
+            (2, BarDef::mem64(1 << 30, true)),
+        ],
+    )
+    .unwrap();
+    dev.config.add_rom(ROM_SIZE).unwrap();
+    let dev: SharedPciDevice = Arc::new(Mutex::new(dev));
+    write32(&dev, BAR0, 0xc000_0000);
+    write32(&dev, BAR0 + 12, 0x40);
+    write32(&dev, ROM_ADDRESS, ROM_AT);
+    dev
+}
+
+fn rom_register(
+    device: &SharedPciDevice,
+    observer: &dyn BarObserver,
+    value: u32,
+) -> Result<Vec<BarChange>, BarRejected> {
+    update_decode(device, BDF, observer, |d| {
+        d.write_config(ROM_ADDRESS, &value.to_le_bytes())
+    })
 }
 
 fn command(
@@ -252,6 +284,7 @@ fn removals_come_before_additions() {
         None,
         None,
         None,
+        None,
     ];
     let moved = BarInfo {
         address: 0xc000_1000,
@@ -260,6 +293,7 @@ fn removals_come_before_additions() {
     let after = [
         Some((moved, BusRange::new(0xc000_1000, 0x1000))),
         Some((MEM32, BusRange::new(0xc000_0000, 0x1000))),
+        None,
         None,
         None,
         None,
@@ -306,4 +340,160 @@ fn change_display_names_the_function_and_ranges() {
         change.to_string(),
         "0000:01:00.0 BAR 0 (Mem32): none -> 0xc0000000..0xc0001000"
     );
+    let rom = BarChange {
+        bar: ROM_BAR,
+        ..change
+    };
+    assert_eq!(
+        rom.to_string(),
+        "0000:01:00.0 ROM (Mem32): none -> 0xc0000000..0xc0001000"
+    );
+}
+
+#[test]
+fn rom_decodes_only_with_its_enable_bit_and_memory_decode() {
+    let rom = |enabled| RomInfo {
+        bar: BarInfo {
+            size: ROM_SIZE,
+            address: u64::from(ROM_AT),
+            ..MEM32
+        },
+        enabled,
+    };
+    let range = Some(BusRange::new(u64::from(ROM_AT), ROM_SIZE));
+    assert_eq!(rom(true).decoded_range(COMMAND_MEMORY), range);
+    assert_eq!(rom(false).decoded_range(COMMAND_MEMORY), None);
+    assert_eq!(rom(true).decoded_range(COMMAND_IO), None);
+    let unassigned = RomInfo {
+        bar: BarInfo {
+            address: 0,
+            ..rom(true).bar
+        },
+        enabled: true,
+    };
+    assert_eq!(unassigned.decoded_range(COMMAND_MEMORY), None);
+}
+
+#[test]
+fn memory_decode_alone_leaves_a_disabled_rom_unmapped() {
+    let dev = endpoint_with_rom();
+    let observer = FakeBarObserver::new();
+    let changes = command(&dev, &observer, COMMAND_MEMORY).unwrap();
+    assert!(changes.iter().all(|c| c.bar != ROM_BAR));
+    assert_eq!(observer.range_of(BDF, ROM_BAR), None);
+    assert_eq!(decoded_ranges(&*lock(&dev))[usize::from(ROM_BAR)], None);
+}
+
+#[test]
+fn enabling_the_rom_maps_it_as_bar_6() {
+    let dev = endpoint_with_rom();
+    let observer = FakeBarObserver::new();
+    command(&dev, &observer, COMMAND_MEMORY).unwrap();
+    let changes = rom_register(&dev, &observer, ROM_AT | ROM_ADDRESS_ENABLE).unwrap();
+    assert_eq!(
+        changes,
+        vec![BarChange {
+            bdf: BDF,
+            bar: ROM_BAR,
+            kind: BarKind::Mem32,
+            prefetchable: false,
+            old: None,
+            new: Some(BusRange::new(u64::from(ROM_AT), ROM_SIZE)),
+        }]
+    );
+    // And disabling it again unmaps it.
+    let changes = rom_register(&dev, &observer, ROM_AT).unwrap();
+    assert_eq!(changes.len(), 1);
+    assert_eq!(changes[0].new, None);
+    assert_eq!(observer.range_of(BDF, ROM_BAR), None);
+}
+
+#[test]
+fn an_enabled_rom_follows_memory_decode() {
+    let dev = endpoint_with_rom();
+    let observer = FakeBarObserver::new();
+    assert!(rom_register(&dev, &observer, ROM_AT | ROM_ADDRESS_ENABLE)
+        .unwrap()
+        .is_empty());
+    assert_eq!(command(&dev, &observer, COMMAND_MEMORY).unwrap().len(), 3);
+    assert_eq!(
+        observer.range_of(BDF, ROM_BAR),
+        Some(BusRange::new(u64::from(ROM_AT), ROM_SIZE))
+    );
+    assert_eq!(command(&dev, &observer, 0).unwrap().len(), 3);
+    assert!(observer.live().is_empty());
+}
+
+#[test]
+fn sizing_an_enabled_rom_unmaps_it_until_the_address_is_restored() {
+    let dev = endpoint_with_rom();
+    let observer = FakeBarObserver::new();
+    command(&dev, &observer, COMMAND_MEMORY).unwrap();
+    rom_register(&dev, &observer, ROM_AT | ROM_ADDRESS_ENABLE).unwrap();
+    assert_eq!(rom_register(&dev, &observer, u32::MAX).unwrap().len(), 1);
+    assert_eq!(observer.range_of(BDF, ROM_BAR), None);
+    let mut size = [0; 4];
+    lock(&dev).read_config(ROM_ADDRESS, &mut size);
+    assert_eq!(u32::from_le_bytes(size), 0xffff_0001);
+    rom_register(&dev, &observer, ROM_AT | ROM_ADDRESS_ENABLE).unwrap();
+    assert_eq!(
+        observer.range_of(BDF, ROM_BAR),
+        Some(BusRange::new(u64::from(ROM_AT), ROM_SIZE))
+    );
+}
+
+#[test]
+fn a_rejected_rom_enable_rolls_the_rom_register_back() {
+    let dev = endpoint_with_rom();
+    let observer = FakeBarObserver::new();
+    command(&dev, &observer, COMMAND_MEMORY).unwrap();
+    observer.reject_when(|c| c.bar == ROM_BAR);
+    let err = rom_register(&dev, &observer, 0xc020_0001).unwrap_err();
+    assert_eq!(err.change.bar, ROM_BAR);
+    let rom = lock(&dev).rom().unwrap();
+    assert_eq!((rom.bar.address, rom.enabled), (u64::from(ROM_AT), false));
+    assert_eq!(observer.range_of(BDF, ROM_BAR), None);
+    assert_eq!(observer.live().len(), 2);
+}
+
+#[test]
+fn a_rejected_rom_midway_through_a_command_write_undoes_the_bars() {
+    let dev = endpoint_with_rom();
+    let observer = FakeBarObserver::new();
+    rom_register(&dev, &observer, ROM_AT | ROM_ADDRESS_ENABLE).unwrap();
+    observer.reject_when(|c| c.bar == ROM_BAR);
+    let err = command(&dev, &observer, COMMAND_MEMORY).unwrap_err();
+    assert_eq!(err.change.bar, ROM_BAR);
+    assert_eq!(lock(&dev).command(), 0);
+    assert!(lock(&dev).rom().unwrap().enabled);
+    assert!(observer.live().is_empty());
+}
+
+#[test]
+fn announce_removal_withdraws_the_rom_too() {
+    let dev = endpoint_with_rom();
+    let observer = FakeBarObserver::new();
+    rom_register(&dev, &observer, ROM_AT | ROM_ADDRESS_ENABLE).unwrap();
+    command(&dev, &observer, COMMAND_MEMORY).unwrap();
+    announce_removal(&dev, BDF, &observer);
+    assert!(observer.live().is_empty());
+}
+
+#[test]
+fn bars_and_rom_lists_a_disabled_rom_for_resource_assignment() {
+    let dev = endpoint_with_rom();
+    let all = bars_and_rom(&*lock(&dev));
+    let rom = all[usize::from(ROM_BAR)].unwrap();
+    assert_eq!((rom.kind, rom.size), (BarKind::Mem32, ROM_SIZE));
+    assert!(all[0].is_some() && all[2].is_some() && all[1].is_none());
+    assert!(bars_and_rom(&*endpoint().lock().unwrap())[usize::from(ROM_BAR)].is_none());
+}
+
+#[test]
+fn rom_region_forwards_as_bar_6() {
+    let fake = FakeEndpoint::new("ep").shared();
+    let mut region = BarRegion::new(fake.clone(), ROM_BAR);
+    let mut data = [0; 2];
+    region.read(0, &mut data);
+    assert_eq!(data, [0x60, 0x61]);
 }

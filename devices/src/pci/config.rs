@@ -7,7 +7,7 @@
 //! declared, and a passthrough device can reuse the same object for the part of config space it
 //! emulates.
 
-use super::bar::{BarInfo, BarKind};
+use super::bar::{BarInfo, BarKind, RomInfo};
 use super::caps::CapList;
 use super::regs::*;
 
@@ -29,7 +29,16 @@ pub enum ConfigError {
     CapabilitySpace { id: u16, len: u16 },
     #[error("BAR {index}: I/O BARs cannot be prefetchable")]
     IoPrefetchable { index: usize },
+    #[error("the expansion ROM is already declared")]
+    RomInUse,
+    #[error("expansion ROM size {size:#x} is not a power of two from 2 KiB to 16 MiB")]
+    RomSize { size: u64 },
 }
+
+/// The smallest expansion ROM: the register's address bits start at bit 11.
+pub const ROM_MIN_SIZE: u64 = 2 << 10;
+/// The largest expansion ROM the PCI Local Bus specification allows.
+pub const ROM_MAX_SIZE: u64 = 16 << 20;
 
 /// The register file of one function.
 ///
@@ -232,6 +241,8 @@ impl BarDef {
 pub struct ConfigSpace<const N: usize> {
     regs: ConfigRegs,
     bars: [Option<BarDef>; N],
+    /// Size of the expansion ROM, if declared (type 0 only, see [`Type0Config::add_rom`]).
+    rom: Option<u64>,
     caps: CapList,
 }
 
@@ -273,6 +284,7 @@ impl<const N: usize> ConfigSpace<N> {
         Self {
             regs,
             bars: [None; N],
+            rom: None,
             caps: CapList::new(),
         }
     }
@@ -350,6 +362,22 @@ impl<const N: usize> ConfigSpace<N> {
         out
     }
 
+    /// The expansion ROM register as the guest has programmed it. During sizing the address is
+    /// the size mask, as for BARs.
+    pub fn rom(&self) -> Option<RomInfo> {
+        let size = self.rom?;
+        let register = self.regs.read_u32(ROM_ADDRESS);
+        Some(RomInfo {
+            bar: BarInfo {
+                kind: BarKind::Mem32,
+                prefetchable: false,
+                size,
+                address: u64::from(register & ROM_ADDRESS_MASK),
+            },
+            enabled: register & ROM_ADDRESS_ENABLE != 0,
+        })
+    }
+
     pub fn command(&self) -> u16 {
         self.regs.read_u16(COMMAND)
     }
@@ -395,6 +423,27 @@ impl<const N: usize> ConfigSpace<N> {
     /// Conventional reset of the whole register file (BARs unassigned, decoding off).
     pub fn reset(&mut self) {
         self.regs.reset();
+    }
+}
+
+impl Type0Config {
+    /// Declares an expansion ROM of `size` bytes (a power of two, [`ROM_MIN_SIZE`] to
+    /// [`ROM_MAX_SIZE`]) at [`ROM_ADDRESS`]: address bits 31:11 are writable down to the size,
+    /// so writing all ones reads back the size mask, and bit 0 is the ROM enable. Power-on value
+    /// 0: unassigned, disabled.
+    pub fn add_rom(&mut self, size: u64) -> Result<(), ConfigError> {
+        if self.rom.is_some() {
+            return Err(ConfigError::RomInUse);
+        }
+        if !size.is_power_of_two() || !(ROM_MIN_SIZE..=ROM_MAX_SIZE).contains(&size) {
+            return Err(ConfigError::RomSize { size });
+        }
+        let address_mask = !(size - 1) as u32 & ROM_ADDRESS_MASK;
+        self.regs.init_u32(ROM_ADDRESS, 0);
+        self.regs
+            .set_writable_u32(ROM_ADDRESS, address_mask | ROM_ADDRESS_ENABLE);
+        self.rom = Some(size);
+        Ok(())
     }
 }
 
@@ -493,6 +542,60 @@ mod tests {
         write32(&mut c, 0x30, u32::MAX);
         assert_eq!(c.regs().read_u32(BAR0 + 4), 0);
         assert_eq!(c.regs().read_u32(0x30), 0);
+    }
+
+    #[test]
+    fn sizing_the_rom_reads_back_its_size_mask_and_enable_bit() {
+        let mut c = Type0Config::new(&IDS);
+        c.add_rom(0x1_0000).unwrap();
+        assert_eq!(c.regs().read_u32(ROM_ADDRESS), 0);
+        // Linux sizes with the enable bit clear (~PCI_ROM_ADDRESS_ENABLE).
+        write32(&mut c, ROM_ADDRESS, !ROM_ADDRESS_ENABLE);
+        assert_eq!(c.regs().read_u32(ROM_ADDRESS), 0xffff_0000);
+        write32(&mut c, ROM_ADDRESS, u32::MAX);
+        assert_eq!(c.regs().read_u32(ROM_ADDRESS), 0xffff_0001);
+        write32(&mut c, ROM_ADDRESS, 0xc012_3457);
+        assert_eq!(c.regs().read_u32(ROM_ADDRESS), 0xc012_0001);
+        let rom = c.rom().unwrap();
+        assert_eq!(
+            rom.bar,
+            BarInfo {
+                kind: BarKind::Mem32,
+                prefetchable: false,
+                size: 0x1_0000,
+                address: 0xc012_0000,
+            }
+        );
+        assert!(rom.enabled);
+    }
+
+    #[test]
+    fn the_smallest_rom_has_every_address_bit_from_11_up() {
+        let mut c = Type0Config::new(&IDS);
+        c.add_rom(ROM_MIN_SIZE).unwrap();
+        write32(&mut c, ROM_ADDRESS, u32::MAX);
+        assert_eq!(c.regs().read_u32(ROM_ADDRESS), 0xffff_f801);
+    }
+
+    #[test]
+    fn rom_declarations_are_validated() {
+        let mut c = Type0Config::new(&IDS);
+        for size in [0, 0x400, 0x3000, ROM_MAX_SIZE * 2] {
+            assert_eq!(c.add_rom(size), Err(ConfigError::RomSize { size }));
+        }
+        assert!(c.rom().is_none());
+        c.add_rom(ROM_MAX_SIZE).unwrap();
+        assert_eq!(c.add_rom(0x800), Err(ConfigError::RomInUse));
+    }
+
+    #[test]
+    fn reset_disables_and_unassigns_the_rom() {
+        let mut c = Type0Config::new(&IDS);
+        c.add_rom(0x800).unwrap();
+        write32(&mut c, ROM_ADDRESS, 0xc000_0001);
+        c.reset();
+        assert_eq!(c.regs().read_u32(ROM_ADDRESS), 0);
+        assert!(!c.rom().unwrap().enabled);
     }
 
     #[test]

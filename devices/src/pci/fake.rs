@@ -6,8 +6,8 @@
 //!   one or a range that is not live is removed; failures can be injected to test rollback.
 //! - [`FakeMsiSink`] records interrupt routing calls and panics when a pending message is
 //!   injected for a vector the VMM was told is masked.
-//! - [`FakeEndpoint`] is a plain type-0 function with whatever BARs and capabilities a test
-//!   declares.
+//! - [`FakeEndpoint`] is a plain type-0 function with whatever BARs, expansion ROM and
+//!   capabilities a test declares.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use super::bar::{BarChange, BarKind, BarObserver, ObserverError};
 use super::config::{BarDef, ConfigError, PciIds, Type0Config};
 use super::msi::{MsiMessage, MsiSink};
-use super::{lock, BarInfo, Bdf, PciDevice, SharedPciDevice};
+use super::{lock, BarInfo, Bdf, PciDevice, RomInfo, SharedPciDevice};
 use crate::bus::BusRange;
 
 /// A range a [`FakeBarObserver`] currently has mapped.
@@ -241,6 +241,10 @@ impl PciDevice for FakeEndpoint {
 
     fn bars(&self) -> [Option<BarInfo>; 6] {
         self.config.bars()
+    }
+
+    fn rom(&self) -> Option<RomInfo> {
+        self.config.rom()
     }
 
     fn command(&self) -> u16 {

@@ -42,7 +42,10 @@ pub mod topology;
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-pub use bar::{BarChange, BarInfo, BarKind, BarObserver, BarRegion, BarRejected, ObserverError};
+pub use bar::{
+    BarChange, BarInfo, BarKind, BarObserver, BarRegion, BarRejected, ObserverError, RomInfo,
+    ROM_BAR,
+};
 pub use config::{BarDef, ConfigError, ConfigRegs, ConfigSpace, PciIds, Type0Config, Type1Config};
 pub use host_bridge::HostBridge;
 pub use msi::{MsiCap, MsiConfig, MsiMessage, MsiSink};
@@ -120,9 +123,15 @@ pub trait PciDevice: Send {
     /// The BARs as currently programmed, indexed by BAR number; the upper half of a 64-bit BAR
     /// is `None`. Must reflect every write the device accepted, including sizing writes.
     fn bars(&self) -> [Option<BarInfo>; 6];
+    /// The expansion ROM register as programmed, for type-0 functions that have a ROM (the
+    /// default: none). Like [`PciDevice::bars`], it must reflect every accepted write; while it
+    /// decodes, its accesses arrive as BAR [`ROM_BAR`].
+    fn rom(&self) -> Option<RomInfo> {
+        None
+    }
     /// The command register, for the memory and I/O decode enables.
     fn command(&self) -> u16;
-    /// Guest read of `data.len()` bytes at `offset` into BAR `bar`.
+    /// Guest read of `data.len()` bytes at `offset` into BAR `bar` (0-5, or [`ROM_BAR`]).
     fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]);
     /// Guest write at `offset` into BAR `bar`.
     fn bar_write(&mut self, bar: u8, offset: u64, data: &[u8]);

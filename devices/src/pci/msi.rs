@@ -36,6 +36,14 @@ pub trait MsiSink: Send + Sync {
     /// Deliver `message` once now: it was pending while `vector` was masked and has just been
     /// unmasked. The route for `vector` has already been reported.
     fn inject(&self, vector: u16, message: MsiMessage);
+    /// Whether `vector`, which the VMM was told is masked, has an interrupt waiting that the
+    /// device raised meanwhile and that is held outside the model (a passthrough vector's
+    /// eventfd, unread while it has no route). The guest sees it as the vector's pending bit;
+    /// it is delivered when the vector is routed again. Models whose interrupts arrive through
+    /// `signal_masked` keep the default.
+    fn held(&self, _vector: u16) -> bool {
+        false
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -6,7 +6,8 @@
 //! (enabled, not function-masked, entry not masked) is compared with what the [`MsiSink`] was
 //! last told, and only differences are reported. Interrupts raised while a vector is masked
 //! set its pending bit ([`Msix::signal_masked`]) and are delivered when it is unmasked, as the
-//! spec requires.
+//! spec requires. Interrupts the VMM holds for a masked vector itself (a passthrough vector's
+//! eventfd) show in the pending bit array too ([`MsiSink::held`]).
 
 use std::ops::Range;
 
@@ -194,7 +195,8 @@ impl Msix {
 
     /// Serves a BAR read if it falls in the table or PBA; returns false if it does not (the
     /// device handles it). Reads straddling the edge of the table or PBA read all-ones beyond it.
-    pub fn bar_read(&self, bar: u8, offset: u64, data: &mut [u8]) -> bool {
+    /// A masked vector's pending bit also shows an interrupt `sink` holds for it.
+    pub fn bar_read(&self, bar: u8, offset: u64, data: &mut [u8], sink: &dyn MsiSink) -> bool {
         if let Some(at) = self.inside(self.table_range(), bar, offset) {
             for (i, byte) in data.iter_mut().enumerate() {
                 *byte = self.table_byte(at + i as u64).unwrap_or(0xff);
@@ -204,14 +206,30 @@ impl Msix {
             for (i, byte) in data.iter_mut().enumerate() {
                 let at = at + i as u64;
                 *byte = self
-                    .pba
-                    .get((at / 8) as usize)
+                    .pba_word((at / 8) as usize, sink)
                     .map_or(0xff, |w| (w >> (8 * (at % 8))) as u8);
             }
             true
         } else {
             false
         }
+    }
+
+    /// Pending bits `64 * index..` as the guest reads them: those set here, plus masked
+    /// vectors whose interrupt the sink holds. `None` past the end of the PBA.
+    fn pba_word(&self, index: usize, sink: &dyn MsiSink) -> Option<u64> {
+        let mut word = *self.pba.get(index)?;
+        if self.enabled {
+            let first = index * 64;
+            let last = (first + 64).min(usize::from(self.config.vectors));
+            for vector in first..last {
+                let vector = vector as u16;
+                if self.message(vector).is_none() && sink.held(vector) {
+                    word |= 1 << (vector % 64);
+                }
+            }
+        }
+        Some(word)
     }
 
     /// Serves a BAR write if it falls in the table or PBA (PBA writes are dropped: it is

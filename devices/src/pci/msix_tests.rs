@@ -62,7 +62,7 @@ impl Harness {
 
     fn read(&self, offset: u64) -> u32 {
         let mut data = [0; 4];
-        assert!(self.msix.bar_read(0, offset, &mut data));
+        assert!(self.msix.bar_read(0, offset, &mut data, &self.sink));
         u32::from_le_bytes(data)
     }
 }
@@ -262,6 +262,46 @@ fn clearing_the_function_mask_delivers_pending_vectors() {
     );
 }
 
+/// Holds interrupts for some vectors outside the model, as a passthrough device's eventfds do
+/// while their vectors have no route.
+struct HoldingSink(Vec<u16>);
+
+impl MsiSink for HoldingSink {
+    fn vector_changed(&self, _vector: u16, _message: Option<MsiMessage>) {}
+    fn enable_changed(&self, _enabled: bool) {}
+    fn inject(&self, _vector: u16, _message: MsiMessage) {}
+    fn held(&self, vector: u16) -> bool {
+        self.0.contains(&vector)
+    }
+}
+
+#[test]
+fn pba_shows_interrupts_held_outside_the_model_for_masked_vectors() {
+    let mut h = Harness::new();
+    let holding = HoldingSink(vec![1, 2]);
+    let pba = |h: &Harness| {
+        let mut data = [0; 8];
+        assert!(h.msix.bar_read(0, PBA, &mut data, &holding));
+        u64::from_le_bytes(data)
+    };
+    h.control(ENABLE);
+    h.program(1);
+    h.program(2);
+    h.set_masked(2, false);
+    assert_eq!(
+        pba(&h),
+        0b010,
+        "vector 1 is masked, 2 is routed and delivers itself"
+    );
+    h.control(ENABLE | FUNCTION_MASK);
+    assert_eq!(pba(&h), 0b110, "the function mask masks every vector");
+    h.control(0);
+    assert_eq!(pba(&h), 0, "nothing is pending while MSI-X is disabled");
+    // The default sink holds nothing.
+    h.control(ENABLE);
+    assert_eq!(h.read(PBA), 0);
+}
+
 #[test]
 fn pba_is_read_only() {
     let mut h = Harness::new();
@@ -283,8 +323,8 @@ fn signals_while_disabled_are_dropped() {
 fn accesses_outside_the_table_and_pba_are_not_handled() {
     let mut h = Harness::new();
     let mut data = [0; 4];
-    assert!(!h.msix.bar_read(0, 0x1000, &mut data));
-    assert!(!h.msix.bar_read(1, 0, &mut data));
+    assert!(!h.msix.bar_read(0, 0x1000, &mut data, &h.sink));
+    assert!(!h.msix.bar_read(1, 0, &mut data, &h.sink));
     assert!(!h.msix.bar_write(0, 0x3000, &data, &h.sink));
 }
 

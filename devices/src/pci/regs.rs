@@ -26,6 +26,8 @@ pub const INTERRUPT_PIN: u16 = 0x3d;
 // Type 0 only.
 pub const SUBSYSTEM_VENDOR_ID: u16 = 0x2c;
 pub const SUBSYSTEM_ID: u16 = 0x2e;
+/// Expansion ROM base address (a type-1 header has its own at 0x38).
+pub const ROM_ADDRESS: u16 = 0x30;
 
 // Type 1 (bridge) only.
 pub const PRIMARY_BUS: u16 = 0x18;
@@ -73,6 +75,12 @@ pub const BRIDGE_CTL_BUS_RESET: u16 = 1 << 6;
 pub const BAR_IO_SPACE: u32 = 1 << 0;
 pub const BAR_MEM_TYPE_64: u32 = 2 << 1;
 pub const BAR_MEM_PREFETCH: u32 = 1 << 3;
+
+/// Bit 0 of the expansion ROM register: the ROM decodes (with the command register's memory
+/// enable) only while it is set.
+pub const ROM_ADDRESS_ENABLE: u32 = 1 << 0;
+/// The ROM register's address bits, 31:11: ROMs are at least 2 KiB.
+pub const ROM_ADDRESS_MASK: u32 = !0x7ff;
 
 // Capability IDs.
 pub const CAP_ID_MSI: u8 = 0x05;

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use super::super::bar::{BarInfo, BarKind};
+use super::super::bar::{bars_and_rom, BarInfo, BarKind, DECODE_SLOTS, ROM_BAR};
 use super::super::port::PciePort;
 use super::super::regs::*;
 use super::super::resources::{
@@ -25,8 +25,8 @@ pub(super) struct Node {
     /// and windows, indexed like [`WindowKind::ALL`].
     port: Option<PortPlan>,
     children: Vec<Node>,
-    /// For endpoints: assigned BAR addresses.
-    bars: [Option<(BarInfo, u64)>; 6],
+    /// For endpoints: assigned BAR addresses, the expansion ROM's at [`ROM_BAR`].
+    bars: [Option<(BarInfo, u64)>; DECODE_SLOTS],
 }
 
 pub(super) struct PortPlan {
@@ -44,7 +44,7 @@ impl Node {
             device,
             port: None,
             children: Vec::new(),
-            bars: [None; 6],
+            bars: [None; DECODE_SLOTS],
         }
     }
 
@@ -60,7 +60,7 @@ impl Node {
                 windows: [None; 3],
             }),
             children: Vec::new(),
-            bars: [None; 6],
+            bars: [None; DECODE_SLOTS],
         }
     }
 
@@ -117,10 +117,11 @@ pub(super) struct Ctx {
 }
 
 /// What `node` needs from its parent's windows, per window kind, with the BAR index for
-/// endpoints.
+/// endpoints (an expansion ROM is BAR [`ROM_BAR`] and, being a 32-bit BAR, comes from the 32-bit
+/// window).
 fn requests(node: &Node, ctx: &Ctx) -> Result<Vec<(WindowKind, Request, usize)>, TopologyError> {
     let Some(plan) = &node.port else {
-        let bars = lock(&node.device).bars();
+        let bars = bars_and_rom(&*lock(&node.device));
         let mut out = Vec::new();
         for (i, bar) in bars.iter().enumerate() {
             let Some(bar) = bar else { continue };
@@ -196,7 +197,7 @@ pub(super) fn assign(
         match &mut node.port {
             Some(plan) => plan.windows[kind as usize] = Some(BusRange::new(address, request.size)),
             None => {
-                let bar = lock(&node.device).bars()[index];
+                let bar = bars_and_rom(&*lock(&node.device))[index];
                 node.bars[index] = bar.map(|b| (b, address));
             }
         }
@@ -226,8 +227,9 @@ pub(super) struct Placed {
 /// children. Endpoints get decoding turned off while their BARs are written, so the observer
 /// sees one registration per BAR and no transient moves, then the decode enables for the BARs
 /// they have; bus mastering is left to their drivers (`pci_set_master`), as firmware without a
-/// driver for them leaves it. Ports get memory, I/O (with an I/O window) and bus master enabled,
-/// so DMA from below is forwarded upstream.
+/// driver for them leaves it. An expansion ROM gets its address with the ROM enable bit clear,
+/// as firmware leaves it: the guest sets it while it reads the ROM. Ports get memory, I/O (with
+/// an I/O window) and bus master enabled, so DMA from below is forwarded upstream.
 pub(super) fn program(
     segment: &PciSegment,
     bus: u8,
@@ -245,7 +247,11 @@ pub(super) fn program(
             .enumerate()
             .filter_map(|(i, b)| Some((i, (*b)?)))
         {
-            let offset = BAR0 + 4 * i as u16;
+            let offset = if i == usize::from(ROM_BAR) {
+                ROM_ADDRESS
+            } else {
+                BAR0 + 4 * i as u16
+            };
             write(segment, bdf, offset, &(address as u32).to_le_bytes())?;
             if bar.kind == BarKind::Mem64 {
                 write(

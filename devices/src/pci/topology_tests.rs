@@ -124,6 +124,35 @@ fn a_device_behind_its_own_root_port() {
 }
 
 #[test]
+fn an_expansion_rom_gets_a_32bit_address_and_is_left_disabled() {
+    let rom_size = 64 << 10;
+    let mut edu = FakeEndpoint::with_bars("edu", &[(0, BarDef::mem32(MIB))]).unwrap();
+    edu.config.add_rom(rom_size).unwrap();
+    let edu: SharedPciDevice = Arc::new(Mutex::new(edu));
+    let mut b = TopologyBuilder::new(layout());
+    b.add_device("edu", Placement::RootPort, edu.clone());
+    let (root, observer) = build(&b);
+    let rom = lock(&edu).rom().unwrap();
+    assert!(!rom.enabled);
+    assert_eq!(rom.bar.address % rom_size, 0);
+    let window = lock(root.port("rp-edu").unwrap()).mem_window().unwrap();
+    assert!(inside(BusRange::new(rom.bar.address, rom_size), window));
+    // BAR 0 only; memory decode is on, ready for the ROM enable.
+    assert_eq!(observer.live().len(), 1);
+    assert_eq!(lock(&edu).command(), COMMAND_MEMORY);
+
+    let bdf = root.bdf("edu").unwrap();
+    let enable = rom.bar.address as u32 | ROM_ADDRESS_ENABLE;
+    let changes = root
+        .segment()
+        .config_write(bdf, ROM_ADDRESS, &enable.to_le_bytes())
+        .unwrap();
+    assert_eq!(changes.len(), 1);
+    assert_eq!(changes[0].bar, crate::pci::ROM_BAR);
+    check_invariants(&root);
+}
+
+#[test]
 fn the_observer_sees_one_registration_per_bar() {
     let mut b = TopologyBuilder::new(layout());
     b.add_device("gpu0", Placement::RootPort, gpu(8 * GIB));

@@ -4,14 +4,16 @@
 //! addresses the guest programs, MSI/MSI-X, a PCIe endpoint capability); the command register
 //! is forwarded to the hardware so decoding and bus mastering really change. BAR accesses that
 //! reach this model (those not mapped into the guest as memory slots, and the MSI-X table) are
-//! emulated or forwarded through VFIO region reads and writes. Where BARs live in the guest,
-//! and their peer-to-peer IOMMU mappings, is the VMM's `BarObserver`'s business. INTx, the
-//! fallback while MSI and MSI-X are off, is connected once the topology knows the function's
-//! GSI ([`VfioPciDevice::connect_intx`]).
+//! emulated or forwarded through VFIO region reads and writes. A host expansion ROM (VFIO region
+//! 6) appears as the ROM BAR at 0x30; while the guest has it enabled, its reads go to the region
+//! ([`VfioRom`]). Where BARs live in the guest, and their peer-to-peer IOMMU mappings, is the
+//! VMM's `BarObserver`'s business. INTx, the fallback while MSI and MSI-X are off, is connected
+//! once the topology knows the function's GSI ([`VfioPciDevice::connect_intx`]).
 
 mod intx;
 mod irq;
 mod probe;
+mod rom;
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -21,11 +23,13 @@ use vfio_p2p::{DeviceError, HostPciDevice, IrqIndex, P2pTable, CONFIG_REGION};
 use crate::interrupt::{InterruptController, InterruptError};
 use crate::pci::regs::{COMMAND, COMMAND_INTX_DISABLE, COMMAND_IO, COMMAND_MASTER, COMMAND_MEMORY};
 use crate::pci::{
-    BarInfo, ConfigError, LinkConfig, MsiCap, Msix, PciDevice, PcieCap, PcieDeviceType, Type0Config,
+    BarInfo, ConfigError, LinkConfig, MsiCap, Msix, PciDevice, PcieCap, PcieDeviceType, RomInfo,
+    Type0Config, ROM_BAR,
 };
 pub use intx::{IntxHost, VfioIntx};
 pub use irq::VfioMsi;
 pub use probe::{probe, ConfigSource, HostFunction};
+pub use rom::VfioRom;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VfioPciError {
@@ -63,6 +67,8 @@ pub struct VfioPciDevice {
     msix: Option<(Msix, Arc<VfioMsi>)>,
     /// Present when the host function has an INTx pin VFIO can deliver.
     intx: Option<VfioIntx>,
+    /// Present when the host function has an expansion ROM.
+    rom: Option<VfioRom>,
     p2p: Option<Arc<P2pTable>>,
 }
 
@@ -85,6 +91,13 @@ impl VfioPciDevice {
         for (index, def) in &function.bars {
             config.add_bar(*index, *def).map_err(config_err)?;
         }
+        // A ROM the emulated register cannot describe stays hidden; the function works without.
+        let rom = VfioRom::new(function.rom_size).filter(|rom| {
+            config
+                .add_rom(rom.bar_size())
+                .inspect_err(|e| log::warn!("{name}: expansion ROM hidden: {e}"))
+                .is_ok()
+        });
         PcieCap::add(
             &mut config,
             PcieDeviceType::Endpoint,
@@ -123,6 +136,7 @@ impl VfioPciDevice {
             msi,
             msix,
             intx,
+            rom,
             p2p,
         };
         // Start from a clean function that decodes nothing, as after a PCI reset.
@@ -266,13 +280,27 @@ impl PciDevice for VfioPciDevice {
         self.config.bars()
     }
 
+    fn rom(&self) -> Option<RomInfo> {
+        self.config.rom()
+    }
+
     fn command(&self) -> u16 {
         self.config.command()
     }
 
     fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]) {
-        if let Some((cap, _)) = &self.msix {
-            if cap.bar_read(bar, offset, data) {
+        if bar == ROM_BAR {
+            let Some(rom) = &self.rom else {
+                data.fill(0xff);
+                return;
+            };
+            if let Err(e) = rom.read(&*self.host, offset, data) {
+                log::warn!("{}: ROM read at {offset:#x}: {e}", self.name);
+            }
+            return;
+        }
+        if let Some((cap, sink)) = &self.msix {
+            if cap.bar_read(bar, offset, data, &**sink) {
                 return;
             }
         }
@@ -283,6 +311,13 @@ impl PciDevice for VfioPciDevice {
     }
 
     fn bar_write(&mut self, bar: u8, offset: u64, data: &[u8]) {
+        if bar == ROM_BAR {
+            log::debug!(
+                "{}: write to the read-only ROM at {offset:#x} dropped",
+                self.name
+            );
+            return;
+        }
         if let Some((cap, sink)) = &mut self.msix {
             if cap.bar_write(bar, offset, data, &**sink) {
                 return;

@@ -1,7 +1,8 @@
-//! What the host function looks like: identity, BARs and interrupt capabilities, read once from
-//! its real config space through VFIO. The guest sees an emulated config space built from this.
+//! What the host function looks like: identity, BARs, expansion ROM and interrupt capabilities,
+//! read once from its real config space and region list through VFIO. The guest sees an emulated
+//! config space built from this.
 
-use vfio_p2p::{DeviceError, HostPciDevice, CONFIG_REGION};
+use vfio_p2p::{DeviceError, HostPciDevice, CONFIG_REGION, ROM_REGION};
 
 use crate::pci::regs::{
     BAR0, CAPABILITY_LIST, CLASS_PROG, DEVICE_ID, INTERRUPT_PIN, REVISION_ID, SUBSYSTEM_ID,
@@ -25,13 +26,19 @@ pub struct HostFunction {
     pub msix: Option<MsixConfig>,
     pub is_pcie: bool,
     pub interrupt_pin: u8,
+    /// Size of the expansion ROM region (VFIO region 6); 0 when the function has no ROM (VFIO
+    /// also reports 0 for a ROM BAR without a valid image).
+    pub rom_size: u64,
 }
 
-/// Reads config space bytes from the host function.
+/// What the device model reads from the host function: config space, region sizes and the
+/// expansion ROM.
 pub trait ConfigSource {
     fn read(&self, offset: u16, buf: &mut [u8]) -> Result<(), DeviceError>;
-    /// Size of BAR region `index` (0 if absent).
+    /// Size of region `index`: BARs 0-5, the ROM ([`ROM_REGION`]); 0 if absent.
     fn region_size(&self, index: u32) -> u64;
+    /// Reads `buf.len()` bytes of the expansion ROM region at `offset`, inside its size.
+    fn read_rom(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError>;
 }
 
 impl ConfigSource for HostPciDevice {
@@ -41,6 +48,10 @@ impl ConfigSource for HostPciDevice {
 
     fn region_size(&self, index: u32) -> u64 {
         self.region(index).map(|r| r.size).unwrap_or(0)
+    }
+
+    fn read_rom(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
+        self.read_region(ROM_REGION, offset, buf)
     }
 }
 
@@ -157,6 +168,7 @@ pub fn probe(src: &dyn ConfigSource) -> Result<HostFunction, DeviceError> {
         msix,
         is_pcie,
         interrupt_pin: read_u8(src, INTERRUPT_PIN)?,
+        rom_size: src.region_size(ROM_REGION),
     })
 }
 
@@ -164,10 +176,10 @@ pub fn probe(src: &dyn ConfigSource) -> Result<HostFunction, DeviceError> {
 mod tests {
     use super::*;
 
-    /// A host function's config space and BAR sizes.
+    /// A host function's config space and BAR and ROM region sizes.
     struct FakeConfig {
         bytes: [u8; 256],
-        sizes: [u64; 6],
+        sizes: [u64; 7],
     }
 
     impl ConfigSource for FakeConfig {
@@ -177,7 +189,10 @@ mod tests {
             Ok(())
         }
         fn region_size(&self, index: u32) -> u64 {
-            self.sizes[index as usize]
+            self.sizes.get(index as usize).copied().unwrap_or(0)
+        }
+        fn read_rom(&self, _offset: u64, _buf: &mut [u8]) -> Result<(), DeviceError> {
+            unreachable!("probing does not read the ROM")
         }
     }
 
@@ -201,7 +216,7 @@ mod tests {
         bytes[0x58..0x5c].copy_from_slice(&0x3000u32.to_le_bytes());
         FakeConfig {
             bytes,
-            sizes: [0x10_0000, 0, 0x400_0000, 0, 0, 0],
+            sizes: [0x10_0000, 0, 0x400_0000, 0, 0, 0, 0],
         }
     }
 
@@ -226,6 +241,14 @@ mod tests {
         assert_eq!((msix.pba_bar, msix.pba_offset), (0, 0x3000));
         assert!(!f.is_pcie);
         assert_eq!(f.interrupt_pin, 1);
+        assert_eq!(f.rom_size, 0);
+    }
+
+    #[test]
+    fn reads_the_rom_region_size() {
+        let mut cfg = edu_like();
+        cfg.sizes[6] = 0x9000;
+        assert_eq!(probe(&cfg).unwrap().rom_size, 0x9000);
     }
 
     #[test]

@@ -4,12 +4,16 @@
 //! For every BAR: a trap region on the MMIO (or port I/O) bus covering the whole BAR. For
 //! passthrough BARs additionally: KVM memory slots over the mmappable areas (so guest CPU access
 //! goes straight to the device) and the peer-to-peer IOMMU mappings (so other devices' DMA to
-//! the BAR's guest address reaches it). Each change is all-or-nothing.
+//! the BAR's guest address reaches it). An expansion ROM (BAR [`ROM_BAR`]) only ever gets the trap
+//! region: it is read rarely, through VFIO region reads, and no peer DMAs into a ROM. Each change
+//! is all-or-nothing.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use devices::pci::{BarChange, BarKind, BarObserver, BarRegion, ObserverError, SharedPciDevice};
+use devices::pci::{
+    BarChange, BarKind, BarObserver, BarRegion, ObserverError, SharedPciDevice, ROM_BAR,
+};
 use devices::{Bus, BusRange};
 use vfio_p2p::{BarKey, DeviceKey, P2pTable, RegionMapping};
 
@@ -94,7 +98,8 @@ impl BarMapper {
         }
     }
 
-    /// Sets up a BAR at `range`: the trap region, then a slot per mappable area.
+    /// Sets up a BAR at `range`: the trap region, then a slot per mappable area (none for the
+    /// ROM).
     fn set_up(
         &self,
         device: &SharedPciDevice,
@@ -112,6 +117,7 @@ impl BarMapper {
         let passthrough = self.passthrough.lock().unwrap_or_else(|e| e.into_inner());
         let areas = passthrough
             .get(&device_id(device))
+            .filter(|_| bar != ROM_BAR)
             .and_then(|p| p.areas.get(usize::from(bar)));
         for area in areas.into_iter().flatten() {
             let gpa = range.base + area.offset;
@@ -187,7 +193,7 @@ impl BarObserver for BarMapper {
             let region = u32::from(change.bar);
             // Sub-page and trapped BARs have no peer areas: nothing to map for them.
             let has_areas = p2p.keys_of(key).iter().any(|k| k.bar.region == region);
-            if change.kind != BarKind::Io && has_areas {
+            if change.kind != BarKind::Io && change.bar != ROM_BAR && has_areas {
                 let bar = BarKey {
                     device: key,
                     region,
