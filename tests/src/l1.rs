@@ -85,6 +85,14 @@ pub fn edu_dma_static() -> Result<PathBuf, String> {
         .clone()
 }
 
+/// `msix-probe` (tests/src/bin) for the L2 initramfs, built once per test process.
+pub fn msix_probe_static() -> Result<PathBuf, String> {
+    static BINARY: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BINARY
+        .get_or_init(|| static_binary("p2pvmm-tests", "msix-probe"))
+        .clone()
+}
+
 /// The L2 initramfs (runs `/lab/l2.sh` if given, prints the `P2PVMM-L2:` report, then powers
 /// off or reboots), with `files` added.
 fn l2_initramfs(work: &Path, files: &[(PathBuf, String)]) -> Result<PathBuf, String> {
@@ -108,6 +116,7 @@ pub struct L1Run {
     mem_mib: u32,
     timeout_s: u32,
     qemu_args: Vec<String>,
+    edu_romfile: Option<PathBuf>,
 }
 
 impl L1Run {
@@ -126,6 +135,7 @@ impl L1Run {
             mem_mib: 4096,
             timeout_s: 900,
             qemu_args: Vec::new(),
+            edu_romfile: None,
         }
     }
 
@@ -164,6 +174,13 @@ impl L1Run {
     /// device to pass through (it appears after edu and ivshmem on L1's bus).
     pub fn qemu_args(mut self, args: &[&str]) -> Self {
         self.qemu_args.extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+
+    /// Gives L1's edu an expansion ROM holding `file` (an option ROM image: Linux reads only
+    /// images with a valid 0x55AA header and PCIR structure, and VFIO reports no ROM otherwise).
+    pub fn edu_romfile(mut self, file: impl Into<PathBuf>) -> Self {
+        self.edu_romfile = Some(file.into());
         self
     }
 
@@ -217,6 +234,10 @@ impl L1Run {
         let mut qemu = Command::new(repo_root().join("resources/run-l1.sh"));
         for arg in &self.qemu_args {
             qemu.arg("--qemu-arg").arg(arg);
+        }
+        if let Some(rom) = &self.edu_romfile {
+            let rom = std::path::absolute(rom).map_err(|e| format!("{rom:?}: {e}"))?;
+            qemu.arg("--edu-romfile").arg(rom);
         }
         let out = qemu
             .arg("--kernel")

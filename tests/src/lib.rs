@@ -4,9 +4,13 @@
 //!
 //! One L1 boot costs tens of seconds of TCG time and a host core, so tests share a boot per
 //! group and read their own scenario out of its console ([`Console::scenario`]).
+//!
+//! [`guest`] holds what the static programs run inside the lab guests share (VFIO from
+//! userspace in no-IOMMU mode).
 
 mod console;
+pub mod guest;
 mod l1;
 
 pub use console::{Console, L2Report, Scenario};
-pub use l1::{edu_dma_static, lab_kernel, p2pvmm_static, repo_root, L1Run};
+pub use l1::{edu_dma_static, lab_kernel, msix_probe_static, p2pvmm_static, repo_root, L1Run};

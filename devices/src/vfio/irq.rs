@@ -1,7 +1,12 @@
 //! Interrupts of a passthrough function: the emulated MSI or MSI-X capability reports vector
 //! changes here; each vector gets a GSI and an eventfd that VFIO signals and KVM injects.
+//! While the guest masks a vector its route is withdrawn: the device's interrupts then
+//! accumulate in the eventfd (shown as the vector's pending bit) until the route returns.
 
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
+
+use vmm_sys_util::eventfd::EventFd;
 
 use vfio_p2p::{HostPciDevice, IrqIndex};
 
@@ -55,6 +60,15 @@ impl VfioMsi {
             }
         }
         vectors[slot].as_ref().map(f)
+    }
+
+    /// Whether `vector` has an eventfd with interrupts nobody consumed.
+    fn signalled(&self, vector: u16) -> bool {
+        let vectors = self.vectors.lock().unwrap_or_else(|e| e.into_inner());
+        vectors
+            .get(usize::from(vector))
+            .and_then(Option::as_ref)
+            .is_some_and(|v| readable(&v.event))
     }
 
     /// Disables the host interrupts and gives every vector back (device removal).
@@ -114,5 +128,39 @@ impl MsiSink for VfioMsi {
         if let Some(Err(e)) = self.with_vector(vector, |v| v.event.write(1)) {
             log::error!("{}: injecting vector {vector}: {e}", self.host.bdf());
         }
+    }
+
+    fn held(&self, vector: u16) -> bool {
+        // Unrouted, nothing reads the eventfd; KVM's irqfd delivers what is in it when the
+        // route comes back (and takes over reading it).
+        self.signalled(vector)
+    }
+}
+
+/// Whether `event`'s counter is non-zero, without reading (clearing) it.
+fn readable(event: &EventFd) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: event.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one live pollfd, nfds 1, no timeout: poll only reports the fd's state.
+    let ready = unsafe { libc::poll(&mut pfd, 1, 0) };
+    ready == 1 && pfd.revents & libc::POLLIN != 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_signalled_eventfd_reads_as_pending_without_being_consumed() {
+        let event = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        assert!(!readable(&event));
+        event.write(1).unwrap();
+        assert!(readable(&event));
+        assert!(readable(&event), "looking must not clear the counter");
+        assert_eq!(event.read().unwrap(), 1);
+        assert!(!readable(&event));
     }
 }

@@ -9,54 +9,13 @@
 mod edu;
 #[path = "edu_dma/page.rs"]
 mod page;
-#[path = "edu_dma/sysfs.rs"]
-mod sysfs;
-#[path = "edu_dma/vfio.rs"]
-mod vfio;
 
-use std::fmt;
 use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use edu::{Edu, Engine, EventFd, Irq, BUF_ADDR, MAX_XFER};
+use edu::{Edu, Engine, Irq, BUF_ADDR, EDU_DEVICE, EDU_VENDOR, MAX_XFER};
+use p2pvmm_tests::guest::{sysfs, vfio, EventFd, Fail, Result};
 use page::{DmaPage, Pagemap};
-
-/// A failed step: what was being done, and why (errno text included for OS errors).
-#[derive(Debug)]
-pub struct Fail {
-    step: String,
-    detail: String,
-}
-
-impl Fail {
-    pub fn msg(step: impl Into<String>, detail: impl Into<String>) -> Self {
-        Self {
-            step: step.into(),
-            detail: detail.into(),
-        }
-    }
-    pub fn io(step: impl Into<String>, e: std::io::Error) -> Self {
-        Self::msg(step, e.to_string())
-    }
-    /// Capture errno of the libc call that just failed.
-    pub fn last_os(step: impl Into<String>) -> Self {
-        Self::io(step, std::io::Error::last_os_error())
-    }
-    pub fn context(self, what: impl Into<String>) -> Self {
-        Self {
-            detail: format!("{} ({})", self.detail, what.into()),
-            ..self
-        }
-    }
-}
-
-impl fmt::Display for Fail {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.step, self.detail)
-    }
-}
-
-pub type Result<T> = std::result::Result<T, Fail>;
 
 fn usage() -> &'static str {
     "usage: edu-dma [BDF] [options]
@@ -197,10 +156,10 @@ fn pattern(seed: u32, i: usize) -> u8 {
 fn run(a: &Args) -> Result<Report> {
     let bdf = match &a.bdf {
         Some(b) => b.clone(),
-        None => sysfs::find_edu()?,
+        None => sysfs::find_device(EDU_VENDOR, EDU_DEVICE)?,
     };
     let (ven, dev) = sysfs::ids(&bdf)?;
-    if (ven, dev) != (sysfs::EDU_VENDOR, sysfs::EDU_DEVICE) {
+    if (ven, dev) != (EDU_VENDOR, EDU_DEVICE) {
         return Err(Fail::msg(
             "check device",
             format!("{bdf} is {ven:04x}:{dev:04x}, not an edu (1234:11e8)"),

@@ -1,12 +1,11 @@
 //! QEMU's `edu` device (hw/misc/edu.c) through its BAR0 mapping: identification, liveness, and
 //! the DMA engine with its completion interrupt (MSI or INTx) counted on an eventfd.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use crate::vfio::Mapping;
-use crate::{Fail, Result};
+use p2pvmm_tests::guest::vfio::Mapping;
+use p2pvmm_tests::guest::{EventFd, Fail, Result};
 
 const REG_ID: usize = 0x00;
 const REG_LIVENESS: usize = 0x04;
@@ -18,6 +17,9 @@ const REG_DMA_CNT: usize = 0x90;
 const REG_DMA_CMD: usize = 0x98;
 const REGS_END: usize = 0xa0;
 
+/// PCI vendor and device IDs of edu.
+pub const EDU_VENDOR: u16 = 0x1234;
+pub const EDU_DEVICE: u16 = 0x11e8;
 const ID_VALUE: u32 = 0x0100_00ed;
 const CMD_START: u64 = 1 << 0;
 const CMD_TO_RAM: u64 = 1 << 1;
@@ -125,69 +127,6 @@ impl Edu {
         self.w64(REG_DMA_CNT, len as u64)?;
         let cmd = CMD_START | if to_ram { CMD_TO_RAM } else { 0 } | if irq { CMD_IRQ } else { 0 };
         self.w64(REG_DMA_CMD, cmd)
-    }
-}
-
-/// A non-blocking eventfd that VFIO signals on each interrupt.
-pub struct EventFd(OwnedFd);
-
-impl EventFd {
-    pub fn new() -> Result<Self> {
-        // SAFETY: eventfd has no memory-safety preconditions.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if fd < 0 {
-            return Err(Fail::last_os("eventfd"));
-        }
-        // SAFETY: fd is a fresh fd that nothing else owns.
-        Ok(Self(unsafe { OwnedFd::from_raw_fd(fd) }))
-    }
-
-    pub fn raw(&self) -> RawFd {
-        self.0.as_raw_fd()
-    }
-
-    /// Wait up to `timeout_ms` for the counter to become non-zero; returns and clears it (0 on
-    /// timeout).
-    pub fn wait(&self, timeout_ms: u64) -> Result<u64> {
-        let deadline = Instant::now() + Duration::from_millis(timeout_ms);
-        loop {
-            let left = deadline
-                .saturating_duration_since(Instant::now())
-                .as_millis();
-            let mut pfd = libc::pollfd {
-                fd: self.raw(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: pfd is one live pollfd, matching nfds = 1.
-            let r = unsafe { libc::poll(&mut pfd, 1, i32::try_from(left).unwrap_or(i32::MAX)) };
-            if r < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(Fail::io("poll eventfd", e));
-            }
-            if r == 0 {
-                return Ok(0);
-            }
-            return self.take();
-        }
-    }
-
-    /// Read and clear the counter without blocking (0 if it is zero).
-    pub fn take(&self) -> Result<u64> {
-        let mut v = 0u64;
-        // SAFETY: reads exactly 8 bytes into a live u64.
-        let n = unsafe { libc::read(self.raw(), (&mut v as *mut u64).cast(), 8) };
-        if n == 8 {
-            return Ok(v);
-        }
-        let e = std::io::Error::last_os_error();
-        if n < 0 && e.kind() == std::io::ErrorKind::WouldBlock {
-            return Ok(0);
-        }
-        Err(Fail::msg("read eventfd", format!("returned {n}: {e}")))
     }
 }
 

@@ -1,6 +1,6 @@
-//! The few pieces of the VFIO uAPI (`linux/vfio.h`) that `edu-dma` needs: a legacy container in
-//! no-IOMMU mode, one group, one device, its regions (BAR mmap, config space) and MSI or INTx via
-//! eventfd.
+//! The few pieces of the VFIO uAPI (`linux/vfio.h`) that the guest test programs need: a legacy
+//! container in no-IOMMU mode, one group, one device, its regions (BAR mmap, config space) and
+//! INTx, MSI or MSI-X vectors via eventfds.
 //! Numbers and layouts were checked against the kernel uAPI header (`_IO(';', 100 + n)`).
 
 use std::ffi::CString;
@@ -9,7 +9,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::ptr::NonNull;
 
-use crate::{Fail, Result};
+use super::{Fail, Result};
 
 const fn vfio_io(nr: u32) -> libc::c_ulong {
     // _IO(VFIO_TYPE = ';', VFIO_BASE = 100 + nr): no size or direction bits.
@@ -31,6 +31,7 @@ const VFIO_GROUP_FLAGS_VIABLE: u32 = 1 << 0;
 const VFIO_REGION_INFO_FLAG_MMAP: u32 = 1 << 2;
 const VFIO_IRQ_SET_DATA_NONE: u32 = 1 << 0;
 const VFIO_IRQ_SET_DATA_EVENTFD: u32 = 1 << 2;
+const VFIO_IRQ_SET_ACTION_MASK: u32 = 1 << 3;
 const VFIO_IRQ_SET_ACTION_UNMASK: u32 = 1 << 4;
 const VFIO_IRQ_SET_ACTION_TRIGGER: u32 = 1 << 5;
 
@@ -40,6 +41,17 @@ pub const CONFIG_REGION: u32 = 7;
 pub const INTX_IRQ_INDEX: u32 = 0;
 /// IRQ index of MSI.
 pub const MSI_IRQ_INDEX: u32 = 1;
+/// IRQ index of MSI-X.
+pub const MSIX_IRQ_INDEX: u32 = 2;
+
+/// `vfio_irq_info.flags`: eventfd signalling supported.
+pub const IRQ_INFO_EVENTFD: u32 = 1 << 0;
+/// `vfio_irq_info.flags`: ACTION_MASK / ACTION_UNMASK supported.
+pub const IRQ_INFO_MASKABLE: u32 = 1 << 1;
+/// `vfio_irq_info.flags`: the kernel masks the interrupt when it fires (INTx).
+pub const IRQ_INFO_AUTOMASKED: u32 = 1 << 2;
+/// `vfio_irq_info.flags`: the vector count cannot change while enabled.
+pub const IRQ_INFO_NORESIZE: u32 = 1 << 3;
 
 #[repr(C)]
 #[derive(Default)]
@@ -59,24 +71,40 @@ pub struct RegionInfo {
     pub offset: u64,
 }
 
+/// `struct vfio_irq_info`: what the device supports for one interrupt index.
 #[repr(C)]
-#[derive(Default)]
-struct IrqInfo {
+#[derive(Default, Clone, Copy, Debug)]
+pub struct IrqInfo {
     argsz: u32,
-    flags: u32,
-    index: u32,
-    count: u32,
+    /// `IRQ_INFO_*` bits.
+    pub flags: u32,
+    pub index: u32,
+    /// Vectors (0 when the device lacks that interrupt type).
+    pub count: u32,
 }
 
-/// `struct vfio_irq_set` followed by one eventfd (the flexible `data[]` array).
-#[repr(C)]
-struct IrqSetOneFd {
-    argsz: u32,
-    flags: u32,
-    index: u32,
-    start: u32,
-    count: u32,
-    fd: i32,
+/// A `struct vfio_irq_set` with its flexible `data[]` as 32-bit words (eventfds, or nothing),
+/// built as `u32`s so the buffer is aligned for the struct and its layout is plain to see.
+fn irq_set_words(flags: u32, index: u32, start: u32, count: u32, fds: &[RawFd]) -> Vec<u32> {
+    let argsz = 20 + 4 * fds.len();
+    let mut words = vec![argsz as u32, flags, index, start, count];
+    words.extend(fds.iter().map(|&fd| fd as u32));
+    words
+}
+
+/// The name of an errno value for result lines (`ENOTTY`), or its number.
+pub fn errno_name(e: &std::io::Error) -> String {
+    let name = match e.raw_os_error() {
+        Some(libc::EINVAL) => "EINVAL",
+        Some(libc::ENOTTY) => "ENOTTY",
+        Some(libc::ENOTSUP) => "ENOTSUP",
+        Some(libc::EPERM) => "EPERM",
+        Some(libc::EBUSY) => "EBUSY",
+        Some(libc::ENODEV) => "ENODEV",
+        Some(n) => return format!("errno{n}"),
+        None => return e.to_string(),
+    };
+    name.to_string()
 }
 
 /// Turn a libc return value into a `Fail` naming the step, with errno read right away.
@@ -198,37 +226,27 @@ impl Device {
                 ),
             ));
         }
-        let len =
-            usize::try_from(info.size).map_err(|_| Fail::msg(&step, "size does not fit usize"))?;
-        let off = libc::off_t::try_from(info.offset)
-            .map_err(|_| Fail::msg(&step, "offset does not fit off_t"))?;
-        // SAFETY: a fresh shared mapping at an address the kernel chooses; it aliases no Rust
-        // object, and Mapping unmaps it exactly once.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                self.fd(),
-                off,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(Fail::last_os(step));
-        }
-        let ptr =
-            NonNull::new(p.cast::<u8>()).ok_or_else(|| Fail::msg(&step, "mmap returned NULL"))?;
-        Ok(Mapping { ptr, len })
+        Mapping::new(self.fd(), info.offset, info.size, &step)
+    }
+
+    /// Reads `buf.len()` bytes of config space at `off` (as vfio-pci shows it).
+    pub fn config_read(&self, off: u64, buf: &mut [u8]) -> Result<()> {
+        let base = self.region_info(CONFIG_REGION)?.offset;
+        self.device
+            .read_exact_at(buf, base + off)
+            .map_err(|e| Fail::io(format!("read config space at 0x{off:x}"), e))
     }
 
     pub fn config_read16(&self, off: u64) -> Result<u16> {
-        let base = self.region_info(CONFIG_REGION)?.offset;
         let mut b = [0u8; 2];
-        self.device
-            .read_exact_at(&mut b, base + off)
-            .map_err(|e| Fail::io(format!("read config space at 0x{off:x}"), e))?;
+        self.config_read(off, &mut b)?;
         Ok(u16::from_le_bytes(b))
+    }
+
+    pub fn config_read32(&self, off: u64) -> Result<u32> {
+        let mut b = [0u8; 4];
+        self.config_read(off, &mut b)?;
+        Ok(u32::from_le_bytes(b))
     }
 
     pub fn config_write16(&self, off: u64, val: u16) -> Result<()> {
@@ -238,8 +256,8 @@ impl Device {
             .map_err(|e| Fail::io(format!("write config space at 0x{off:x}"), e))
     }
 
-    /// Number of vectors of IRQ index `index` (0 when the device lacks that interrupt type).
-    pub fn irq_count(&self, index: u32) -> Result<u32> {
+    /// What the device supports for IRQ index `index`.
+    pub fn irq_info(&self, index: u32) -> Result<IrqInfo> {
         let mut info = IrqInfo {
             argsz: size_of::<IrqInfo>() as u32,
             index,
@@ -249,54 +267,94 @@ impl Device {
         // kernel writes at most argsz bytes into it.
         let ret = unsafe { libc::ioctl(self.fd(), VFIO_DEVICE_GET_IRQ_INFO, &mut info) };
         check(ret, &format!("VFIO_DEVICE_GET_IRQ_INFO({index})"))?;
-        Ok(info.count)
+        Ok(info)
+    }
+
+    /// Number of vectors of IRQ index `index` (0 when the device lacks that interrupt type).
+    pub fn irq_count(&self, index: u32) -> Result<u32> {
+        Ok(self.irq_info(index)?.count)
     }
 
     /// Route vector 0 of IRQ index `index` to `eventfd` (this enables MSI or INTx on the
     /// device).
     pub fn set_irq_eventfd(&self, index: u32, eventfd: RawFd) -> Result<()> {
-        let set = IrqSetOneFd {
-            argsz: size_of::<IrqSetOneFd>() as u32,
-            flags: VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
-            index,
-            start: 0,
-            count: 1,
-            fd: eventfd,
-        };
-        // SAFETY: the argument is a vfio_irq_set header followed by exactly `count` (1) int32
-        // eventfds, argsz covering both; the kernel only reads it.
-        let ret = unsafe { libc::ioctl(self.fd(), VFIO_DEVICE_SET_IRQS, &set) };
-        check(
-            ret,
-            &format!("VFIO_DEVICE_SET_IRQS(index {index}, eventfd)"),
-        )?;
-        Ok(())
+        self.set_irq_eventfds(index, 0, &[eventfd])
     }
 
-    /// Tear down all vectors of IRQ index `index` (disables MSI or INTx).
+    /// Route vectors `start..start + eventfds.len()` of IRQ index `index` to `eventfds`; -1
+    /// detaches a vector. The first call enables MSI / MSI-X with that many vectors.
+    pub fn set_irq_eventfds(&self, index: u32, start: u32, eventfds: &[RawFd]) -> Result<()> {
+        let flags = VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER;
+        let words = irq_set_words(flags, index, start, eventfds.len() as u32, eventfds);
+        self.set_irqs(
+            &words,
+            &format!(
+                "VFIO_DEVICE_SET_IRQS(index {index}, vectors {start}..{}, eventfds)",
+                start as usize + eventfds.len()
+            ),
+        )
+    }
+
+    /// Tear down all vectors of IRQ index `index` (disables MSI, MSI-X or INTx).
     pub fn disable_irq(&self, index: u32) -> Result<()> {
-        self.set_irqs_no_data(VFIO_IRQ_SET_ACTION_TRIGGER, index, 0, "disable")
+        self.set_irqs_no_data(VFIO_IRQ_SET_ACTION_TRIGGER, index, 0, 0, "disable")
     }
 
     /// Unmask INTx: VFIO masks the line on every interrupt; call after acknowledging the device.
     pub fn unmask_intx(&self) -> Result<()> {
-        self.set_irqs_no_data(VFIO_IRQ_SET_ACTION_UNMASK, INTX_IRQ_INDEX, 1, "unmask")
+        self.set_irqs_no_data(VFIO_IRQ_SET_ACTION_UNMASK, INTX_IRQ_INDEX, 0, 1, "unmask")
     }
 
-    /// VFIO_DEVICE_SET_IRQS with `action` on vectors 0..count and no data.
-    fn set_irqs_no_data(&self, action: u32, index: u32, count: u32, what: &str) -> Result<()> {
-        let set = IrqSetOneFd {
-            argsz: 20, // the header only: DATA_NONE carries no data
-            flags: VFIO_IRQ_SET_DATA_NONE | action,
+    /// ACTION_MASK on vectors `start..start + count` of `index`. The raw OS error is returned so
+    /// a caller can tell "not supported" (vfio-pci has no MSI/MSI-X masking) from a failure.
+    pub fn mask_irqs(&self, index: u32, start: u32, count: u32) -> std::io::Result<()> {
+        self.set_irqs_raw(&irq_set_words(
+            VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_MASK,
             index,
-            start: 0,
+            start,
             count,
-            fd: -1,
-        };
-        // SAFETY: the argument is a valid vfio_irq_set header (argsz 20, no data); the kernel
-        // only reads it.
-        let ret = unsafe { libc::ioctl(self.fd(), VFIO_DEVICE_SET_IRQS, &set) };
-        check(ret, &format!("VFIO_DEVICE_SET_IRQS(index {index}, {what})"))?;
+            &[],
+        ))
+    }
+
+    /// ACTION_UNMASK on vectors `start..start + count` of `index` (see [`Self::mask_irqs`]).
+    pub fn unmask_irqs(&self, index: u32, start: u32, count: u32) -> std::io::Result<()> {
+        self.set_irqs_raw(&irq_set_words(
+            VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_UNMASK,
+            index,
+            start,
+            count,
+            &[],
+        ))
+    }
+
+    /// VFIO_DEVICE_SET_IRQS with `action` on vectors start..start + count and no data.
+    fn set_irqs_no_data(
+        &self,
+        action: u32,
+        index: u32,
+        start: u32,
+        count: u32,
+        what: &str,
+    ) -> Result<()> {
+        let words = irq_set_words(VFIO_IRQ_SET_DATA_NONE | action, index, start, count, &[]);
+        self.set_irqs(
+            &words,
+            &format!("VFIO_DEVICE_SET_IRQS(index {index}, {what})"),
+        )
+    }
+
+    fn set_irqs(&self, words: &[u32], step: &str) -> Result<()> {
+        self.set_irqs_raw(words).map_err(|e| Fail::io(step, e))
+    }
+
+    fn set_irqs_raw(&self, words: &[u32]) -> std::io::Result<()> {
+        // SAFETY: `words` is a complete vfio_irq_set (header plus the eventfds its argsz and
+        // flags announce), 4-byte aligned like the struct; the kernel only reads it.
+        let ret = unsafe { libc::ioctl(self.fd(), VFIO_DEVICE_SET_IRQS, words.as_ptr()) };
+        if ret < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
         Ok(())
     }
 }
@@ -308,8 +366,37 @@ pub struct Mapping {
 }
 
 impl Mapping {
+    /// Maps `size` bytes of `fd` at `offset`, shared and read/write; `step` names the failure.
+    pub fn new(fd: RawFd, offset: u64, size: u64, step: &str) -> Result<Self> {
+        let len = usize::try_from(size).map_err(|_| Fail::msg(step, "size does not fit usize"))?;
+        let off = libc::off_t::try_from(offset)
+            .map_err(|_| Fail::msg(step, "offset does not fit off_t"))?;
+        // SAFETY: a fresh shared mapping at an address the kernel chooses; it aliases no Rust
+        // object, and Mapping unmaps it exactly once.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                off,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(Fail::last_os(step));
+        }
+        let ptr =
+            NonNull::new(p.cast::<u8>()).ok_or_else(|| Fail::msg(step, "mmap returned NULL"))?;
+        Ok(Self { ptr, len })
+    }
+
     pub fn len(&self) -> usize {
         self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 
     /// Volatile 32-bit read at byte offset `off`; `None` if out of bounds or misaligned.
@@ -354,5 +441,26 @@ impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: ptr/len describe a mapping created by mmap in map_region and unmapped only here.
         unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn irq_set_eventfds_follow_the_header_and_argsz_counts_them() {
+        let flags = VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER;
+        let words = irq_set_words(flags, MSIX_IRQ_INDEX, 2, 3, &[7, -1, 9]);
+        assert_eq!(words, vec![32, flags, 2, 2, 3, 7, u32::MAX, 9]);
+    }
+
+    #[test]
+    fn data_none_is_a_bare_header() {
+        let flags = VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_MASK;
+        assert_eq!(
+            irq_set_words(flags, MSIX_IRQ_INDEX, 1, 1, &[]),
+            vec![20, flags, 2, 1, 1]
+        );
     }
 }

@@ -1,5 +1,6 @@
-//! PCI sysfs plumbing: find the edu device, turn on VFIO's no-IOMMU mode, bind vfio-pci, find
-//! the noiommu group node, and resolve/enable a peer BAR.
+//! PCI sysfs plumbing: find a function by its IDs, turn on VFIO's no-IOMMU mode, bind vfio-pci,
+//! find the noiommu group node, resolve/enable a peer BAR, and map a BAR through its sysfs
+//! resource file.
 
 use std::fs;
 use std::os::unix::fs::FileExt;
@@ -7,11 +8,9 @@ use std::path::{Path, PathBuf};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use crate::{Fail, Result};
+use super::{Fail, Result};
 
 const PCI_DEVICES: &str = "/sys/bus/pci/devices";
-pub const EDU_VENDOR: u16 = 0x1234;
-pub const EDU_DEVICE: u16 = 0x11e8;
 
 fn dev_path(bdf: &str) -> PathBuf {
     Path::new(PCI_DEVICES).join(bdf)
@@ -49,8 +48,8 @@ pub fn ids(bdf: &str) -> Result<(u16, u16)> {
     Ok((get("vendor")?, get("device")?))
 }
 
-/// BDF of the first edu device (sorted, so the choice is stable).
-pub fn find_edu() -> Result<String> {
+/// BDF of the first function with these IDs (sorted, so the choice is stable).
+pub fn find_device(vendor: u16, device: u16) -> Result<String> {
     let rd = fs::read_dir(PCI_DEVICES).map_err(|e| Fail::io(format!("list {PCI_DEVICES}"), e))?;
     let mut names: Vec<String> = rd
         .filter_map(|e| e.ok())
@@ -59,11 +58,11 @@ pub fn find_edu() -> Result<String> {
     names.sort();
     names
         .into_iter()
-        .find(|b| matches!(ids(b), Ok((EDU_VENDOR, EDU_DEVICE))))
+        .find(|b| ids(b).is_ok_and(|i| i == (vendor, device)))
         .ok_or_else(|| {
             Fail::msg(
-                "find edu",
-                format!("no PCI device {EDU_VENDOR:04x}:{EDU_DEVICE:04x} in {PCI_DEVICES}"),
+                "find device",
+                format!("no PCI device {vendor:04x}:{device:04x} in {PCI_DEVICES}"),
             )
         })
 }
@@ -130,6 +129,29 @@ pub fn bind_vfio_pci(bdf: &str) -> Result<()> {
     }
 }
 
+/// Maps BAR `bar` of `bdf` through its sysfs `resourceN` file: the CPU's view of the BAR at the
+/// address the kernel assigned, whichever driver owns the function (here: to watch the MSI-X
+/// table the kernel programs).
+pub fn map_resource(bdf: &str, bar: usize) -> Result<crate::guest::vfio::Mapping> {
+    let path = dev_path(bdf).join(format!("resource{bar}"));
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Fail::io(format!("open {}", path.display()), e))?;
+    let size = file
+        .metadata()
+        .map_err(|e| Fail::io(format!("stat {}", path.display()), e))?
+        .len();
+    // The mapping stays valid after the file is closed.
+    crate::guest::vfio::Mapping::new(
+        std::os::fd::AsRawFd::as_raw_fd(&file),
+        0,
+        size,
+        &format!("mmap {}", path.display()),
+    )
+}
+
 /// `/dev/vfio/noiommu-N` of `bdf`'s group, waiting up to 2 s for devtmpfs to show it.
 pub fn noiommu_group_node(bdf: &str) -> Result<String> {
     let link = dev_path(bdf).join("iommu_group");
@@ -148,7 +170,7 @@ pub fn noiommu_group_node(bdf: &str) -> Result<String> {
         if Path::new(&format!("/dev/vfio/{n}")).exists() {
             return Err(Fail::msg(
                 "iommu group",
-                format!("{bdf} is in group /dev/vfio/{n} behind a real IOMMU; edu-dma only supports no-IOMMU mode"),
+                format!("{bdf} is in group /dev/vfio/{n} behind a real IOMMU; only no-IOMMU mode is supported"),
             ));
         }
         sleep(Duration::from_millis(20));
