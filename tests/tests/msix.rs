@@ -43,7 +43,7 @@ fn run_lab() -> Result<Console, String> {
     L1Run::new("msix")
         // No option ROM (QEMU's default is iPXE's): this test is about interrupts; expansion
         // ROMs are tests/rom.rs's subject.
-        .qemu_args(&["-device", "e1000e,romfile="])
+        .qemu_args(&["-device", "e1000e"])
         .prelude(BIND)
         .l2_file(msix_probe_static()?, "/usr/bin/msix-probe")
         .l2_script(L2_SCRIPT)
