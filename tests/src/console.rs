@@ -53,6 +53,25 @@ impl Console {
     }
 }
 
+/// Scenario `name` of a shared lab run. Panics, with the L1 console attached, when the lab did
+/// not run or the scenario never started: either is a test failure with its evidence.
+pub fn expect_scenario<'a>(
+    lab: &'a Result<Console, String>,
+    name: &str,
+) -> (Scenario, &'a Console) {
+    let console = match lab {
+        Ok(console) => console,
+        Err(e) => panic!("the lab did not run: {e}"),
+    };
+    match console.scenario(name) {
+        Some(s) => (s, console),
+        None => panic!(
+            "scenario {name} never started; L1 console:\n{}",
+            console.text
+        ),
+    }
+}
+
 impl Scenario {
     /// The L2 report line, if L2 got as far as its init.
     pub fn l2_report(&self) -> Option<L2Report> {

@@ -6,7 +6,7 @@
 
 use std::sync::OnceLock;
 
-use p2pvmm_tests::{Console, L1Run, Scenario};
+use p2pvmm_tests::{expect_scenario, Console, L1Run, Scenario};
 
 const L2: &str = "--kernel /l2/bzImage --initramfs /l2/initramfs.cpio.gz";
 const CMDLINE: &str = "console=ttyS0 panic=-1";
@@ -68,17 +68,7 @@ fn lab() -> &'static Result<Console, String> {
 }
 
 fn scenario(name: &str) -> (Scenario, &'static Console) {
-    let console = match lab() {
-        Ok(console) => console,
-        Err(e) => panic!("the lab did not run: {e}"),
-    };
-    match console.scenario(name) {
-        Some(s) => (s, console),
-        None => panic!(
-            "scenario {name} never started; L1 console:\n{}",
-            console.text
-        ),
-    }
+    expect_scenario(lab(), name)
 }
 
 /// L2 booted to its init, reported `cpus` CPUs and a MemTotal consistent with `memory`, and

@@ -6,7 +6,7 @@
 
 use std::sync::OnceLock;
 
-use p2pvmm_tests::{edu_dma_static, Console, L1Run, Scenario};
+use p2pvmm_tests::{edu_dma_static, expect_scenario, Console, L1Run, Scenario};
 
 const L2: &str = "--kernel /l2/bzImage --initramfs /l2/initramfs.cpio.gz --memory 512M --cpus 1";
 const CMDLINE: &str = "console=ttyS0 panic=-1";
@@ -94,17 +94,7 @@ fn lab() -> &'static Result<Console, String> {
 }
 
 fn scenario(name: &str) -> (Scenario, &'static Console) {
-    let console = match lab() {
-        Ok(console) => console,
-        Err(e) => panic!("the lab did not run: {e}"),
-    };
-    match console.scenario(name) {
-        Some(s) => (s, console),
-        None => panic!(
-            "scenario {name} never started; L1 console:\n{}",
-            console.text
-        ),
-    }
+    expect_scenario(lab(), name)
 }
 
 /// The sysfs path of the L2 function with `ids` (e.g. "0x1234:0x11e8").
