@@ -53,6 +53,29 @@ impl Console {
     }
 }
 
+/// Runs the lab, and once more if any scenario in `booting` shows no L2 kernel output at all: the
+/// lab's documented hiccup (a nested guest that never starts), a lab failure rather than a test
+/// result. A second silent run is returned as it is, for the tests to fail on.
+pub fn run_retrying_silent_l2(
+    booting: &[&str],
+    run: impl Fn() -> Result<Console, String>,
+) -> Result<Console, String> {
+    let first = run()?;
+    let silent = booting.iter().any(|name| {
+        first
+            .scenario(name)
+            .is_none_or(|s| !s.output.contains("Linux version"))
+    });
+    if !silent {
+        return Ok(first);
+    }
+    eprintln!(
+        "no L2 output in the first lab run; retrying once:\n{}",
+        first.text
+    );
+    run()
+}
+
 /// Scenario `name` of a shared lab run. Panics, with the L1 console attached, when the lab did
 /// not run or the scenario never started: either is a test failure with its evidence.
 pub fn expect_scenario<'a>(

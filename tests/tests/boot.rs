@@ -6,7 +6,7 @@
 
 use std::sync::OnceLock;
 
-use p2pvmm_tests::{expect_scenario, Console, L1Run, Scenario};
+use p2pvmm_tests::{expect_scenario, run_retrying_silent_l2, Console, L1Run, Scenario};
 
 const L2: &str = "--kernel /l2/bzImage --initramfs /l2/initramfs.cpio.gz";
 const CMDLINE: &str = "console=ttyS0 panic=-1";
@@ -42,29 +42,10 @@ fn boot_lab() -> Result<Console, String> {
         .run()
 }
 
-/// The shared L1 run. A run in which no L2 printed anything at all is a lab hiccup (seen once
-/// in about 14 boots under QEMU too) and is retried once.
+/// The shared L1 run, retried once if an L2 never printed anything.
 fn lab() -> &'static Result<Console, String> {
     static LAB: OnceLock<Result<Console, String>> = OnceLock::new();
-    LAB.get_or_init(|| {
-        let first = boot_lab();
-        let silent = |c: &Console| {
-            ["one-cpu", "two-cpus", "above-4g"].iter().any(|name| {
-                c.scenario(name)
-                    .is_none_or(|s| !s.output.contains("Linux version"))
-            })
-        };
-        match &first {
-            Ok(console) if silent(console) => {
-                eprintln!(
-                    "no L2 output in the first lab run; retrying once:\n{}",
-                    console.text
-                );
-                boot_lab()
-            }
-            _ => first,
-        }
-    })
+    LAB.get_or_init(|| run_retrying_silent_l2(&["one-cpu", "two-cpus", "above-4g"], boot_lab))
 }
 
 fn scenario(name: &str) -> (Scenario, &'static Console) {

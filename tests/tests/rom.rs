@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use p2pvmm_tests::{repo_root, Console, L1Run, Scenario};
+use p2pvmm_tests::{repo_root, run_retrying_silent_l2, Console, L1Run, Scenario};
 
 const L2: &str = "--kernel /l2/bzImage --initramfs /l2/initramfs.cpio.gz --memory 512M --cpus 1";
 const CMDLINE: &str = "console=ttyS0 panic=-1";
@@ -124,13 +124,15 @@ fn run_lab() -> Result<Lab, String> {
              --device path=$EDU,id=edu,backend={backend},placement={placement}"
         )
     };
-    let console = L1Run::new("rom")
-        .edu_romfile(&file)
-        .prelude(BIND)
-        .l2_script(L2_SCRIPT)
-        .scenario("iommufd", 300, &vmm("iommufd", "root-port"))
-        .scenario("legacy", 300, &vmm("legacy", "root"))
-        .run()?;
+    let console = run_retrying_silent_l2(&["iommufd", "legacy"], || {
+        L1Run::new("rom")
+            .edu_romfile(&file)
+            .prelude(BIND)
+            .l2_script(L2_SCRIPT)
+            .scenario("iommufd", 300, &vmm("iommufd", "root-port"))
+            .scenario("legacy", 300, &vmm("legacy", "root"))
+            .run()
+    })?;
     Ok(Lab { console, expected })
 }
 

@@ -6,7 +6,9 @@
 
 use std::sync::OnceLock;
 
-use p2pvmm_tests::{edu_dma_static, expect_scenario, Console, L1Run, Scenario};
+use p2pvmm_tests::{
+    edu_dma_static, expect_scenario, run_retrying_silent_l2, Console, L1Run, Scenario,
+};
 
 const L2: &str = "--kernel /l2/bzImage --initramfs /l2/initramfs.cpio.gz --memory 512M --cpus 1";
 const CMDLINE: &str = "console=ttyS0 panic=-1";
@@ -90,7 +92,7 @@ fn run_lab() -> Result<Console, String> {
 
 fn lab() -> &'static Result<Console, String> {
     static LAB: OnceLock<Result<Console, String>> = OnceLock::new();
-    LAB.get_or_init(run_lab)
+    LAB.get_or_init(|| run_retrying_silent_l2(&["iommufd", "legacy", "intx"], run_lab))
 }
 
 fn scenario(name: &str) -> (Scenario, &'static Console) {
