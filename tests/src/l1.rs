@@ -106,6 +106,30 @@ fn l2_initramfs(work: &Path, files: &[(PathBuf, String)]) -> Result<PathBuf, Str
     Ok(out)
 }
 
+/// Shell functions every L1 script has: `scenario NAME LIMIT CMD...` runs a bounded command
+/// between markers the harness parses; `bind_vfio VENDOR DEVICE` binds the first function with
+/// those IDs to vfio-pci and prints its address (non-zero status when there is none).
+const L1_PROLOGUE: &str = r#"
+scenario() {
+    name=$1; limit=$2; shift 2
+    echo "SCENARIO-BEGIN $name"
+    timeout "$limit" "$@" 2>&1
+    echo "SCENARIO-END $name rc=$?"
+}
+bind_vfio() {
+    for d in /sys/bus/pci/devices/*; do
+        [ "$(cat "$d/vendor"):$(cat "$d/device")" = "0x$1:0x$2" ] || continue
+        bdf=${d##*/}
+        echo vfio-pci > "$d/driver_override"
+        [ -e "$d/driver" ] && echo "$bdf" > "$d/driver/unbind"
+        echo "$bdf" > /sys/bus/pci/drivers_probe
+        echo "$bdf"
+        return 0
+    done
+    return 1
+}
+"#;
+
 /// One boot of L1 running a script of scenarios.
 pub struct L1Run {
     name: String,
@@ -125,10 +149,7 @@ impl L1Run {
     pub fn new(name: &str) -> Self {
         Self {
             name: name.to_owned(),
-            script: String::from(
-                "scenario() { name=$1; limit=$2; shift 2; echo \"SCENARIO-BEGIN $name\"; \
-                 timeout \"$limit\" \"$@\" 2>&1; echo \"SCENARIO-END $name rc=$?\"; }\n",
-            ),
+            script: String::from(L1_PROLOGUE),
             files: Vec::new(),
             l2_files: Vec::new(),
             l2_script: None,

@@ -19,15 +19,9 @@ const VMM: &str = "p2pvmm --kernel /l2/bzImage --initramfs /l2/initramfs.cpio.gz
 
 /// Binds L1's e1000e to vfio-pci and prints where it is.
 const BIND: &str = r#"
-NIC=
-for d in /sys/bus/pci/devices/*; do
-    [ "$(cat "$d/vendor"):$(cat "$d/device")" = "0x8086:0x10d3" ] || continue
-    NIC=${d##*/}
-    echo vfio-pci > "$d/driver_override"
-    [ -e "$d/driver" ] && echo "$NIC" > "$d/driver/unbind"
-    echo "$NIC" > /sys/bus/pci/drivers_probe
-    echo "L1: e1000e $NIC driver=$(basename "$(readlink "$d/driver")") group=$(basename "$(readlink "$d/iommu_group")")"
-done
+NIC=$(bind_vfio 8086 10d3)
+d=/sys/bus/pci/devices/$NIC
+echo "L1: e1000e $NIC driver=$(basename "$(readlink "$d/driver")") group=$(basename "$(readlink "$d/iommu_group")")"
 "#;
 
 /// L2: where the NIC sits, then the probe.

@@ -14,14 +14,9 @@ const VMM: &str = "p2pvmm --kernel /l2/bzImage --initramfs /l2/initramfs.cpio.gz
                    --cmdline 'console=ttyS0 panic=-1'";
 
 const BIND: &str = r#"
-for id in 1234:11e8 1af4:1110; do
-    for d in /sys/bus/pci/devices/*; do
-        [ "$(cat "$d/vendor"):$(cat "$d/device")" = "0x${id%:*}:0x${id#*:}" ] || continue
-        echo vfio-pci > "$d/driver_override"
-        [ -e "$d/driver" ] && echo "${d##*/}" > "$d/driver/unbind"
-        echo "${d##*/}" > /sys/bus/pci/drivers_probe
-    done
-done
+EDU=$(bind_vfio 1234 11e8)
+SHM=$(bind_vfio 1af4 1110)
+echo "L1: edu=$EDU ivshmem=$SHM"
 "#;
 
 /// L2: each step prints `P2P-STEP name` and then edu-dma's result line.
@@ -59,8 +54,8 @@ step decode-on --peer-dst "$new"
 fn run_lab() -> Result<Console, String> {
     let scenario = |backend: &str| {
         format!(
-            "{VMM} --device path=0000:00:01.0,id=edu,backend={backend},switch=sw0 \
-             --device path=0000:00:02.0,id=shm,backend={backend},switch=sw0"
+            "{VMM} --device path=$EDU,id=edu,backend={backend},switch=sw0 \
+             --device path=$SHM,id=shm,backend={backend},switch=sw0"
         )
     };
     L1Run::new("p2p")

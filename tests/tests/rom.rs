@@ -74,14 +74,7 @@ fn sha256(path: &Path) -> Result<String, String> {
 
 /// Binds edu to vfio-pci and prints its address and L1's view of its ROM resource.
 const BIND: &str = r#"
-EDU=
-for d in /sys/bus/pci/devices/*; do
-    [ "$(cat "$d/vendor"):$(cat "$d/device")" = "0x1234:0x11e8" ] || continue
-    EDU=${d##*/}
-    echo vfio-pci > "$d/driver_override"
-    [ -e "$d/driver" ] && echo "$EDU" > "$d/driver/unbind"
-    echo "$EDU" > /sys/bus/pci/drivers_probe
-done
+EDU=$(bind_vfio 1234 11e8)
 echo "L1: edu=$EDU rom resource: $(sed -n 7p /sys/bus/pci/devices/$EDU/resource)"
 "#;
 

@@ -13,20 +13,8 @@ use p2pvmm_tests::{
 const L2: &str = "--kernel /l2/bzImage --initramfs /l2/initramfs.cpio.gz --memory 512M --cpus 1";
 const CMDLINE: &str = "console=ttyS0 panic=-1";
 
-/// Binds every function with the given IDs to vfio-pci and prints its address.
+/// Binds edu and ivshmem to vfio-pci (`bind_vfio` comes with every L1 script).
 const BIND: &str = r#"
-bind_vfio() {
-    for d in /sys/bus/pci/devices/*; do
-        [ "$(cat "$d/vendor"):$(cat "$d/device")" = "0x$1:0x$2" ] || continue
-        bdf=${d##*/}
-        echo vfio-pci > "$d/driver_override"
-        [ -e "$d/driver" ] && echo "$bdf" > "$d/driver/unbind"
-        echo "$bdf" > /sys/bus/pci/drivers_probe
-        echo "$bdf"
-        return 0
-    done
-    return 1
-}
 EDU=$(bind_vfio 1234 11e8)
 SHM=$(bind_vfio 1af4 1110)
 echo "L1: edu=$EDU ivshmem=$SHM"

@@ -14,7 +14,7 @@ use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use edu::{Edu, Engine, Irq, BUF_ADDR, EDU_DEVICE, EDU_VENDOR, MAX_XFER};
-use p2pvmm_tests::guest::{sysfs, vfio, EventFd, Fail, Result};
+use p2pvmm_tests::guest::{self, sysfs, vfio, EventFd, Fail, Result};
 use page::{DmaPage, Pagemap};
 
 fn usage() -> &'static str {
@@ -338,18 +338,9 @@ fn rounds(a: &Args, eng: &mut Engine, pg: &Pages, peer: Option<u64>, seed: u32) 
 }
 
 fn main() -> ExitCode {
-    let argv: Vec<String> = std::env::args().skip(1).collect();
-    let args = match parse_args(&argv) {
-        Ok(Some(a)) => a,
-        Ok(None) => {
-            println!("{}", usage());
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            eprintln!("{}", usage());
-            println!("EDU-DMA: FAIL arguments: {e}");
-            return ExitCode::from(2);
-        }
+    let args = match guest::args_or_exit("EDU-DMA", usage(), parse_args) {
+        Ok(args) => args,
+        Err(status) => return status,
     };
     let counter = args.irq.counter();
     match run(&args) {

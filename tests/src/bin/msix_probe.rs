@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use e1000e::{Cause, E1000e, CAUSES};
 use p2pvmm_tests::guest::vfio::{self, Device, MSIX_IRQ_INDEX};
-use p2pvmm_tests::guest::{sysfs, EventFd, Fail, Result};
+use p2pvmm_tests::guest::{self, sysfs, EventFd, Fail, Result};
 use table::{Layout, TableView};
 
 /// The e1000e's MSI-X vectors: one per IVAR cause.
@@ -528,18 +528,9 @@ fn nic_unmask_all(p: &Probe) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    let argv: Vec<String> = std::env::args().skip(1).collect();
-    let args = match parse_args(&argv) {
-        Ok(Some(a)) => a,
-        Ok(None) => {
-            println!("{}", usage());
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            eprintln!("{}", usage());
-            println!("MSIX-PROBE: FAIL arguments: {e}");
-            return ExitCode::from(2);
-        }
+    let args = match guest::args_or_exit("MSIX-PROBE", usage(), parse_args) {
+        Ok(args) => args,
+        Err(status) => return status,
     };
     KMSG.store(args.kmsg, Ordering::Relaxed);
     match run(&args) {

@@ -14,6 +14,29 @@ use std::fmt;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
+/// Parses a guest program's arguments with `parse`. On `--help` (parse gives `None`) prints the
+/// usage and returns exit status 0; on bad arguments prints the usage and the program's result
+/// line `TAG: FAIL arguments: ...` (the only line the lab tests read) and returns status 2.
+pub fn args_or_exit<A>(
+    tag: &str,
+    usage: &str,
+    parse: impl FnOnce(&[String]) -> std::result::Result<Option<A>, String>,
+) -> std::result::Result<A, std::process::ExitCode> {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    match parse(&argv) {
+        Ok(Some(args)) => Ok(args),
+        Ok(None) => {
+            println!("{usage}");
+            Err(std::process::ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("{usage}");
+            println!("{tag}: FAIL arguments: {e}");
+            Err(std::process::ExitCode::from(2))
+        }
+    }
+}
+
 /// A failed step: what was being done, and why (errno text included for OS errors).
 #[derive(Debug)]
 pub struct Fail {

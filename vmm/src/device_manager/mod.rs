@@ -12,7 +12,7 @@ use devices::interrupt::InterruptController;
 use devices::pci::{PciConfigIo, PciLayout, PciRoot, Placement, TopologyBuilder};
 use devices::{Bus, BusRange};
 use kvm_ioctls::VmFd;
-use vfio_p2p::IovaRange;
+use vfio_p2p::{IovaRange, P2pTable};
 
 use crate::config::{self, VmConfig};
 use crate::kvm_vfio::KvmVfio;
@@ -128,30 +128,25 @@ impl DeviceManager {
             vfio::map_guest_ram(&opened.backend, platform.ram, &windows)?;
             Some(opened)
         };
-        let p2p_mapper = |p2p| {
-            Arc::new(BarMapper::new(
-                platform.pio.clone(),
-                platform.mmio.clone(),
-                platform.slots.clone(),
+        // The peer-BAR table exists when there are passthrough devices; the mapper keeps it in
+        // step with every BAR the guest places.
+        let p2p = opened
+            .as_ref()
+            .map(|o| Arc::new(P2pTable::new(o.backend.iommu(), &windows)));
+        let mapper = Arc::new(BarMapper::new(
+            platform.pio.clone(),
+            platform.mmio.clone(),
+            platform.slots.clone(),
+            p2p.clone(),
+        ));
+        let passthrough = match (opened, p2p) {
+            (Some(opened), Some(p2p)) => Some(vfio::build(
+                opened,
                 p2p,
-            ))
-        };
-        let (mapper, passthrough) = match opened {
-            None => (p2p_mapper(None), None),
-            Some(opened) => {
-                let mut pending = Vec::new();
-                let passthrough = vfio::build(
-                    opened,
-                    &windows,
-                    platform.interrupts.clone(),
-                    |device, bars| pending.push((device.clone(), bars)),
-                )?;
-                let mapper = p2p_mapper(Some(passthrough.p2p.clone()));
-                for (device, bars) in pending {
-                    mapper.add_passthrough(&device, bars);
-                }
-                (mapper, Some(passthrough))
-            }
+                &mapper,
+                platform.interrupts.clone(),
+            )?),
+            _ => None,
         };
 
         let mut builder = TopologyBuilder::new(pci);

@@ -14,7 +14,7 @@ use vfio_p2p::{
 };
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
-use super::bar_mapper::{MappedArea, PassthroughBars};
+use super::bar_mapper::{BarMapper, MappedArea, PassthroughBars};
 use super::DeviceManagerError;
 use crate::config::{DeviceConfig, IommuBackendKind, VmConfig};
 use crate::kvm_vfio::KvmVfio;
@@ -250,16 +250,15 @@ fn rom_copy(id: &str, host: &HostPciDevice) -> Option<vm_memory::MmapRegion> {
 /// Builds the P2P table and the device models for the opened devices.
 pub fn build(
     opened: Opened,
-    windows: &[IovaRange],
+    p2p: Arc<P2pTable>,
+    mapper: &BarMapper,
     interrupts: Arc<dyn InterruptController>,
-    mut register: impl FnMut(&SharedPciDevice, PassthroughBars),
 ) -> Result<Passthrough, DeviceManagerError> {
     let Opened {
         backend,
         kvm_vfio,
         devices: opened,
     } = opened;
-    let p2p = Arc::new(P2pTable::new(backend.iommu(), windows));
     let mut devices = Vec::new();
     for (config, host) in opened {
         let areas = match p2p.add_device(&host) {
@@ -287,7 +286,7 @@ pub fn build(
         let model = Arc::new(Mutex::new(model));
         let shared: SharedPciDevice = model.clone();
         let rom = rom_copy(&config.id, &host);
-        register(
+        mapper.add_passthrough(
             &shared,
             PassthroughBars {
                 key: host.key(),
