@@ -29,6 +29,15 @@ impl Console {
         self.text.contains("P2PVMM-L1: done rc=")
     }
 
+    /// Every scenario that started, in order.
+    pub fn scenarios(&self) -> Vec<Scenario> {
+        self.text
+            .lines()
+            .filter_map(|l| l.strip_prefix("SCENARIO-BEGIN "))
+            .filter_map(|name| self.scenario(name.trim()))
+            .collect()
+    }
+
     /// The section of scenario `name`, if it started.
     pub fn scenario(&self, name: &str) -> Option<Scenario> {
         let begin = format!("SCENARIO-BEGIN {name}\n");
@@ -53,10 +62,12 @@ impl Console {
     }
 }
 
-/// Runs the lab, and once more if any scenario in `booting` shows no L2 kernel output at all: the
-/// lab's documented hiccup (a nested guest that never starts), a lab failure rather than a test
-/// result. A second silent run is returned as it is, for the tests to fail on.
-pub fn run_retrying_silent_l2(
+/// Runs the lab, and once more if the first run looks like a lab failure rather than a test
+/// result: a scenario in `booting` shows no L2 kernel output at all (the lab's documented
+/// hiccup, a nested guest that never starts), or a scenario was killed by its time limit or
+/// never finished (seen when the machine stalled for minutes). A second bad run is returned as
+/// it is, for the tests to fail on.
+pub fn run_retrying_lab_failure(
     booting: &[&str],
     run: impl Fn() -> Result<Console, String>,
 ) -> Result<Console, String> {
@@ -66,11 +77,15 @@ pub fn run_retrying_silent_l2(
             .scenario(name)
             .is_none_or(|s| !s.output.contains("Linux version"))
     });
-    if !silent {
+    let timed_out = first.scenarios().iter().any(|s| {
+        // 124: timeout(1) killed the command; 143: it was terminated by SIGTERM.
+        matches!(s.rc, None | Some(124) | Some(143))
+    });
+    if !silent && !timed_out {
         return Ok(first);
     }
     eprintln!(
-        "no L2 output in the first lab run; retrying once:\n{}",
+        "lab failure in the first run (silent L2 or a timed-out scenario); retrying once:\n{}",
         first.text
     );
     run()
@@ -136,6 +151,8 @@ mod tests {
                 memtotal_kb: 480_000
             })
         );
+        let names: Vec<_> = console.scenarios().into_iter().map(|s| s.name).collect();
+        assert_eq!(names, ["two", "hung"]);
         let hung = console.scenario("hung").unwrap();
         assert_eq!(hung.rc, None);
         assert_eq!(hung.l2_report(), None);

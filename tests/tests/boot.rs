@@ -6,7 +6,7 @@
 
 use std::sync::OnceLock;
 
-use p2pvmm_tests::{expect_scenario, run_retrying_silent_l2, Console, L1Run, Scenario};
+use p2pvmm_tests::{expect_scenario, run_retrying_lab_failure, Console, L1Run, Scenario};
 
 const L2: &str = "--kernel /l2/bzImage --initramfs /l2/initramfs.cpio.gz";
 const CMDLINE: &str = "console=ttyS0 panic=-1";
@@ -42,10 +42,10 @@ fn boot_lab() -> Result<Console, String> {
         .run()
 }
 
-/// The shared L1 run, retried once if an L2 never printed anything.
+/// The shared L1 run, retried once after a lab failure.
 fn lab() -> &'static Result<Console, String> {
     static LAB: OnceLock<Result<Console, String>> = OnceLock::new();
-    LAB.get_or_init(|| run_retrying_silent_l2(&["one-cpu", "two-cpus", "above-4g"], boot_lab))
+    LAB.get_or_init(|| run_retrying_lab_failure(&["one-cpu", "two-cpus", "above-4g"], boot_lab))
 }
 
 fn scenario(name: &str) -> (Scenario, &'static Console) {

@@ -11,7 +11,7 @@
 use std::sync::OnceLock;
 
 use p2pvmm_tests::{
-    expect_scenario, msix_probe_static, run_retrying_silent_l2, Console, L1Run, Scenario,
+    expect_scenario, msix_probe_static, run_retrying_lab_failure, Console, L1Run, Scenario,
 };
 
 const VMM: &str = "p2pvmm --kernel /l2/bzImage --initramfs /l2/initramfs.cpio.gz --memory 512M \
@@ -50,7 +50,7 @@ fn run_lab() -> Result<Console, String> {
 
 fn lab() -> &'static Result<Console, String> {
     static LAB: OnceLock<Result<Console, String>> = OnceLock::new();
-    LAB.get_or_init(|| run_retrying_silent_l2(&["iommufd", "legacy"], run_lab))
+    LAB.get_or_init(|| run_retrying_lab_failure(&["iommufd", "legacy"], run_lab))
 }
 
 fn scenario(name: &str) -> (Scenario, &'static Console) {

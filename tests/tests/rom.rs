@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use p2pvmm_tests::{repo_root, run_retrying_silent_l2, Console, L1Run, Scenario};
+use p2pvmm_tests::{repo_root, run_retrying_lab_failure, Console, L1Run, Scenario};
 
 const L2: &str = "--kernel /l2/bzImage --initramfs /l2/initramfs.cpio.gz --memory 512M --cpus 1";
 const CMDLINE: &str = "console=ttyS0 panic=-1";
@@ -117,7 +117,7 @@ fn run_lab() -> Result<Lab, String> {
              --device path=$EDU,id=edu,backend={backend},placement={placement}"
         )
     };
-    let console = run_retrying_silent_l2(&["iommufd", "legacy"], || {
+    let console = run_retrying_lab_failure(&["iommufd", "legacy"], || {
         L1Run::new("rom")
             .edu_romfile(&file)
             .prelude(BIND)
