@@ -38,7 +38,7 @@ while [ \$i -lt $runs ]; do
     for mem in $sizes; do
         for backend in iommufd legacy; do
             timeout 300 p2pvmm -v --kernel /l2/bzImage --initramfs /l2/initramfs.cpio.gz \
-                --memory \${mem}M --cmdline "console=ttyS0 panic=-1" --serial off \
+                --memory \${mem}M --cmdline "console=ttyS0 panic=-1 lapic=notscdeadline" --serial off \
                 --device path=0000:00:01.0,id=edu,backend=\$backend 2>&1 |
                 sed -n "s/.*guest RAM .* allocated in \(.*\), mapped into the IOMMU (\([A-Za-z0-9]*\)) in \(.*\)/BENCH-MAP \$backend \$mem \3 \1/p"
         done

@@ -29,7 +29,9 @@ inner_timeout=$((timeout_s > 120 ? timeout_s - 60 : timeout_s / 2))
 # No noxsave: p2pvmm starts each vCPU with XCR0 already set, so L1's KVM (which does not see L2's
 # XSETBV under emulated SVM) reports XSAVE sizes that match leaf 0xD and L2 keeps AVX.
 # panic=-1: an L2 panic ends the VM instead of hanging until the timeout.
-l2_cmdline=${P2PVMM_DEMO_L2_CMDLINE:-console=ttyS0 panic=-1}
+# lapic=notscdeadline: under TCG's emulated SVM, L2's TSC-deadline timer stops firing when this
+# machine is busy (README, "The nested lab"); the one-shot LAPIC timer keeps working.
+l2_cmdline=${P2PVMM_DEMO_L2_CMDLINE:-console=ttyS0 panic=-1 lapic=notscdeadline}
 
 log "stage: set-up (packages, lab kernel)"
 "$res/setup.sh"

@@ -37,7 +37,7 @@ done
 inner_timeout=$((timeout_s > 120 ? timeout_s - 60 : timeout_s / 2))
 # noxsave: L1's KVM reports inconsistent CPUID leaf 0xD sizes under emulated SVM, and L2 oopses
 # in XSAVE setup with -cpu host otherwise (lab README).
-l2_cmdline=${P2PVMM_L2_CMDLINE:-console=ttyS0 panic=-1 noxsave}
+l2_cmdline=${P2PVMM_L2_CMDLINE:-console=ttyS0 panic=-1 noxsave lapic=notscdeadline}
 qemu=$(command -v qemu-system-x86_64) || die "qemu-system-x86_64 not installed (package qemu-system-x86)"
 
 log "stage: lab kernel"

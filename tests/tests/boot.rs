@@ -6,10 +6,11 @@
 
 use std::sync::OnceLock;
 
-use p2pvmm_tests::{expect_scenario, run_retrying_lab_failure, Console, L1Run, Scenario};
+use p2pvmm_tests::{
+    expect_scenario, run_retrying_lab_failure, Console, L1Run, Scenario, L2_CMDLINE,
+};
 
 const L2: &str = "--kernel /l2/bzImage --initramfs /l2/initramfs.cpio.gz";
-const CMDLINE: &str = "console=ttyS0 panic=-1";
 const MIB: u64 = 1 << 20;
 
 fn boot_lab() -> Result<Console, String> {
@@ -17,22 +18,24 @@ fn boot_lab() -> Result<Console, String> {
         .scenario(
             "one-cpu",
             240,
-            &format!("p2pvmm {L2} --cpus 1 --memory 512M --cmdline '{CMDLINE}'"),
+            &format!("p2pvmm {L2} --cpus 1 --memory 512M --cmdline '{L2_CMDLINE}'"),
         )
         .scenario(
             "two-cpus",
             240,
-            &format!("p2pvmm {L2} --cpus 2 --memory 768M --cmdline '{CMDLINE}'"),
+            &format!("p2pvmm {L2} --cpus 2 --memory 768M --cmdline '{L2_CMDLINE}'"),
         )
         .scenario(
             "above-4g",
             240,
-            &format!("p2pvmm {L2} --cpus 2 --memory 3584M --cmdline '{CMDLINE}'"),
+            &format!("p2pvmm {L2} --cpus 2 --memory 3584M --cmdline '{L2_CMDLINE}'"),
         )
         .scenario(
             "reboot",
             240,
-            &format!("p2pvmm {L2} --cpus 1 --memory 256M --cmdline '{CMDLINE} p2pvmm.l2=reboot'"),
+            &format!(
+                "p2pvmm {L2} --cpus 1 --memory 256M --cmdline '{L2_CMDLINE} p2pvmm.l2=reboot'"
+            ),
         )
         .scenario(
             "bad-kernel",

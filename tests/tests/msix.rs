@@ -12,10 +12,11 @@ use std::sync::OnceLock;
 
 use p2pvmm_tests::{
     expect_scenario, msix_probe_static, run_retrying_lab_failure, Console, L1Run, Scenario,
+    L2_CMDLINE,
 };
 
 const VMM: &str = "p2pvmm --kernel /l2/bzImage --initramfs /l2/initramfs.cpio.gz --memory 512M \
-                   --cpus 1 --cmdline 'console=ttyS0 panic=-1'";
+                   --cpus 1";
 
 /// Binds L1's e1000e to vfio-pci and prints where it is.
 const BIND: &str = r#"
@@ -34,7 +35,7 @@ done
 
 fn run_lab() -> Result<Console, String> {
     let scenario = |backend: &str, placement: &str| {
-        format!("{VMM} --device path=$NIC,id=nic,backend={backend},{placement}")
+        format!("{VMM} --cmdline '{L2_CMDLINE}' --device path=$NIC,id=nic,backend={backend},{placement}")
     };
     L1Run::new("msix")
         // No option ROM (QEMU's default is iPXE's): this test is about interrupts; expansion

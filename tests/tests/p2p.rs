@@ -7,11 +7,10 @@
 use std::sync::OnceLock;
 
 use p2pvmm_tests::{
-    edu_dma_static, expect_scenario, run_retrying_lab_failure, Console, L1Run, Scenario,
+    edu_dma_static, expect_scenario, run_retrying_lab_failure, Console, L1Run, Scenario, L2_CMDLINE,
 };
 
-const VMM: &str = "p2pvmm --kernel /l2/bzImage --initramfs /l2/initramfs.cpio.gz --memory 512M \
-                   --cmdline 'console=ttyS0 panic=-1'";
+const VMM: &str = "p2pvmm --kernel /l2/bzImage --initramfs /l2/initramfs.cpio.gz --memory 512M";
 
 const BIND: &str = r#"
 EDU=$(bind_vfio 1234 11e8)
@@ -54,7 +53,7 @@ step decode-on --peer-dst "$new"
 fn run_lab() -> Result<Console, String> {
     let scenario = |backend: &str| {
         format!(
-            "{VMM} --device path=$EDU,id=edu,backend={backend},switch=sw0 \
+            "{VMM} --cmdline '{L2_CMDLINE}' --device path=$EDU,id=edu,backend={backend},switch=sw0 \
              --device path=$SHM,id=shm,backend={backend},switch=sw0"
         )
     };

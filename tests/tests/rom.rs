@@ -7,10 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use p2pvmm_tests::{repo_root, run_retrying_lab_failure, Console, L1Run, Scenario};
+use p2pvmm_tests::{repo_root, run_retrying_lab_failure, Console, L1Run, Scenario, L2_CMDLINE};
 
 const L2: &str = "--kernel /l2/bzImage --initramfs /l2/initramfs.cpio.gz --memory 512M --cpus 1";
-const CMDLINE: &str = "console=ttyS0 panic=-1";
 
 /// The ROM file's size: a power of two, so QEMU's ROM BAR, VFIO's region 6 and p2pvmm's ROM BAR
 /// are all exactly the file.
@@ -113,7 +112,7 @@ fn run_lab() -> Result<Lab, String> {
     // -vv: p2pvmm logs every BAR change, the ROM's included.
     let vmm = |backend: &str, placement: &str| {
         format!(
-            "p2pvmm -vv {L2} --cmdline '{CMDLINE}' \
+            "p2pvmm -vv {L2} --cmdline '{L2_CMDLINE}' \
              --device path=$EDU,id=edu,backend={backend},placement={placement}"
         )
     };

@@ -7,11 +7,10 @@
 use std::sync::OnceLock;
 
 use p2pvmm_tests::{
-    edu_dma_static, expect_scenario, run_retrying_lab_failure, Console, L1Run, Scenario,
+    edu_dma_static, expect_scenario, run_retrying_lab_failure, Console, L1Run, Scenario, L2_CMDLINE,
 };
 
 const L2: &str = "--kernel /l2/bzImage --initramfs /l2/initramfs.cpio.gz --memory 512M --cpus 1";
-const CMDLINE: &str = "console=ttyS0 panic=-1";
 
 /// Binds edu and ivshmem to vfio-pci (`bind_vfio` comes with every L1 script).
 const BIND: &str = r#"
@@ -35,7 +34,7 @@ fn run_lab() -> Result<Console, String> {
     let edu_dma = edu_dma_static()?;
     let vmm = |backend: &str, edu: &str, shm: &str| {
         format!(
-            "p2pvmm {L2} --cmdline '{CMDLINE}' \
+            "p2pvmm {L2} --cmdline '{L2_CMDLINE}' \
              --device path=$EDU,id=edu,backend={backend},{edu} \
              --device path=$SHM,id=shm,backend={backend},{shm}"
         )
@@ -60,7 +59,7 @@ fn run_lab() -> Result<Console, String> {
             // edu behind the switch's second downstream port, so its INTA is swizzled; -v logs
             // the GSI p2pvmm wires.
             &format!(
-                "p2pvmm -v {L2} --cmdline '{CMDLINE} p2pvmm.edu=intx' \
+                "p2pvmm -v {L2} --cmdline '{L2_CMDLINE} p2pvmm.edu=intx' \
                  --device path=$SHM,id=shm,backend=iommufd,switch=sw0 \
                  --device path=$EDU,id=edu,backend=iommufd,switch=sw0"
             ),
