@@ -107,14 +107,28 @@ fn l2_initramfs(work: &Path, files: &[(PathBuf, String)]) -> Result<PathBuf, Str
 }
 
 /// Shell functions every L1 script has: `scenario NAME LIMIT CMD...` runs a bounded command
-/// between markers the harness parses; `bind_vfio VENDOR DEVICE` binds the first function with
-/// those IDs to vfio-pci and prints its address (non-zero status when there is none).
+/// between markers the harness parses (a few seconds before the limit, a command still running
+/// gets `SCENARIO-STUCK` lines: what each p2pvmm thread waits on and L1's last kernel messages,
+/// evidence for a hang seen only on another machine); `bind_vfio VENDOR DEVICE` binds the first
+/// function with those IDs to vfio-pci and prints its address (non-zero status when there is none).
 const L1_PROLOGUE: &str = r#"
+stuck_report() {
+    for p in $(pidof p2pvmm); do
+        for t in /proc/$p/task/*; do
+            echo "SCENARIO-STUCK $1: p2pvmm[$p] $(cat $t/comm) state=$(cut -d' ' -f3 $t/stat) wchan=$(cat $t/wchan)"
+        done
+    done
+    dmesg | tail -n 20 | sed "s/^/SCENARIO-STUCK $1: dmesg: /"
+}
 scenario() {
     name=$1; limit=$2; shift 2
     echo "SCENARIO-BEGIN $name"
+    (sleep $((limit > 10 ? limit - 5 : limit - 1)); stuck_report "$name") &
+    watchdog=$!
     timeout "$limit" "$@" 2>&1
-    echo "SCENARIO-END $name rc=$?"
+    rc=$?
+    kill $watchdog 2>/dev/null
+    echo "SCENARIO-END $name rc=$rc"
 }
 bind_vfio() {
     for d in /sys/bus/pci/devices/*; do
