@@ -31,10 +31,14 @@ fn run_checked(cmd: &mut Command, what: &str) -> Result<String, String> {
 }
 
 /// The lab bzImage (L1 and L2 kernel), built once and cached by `resources/lab-kernel.sh`.
+/// `resources/setup.sh` runs first, so the test command works on a fresh machine too: it
+/// installs the lab's missing Debian packages (seconds when nothing is missing).
 pub fn lab_kernel() -> Result<PathBuf, String> {
     static KERNEL: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     KERNEL
         .get_or_init(|| {
+            let setup = repo_root().join("resources/setup.sh");
+            run_checked(&mut Command::new(setup), "setting up the lab")?;
             let script = repo_root().join("resources/lab-kernel.sh");
             let out = run_checked(&mut Command::new(script), "building the lab kernel")?;
             let path = out

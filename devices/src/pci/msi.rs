@@ -178,6 +178,25 @@ impl MsiCap {
         })
     }
 
+    /// Completes a guest read of config space at `offset`: where it covers the pending bits,
+    /// masked vectors whose interrupt the sink holds (a passthrough vector's unread eventfd) read
+    /// as pending, as they do in the MSI-X PBA.
+    pub fn merge_held(&self, regs: &ConfigRegs, offset: u16, data: &mut [u8], sink: &dyn MsiSink) {
+        if !self.config.per_vector_mask || !self.enabled {
+            return;
+        }
+        let held = (0..self.enabled_vectors(regs) as u16)
+            .filter(|&v| self.routes[usize::from(v)].is_none() && sink.held(v))
+            .fold(0u32, |bits, v| bits | (1 << v));
+        let pending = self.pending_offset();
+        for (i, byte) in data.iter_mut().enumerate() {
+            let at = usize::from(offset) + i;
+            if let Some(shift) = at.checked_sub(usize::from(pending)).filter(|&b| b < 4) {
+                *byte |= (held >> (8 * shift)) as u8;
+            }
+        }
+    }
+
     fn masked(&self, regs: &ConfigRegs, vector: u16) -> bool {
         self.config.per_vector_mask && regs.read_u32(self.mask_offset()) & (1 << vector) != 0
     }

@@ -230,3 +230,56 @@ fn reset_disables_and_withdraws_routes() {
         vec![MsiEvent::Enable(false), MsiEvent::Vector(0, None)]
     );
 }
+
+/// Holds interrupts for some vectors outside the model, as a passthrough device's eventfds do
+/// while their vectors have no route.
+struct HoldingSink(Vec<u16>);
+
+impl MsiSink for HoldingSink {
+    fn vector_changed(&self, _vector: u16, _message: Option<MsiMessage>) {}
+    fn enable_changed(&self, _enabled: bool) {}
+    fn inject(&self, _vector: u16, _message: MsiMessage) {}
+    fn held(&self, vector: u16) -> bool {
+        self.0.contains(&vector)
+    }
+}
+
+#[test]
+fn pending_bits_show_interrupts_held_outside_the_model_for_masked_vectors() {
+    let mut h = Harness::new(4, true, true);
+    let holding = HoldingSink(vec![1, 2, 3]);
+    let pending_at = h.msi.range().start + 0x14;
+    let read = |h: &Harness, offset: u16, len: usize| {
+        let mut data = vec![0; len];
+        h.config.read(offset, &mut data);
+        h.msi
+            .merge_held(h.config.regs(), offset, &mut data, &holding);
+        data
+    };
+    h.program(0xc, 0x40, 1); // two of the four vectors enabled
+    h.write(0x10, &0b0011u32.to_le_bytes());
+    assert_eq!(
+        read(&h, pending_at, 4),
+        [0b10, 0, 0, 0],
+        "vector 1 is masked and held; 0 holds nothing; 2 and 3 are not enabled"
+    );
+    assert_eq!(read(&h, pending_at, 1), [0b10], "a byte read sees it too");
+    assert_eq!(
+        read(&h, pending_at - 2, 4)[2..],
+        [0b10, 0],
+        "so does a straddling read"
+    );
+    h.write(0x10, &0u32.to_le_bytes());
+    assert_eq!(
+        read(&h, pending_at, 4),
+        [0; 4],
+        "routed vectors deliver themselves"
+    );
+    h.write(0x10, &0b0011u32.to_le_bytes());
+    h.write(2, &0u16.to_le_bytes());
+    assert_eq!(
+        read(&h, pending_at, 4),
+        [0; 4],
+        "nothing is pending while MSI is disabled"
+    );
+}

@@ -245,6 +245,9 @@ impl PciDevice for VfioPciDevice {
         if let Some(intx) = &self.intx {
             intx.merge_status(offset, data);
         }
+        if let Some((cap, sink)) = &self.msi {
+            cap.merge_held(self.config.regs(), offset, data, &**sink);
+        }
     }
 
     fn write_config(&mut self, offset: u16, data: &[u8]) {

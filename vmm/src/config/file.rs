@@ -241,6 +241,28 @@ mod tests {
         }
     }
 
+    /// The lab's P2P config that `resources/demo.sh` runs must stay valid.
+    #[test]
+    fn the_example_p2p_config_reads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../resources/examples/p2p-lab.toml");
+        let cfg = read(&path).unwrap().finish().unwrap();
+        assert_eq!(cfg.kernel, Path::new("/l2/bzImage"));
+        assert_eq!(cfg.cpus, 2);
+        let devices: Vec<_> = cfg
+            .devices
+            .iter()
+            .map(|d| (d.path.as_path(), &d.placement))
+            .collect();
+        let sw0 = Placement::Switch("sw0".into());
+        assert_eq!(
+            devices,
+            [
+                (Path::new("/sys/bus/pci/devices/0000:00:01.0"), &sw0),
+                (Path::new("/sys/bus/pci/devices/0000:00:02.0"), &sw0)
+            ]
+        );
+    }
+
     #[test]
     fn device_errors_name_the_table() {
         let kernel = "kernel = \"/k\"\n";
