@@ -1,0 +1,154 @@
+//! A GPU-sized BAR in the nested lab: L1 gets a second ivshmem whose BAR2 is 16 GiB (a sparse
+//! file on this machine backs it), p2pvmm passes it and edu to L2 behind one switch, and inside
+//! L2 edu DMAs into the BAR's first and last pages at their L2 addresses and back. The BAR must
+//! land in the 64-bit window above 4 GiB, inside the IOVA range L1's IOMMU translates, and be
+//! reachable end to end through its dmabuf mapping (iommufd) or its mapping by address (legacy).
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use p2pvmm_tests::{
+    edu_dma_static, expect_scenario, repo_root, run_retrying_lab_failure, Console, L1Run, Scenario,
+    L2_CMDLINE,
+};
+
+const BAR_GIB: u64 = 16;
+
+/// Binds edu and the ivshmem whose BAR2 is the big one (L1 also has the lab's 64 MiB ivshmem).
+const BIND: &str = r#"
+EDU=$(bind_vfio 1234 11e8)
+BIG=
+for d in /sys/bus/pci/devices/*; do
+    [ "$(cat "$d/vendor"):$(cat "$d/device")" = "0x1af4:0x1110" ] || continue
+    set -- $(sed -n 3p "$d/resource")
+    [ $(($2 - $1 + 1)) -eq $((BAR_GIB << 30)) ] || continue
+    BIG=${d##*/}
+    echo vfio-pci > "$d/driver_override"
+    [ -e "$d/driver" ] && echo "$BIG" > "$d/driver/unbind"
+    echo "$BIG" > /sys/bus/pci/drivers_probe
+done
+echo "L1: edu=$EDU big ivshmem=$BIG BAR2 $(sed -n 3p /sys/bus/pci/devices/$BIG/resource)"
+"#;
+
+/// L2: the big BAR's place, then a round trip through its first and its last page.
+const L2_SCRIPT: &str = r#"
+for d in /sys/bus/pci/devices/*; do
+    [ "$(cat "$d/vendor"):$(cat "$d/device")" = "0x1af4:0x1110" ] && big=${d##*/}
+done
+set -- $(sed -n 3p /sys/bus/pci/devices/$big/resource)
+start=$1; end=$2
+echo "BIG-BAR $start $end"
+echo "BIG-STEP first"; /usr/bin/edu-dma --len 4095 --peer-bar "$big:2" 2>&1
+echo "BIG-STEP last"; /usr/bin/edu-dma --len 4095 --peer-dst $((end + 1 - 4096)) 2>&1
+"#;
+
+/// A sparse file of `BAR_GIB` GiB for QEMU's memory backend: a few pages of disk.
+fn backing_file() -> Result<PathBuf, String> {
+    let dir = repo_root().join("target/lab-work");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {dir:?}: {e}"))?;
+    let path = dir.join(format!("big-bar-{}.mem", std::process::id()));
+    File::create(&path)
+        .and_then(|f| f.set_len(BAR_GIB << 30))
+        .map_err(|e| format!("creating the sparse file {path:?}: {e}"))?;
+    Ok(path)
+}
+
+fn run_lab() -> Result<Console, String> {
+    let file = backing_file()?;
+    let backend = format!(
+        "memory-backend-file,id=big,size={BAR_GIB}G,mem-path={},share=on",
+        file.display()
+    );
+    let scenario = |backend: &str| {
+        format!(
+            "p2pvmm -v --kernel /l2/bzImage --initramfs /l2/initramfs.cpio.gz --memory 512M \
+             --cmdline '{L2_CMDLINE}' \
+             --device path=$EDU,id=edu,backend={backend},switch=sw0 \
+             --device path=$BIG,id=big,backend={backend},switch=sw0"
+        )
+    };
+    let console = L1Run::new("large-bar")
+        .qemu_args(&["-object", &backend, "-device", "ivshmem-plain,memdev=big"])
+        .prelude(&format!("BAR_GIB={BAR_GIB}\n{BIND}"))
+        .l2_file(edu_dma_static()?, "/usr/bin/edu-dma")
+        .l2_script(L2_SCRIPT)
+        .scenario("iommufd", 400, &scenario("iommufd"))
+        .scenario("legacy", 600, &scenario("legacy"))
+        .timeout_s(1300)
+        .run();
+    let _ = std::fs::remove_file(&file);
+    console
+}
+
+fn lab() -> &'static Result<Console, String> {
+    static LAB: OnceLock<Result<Console, String>> = OnceLock::new();
+    LAB.get_or_init(|| run_retrying_lab_failure(&["iommufd", "legacy"], run_lab))
+}
+
+/// edu-dma's result line after `BIG-STEP step`.
+fn step_result<'a>(s: &'a Scenario, step: &str) -> Option<&'a str> {
+    let start = s.output.find(&format!("BIG-STEP {step}"))?;
+    s.output[start..]
+        .lines()
+        .find_map(|l| l.split_once("EDU-DMA: ").map(|(_, r)| r.trim()))
+}
+
+fn assert_big_bar_reachable(name: &str) {
+    let (s, console) = expect_scenario(lab(), name);
+    let bar = s
+        .output
+        .lines()
+        .find_map(|l| l.split_once("BIG-BAR ").map(|(_, r)| r.trim().to_owned()));
+    let Some(bar) = bar else {
+        panic!(
+            "{name}: L2 did not report the big BAR; console:\n{}",
+            console.text
+        );
+    };
+    let bounds: Vec<u64> = bar
+        .split_whitespace()
+        .filter_map(|v| u64::from_str_radix(v.trim_start_matches("0x"), 16).ok())
+        .collect();
+    let [start, end] = bounds[..] else {
+        panic!("{name}: cannot parse 'BIG-BAR {bar}'");
+    };
+    assert_eq!(end + 1 - start, BAR_GIB << 30, "{name}: BAR size in L2");
+    assert!(
+        start >= 1 << 32,
+        "{name}: BAR at {start:#x}, not above 4 GiB"
+    );
+    assert!(
+        end < 1 << 39,
+        "{name}: BAR ends at {end:#x}, beyond L1's 39-bit IOMMU"
+    );
+    for step in ["first", "last"] {
+        let result = step_result(&s, step).unwrap_or_else(|| {
+            panic!(
+                "{name}: step {step} printed no result; console:\n{}",
+                console.text
+            )
+        });
+        assert!(
+            result.starts_with("ok ") && result.contains("wrong=0"),
+            "{name}: step {step}: {result}; console:\n{}",
+            console.text
+        );
+    }
+    assert_eq!(
+        s.rc,
+        Some(0),
+        "{name}: p2pvmm exit status; console:\n{}",
+        console.text
+    );
+}
+
+#[test]
+fn iommufd_peer_dma_reaches_both_ends_of_a_16_gib_bar() {
+    assert_big_bar_reachable("iommufd");
+}
+
+#[test]
+fn legacy_peer_dma_reaches_both_ends_of_a_16_gib_bar() {
+    assert_big_bar_reachable("legacy");
+}
