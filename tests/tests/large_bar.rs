@@ -62,7 +62,7 @@ fn run_lab() -> Result<Console, String> {
     );
     let scenario = |backend: &str| {
         format!(
-            "p2pvmm -v --kernel /l2/bzImage --initramfs /l2/initramfs.cpio.gz --memory 512M \
+            "p2pvmm -vv --kernel /l2/bzImage --initramfs /l2/initramfs.cpio.gz --memory 512M \
              --cmdline '{L2_CMDLINE}' \
              --device path=$EDU,id=edu,backend={backend},switch=sw0 \
              --device path=$BIG,id=big,backend={backend},switch=sw0"

@@ -22,8 +22,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
 
-use log::{error, warn};
+use log::{debug, error, warn};
 
 use crate::device::{DeviceKey, HostPciDevice};
 use crate::iommu::{
@@ -426,8 +427,15 @@ impl P2pTable {
         let Some(iova) = entry.mapped_at else {
             return;
         };
+        let started = Instant::now();
         match self.iommu.unmap(iova, entry.size) {
-            Ok(()) => entry.mapped_at = None,
+            Ok(()) => {
+                debug!(
+                    "{key}: unmapped from IOVA {iova:#x} in {:?}",
+                    started.elapsed()
+                );
+                entry.mapped_at = None;
+            }
             // Kept as mapped so the next reconcile retries, and nothing maps over it.
             Err(e) => error!("{key}: {e}"),
         }
@@ -459,10 +467,10 @@ impl P2pTable {
             Some((at, Failure::Iommu)) if at == iova => return,
             _ => self.precheck(inner, key, iova, size),
         };
-        let entry = inner
-            .entries
-            .get_mut(key)
-            .expect("key taken from the table");
+        let Some(entry) = inner.entries.get_mut(key) else {
+            return;
+        };
+        let started = Instant::now();
         let failure = failure.or_else(|| {
             let backing = match &entry.backing {
                 BarBacking::Dmabuf(fd) => Backing::File {
@@ -495,6 +503,10 @@ impl P2pTable {
         });
         match failure {
             None => {
+                debug!(
+                    "{key}: mapped at IOVA {iova:#x} (+{size:#x}) in {:?}",
+                    started.elapsed()
+                );
                 entry.mapped_at = Some(iova);
                 entry.failure = None;
             }
