@@ -53,6 +53,50 @@ pub fn lab_kernel() -> Result<PathBuf, String> {
         .clone()
 }
 
+/// The lab kernel as an ELF `vmlinux`, for the ELF boot path: the XZ stream inside the bzImage,
+/// decompressed (what the kernel's `scripts/extract-vmlinux` does). Written once per test process
+/// to `target/lab/vmlinux`.
+pub fn lab_vmlinux() -> Result<PathBuf, String> {
+    static VMLINUX: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    VMLINUX
+        .get_or_init(|| {
+            let bzimage = lab_kernel()?;
+            let image = std::fs::read(&bzimage).map_err(|e| format!("reading {bzimage:?}: {e}"))?;
+            const XZ_MAGIC: &[u8] = b"\xfd7zXZ\x00";
+            let at = image
+                .windows(XZ_MAGIC.len())
+                .position(|w| w == XZ_MAGIC)
+                .ok_or(format!("{bzimage:?} holds no XZ stream (CONFIG_KERNEL_XZ)"))?;
+            let mut xz = Command::new("xz")
+                .args(["-dc", "--single-stream"])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .map_err(|e| format!("starting xz: {e}"))?;
+            let mut stdin = xz.stdin.take().ok_or("xz has no stdin")?;
+            let payload = image[at..].to_vec();
+            let feeder = std::thread::spawn(move || {
+                use std::io::Write;
+                // xz stops reading at the end of the stream; the rest of the image is not ours.
+                let _ = stdin.write_all(&payload);
+            });
+            let out = xz.wait_with_output().map_err(|e| format!("xz: {e}"))?;
+            let _ = feeder.join();
+            if !out.stdout.starts_with(b"\x7fELF") {
+                return Err(format!(
+                    "the XZ stream of {bzimage:?} is not an ELF image ({})",
+                    out.status
+                ));
+            }
+            let dir = repo_root().join("target/lab");
+            std::fs::create_dir_all(&dir).map_err(|e| format!("creating {dir:?}: {e}"))?;
+            let path = dir.join("vmlinux");
+            std::fs::write(&path, &out.stdout).map_err(|e| format!("writing {path:?}: {e}"))?;
+            Ok(path)
+        })
+        .clone()
+}
+
 /// Builds `bin` of `package` statically linked (L1 and L2 initramfs images have no libraries),
 /// in its own target directory so it does not wait on the outer `cargo test` lock.
 fn static_binary(package: &str, bin: &str) -> Result<PathBuf, String> {

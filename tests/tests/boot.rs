@@ -7,7 +7,7 @@
 use std::sync::OnceLock;
 
 use p2pvmm_tests::{
-    expect_scenario, run_retrying_lab_failure, Console, L1Run, Scenario, L2_CMDLINE,
+    expect_scenario, lab_vmlinux, run_retrying_lab_failure, Console, L1Run, Scenario, L2_CMDLINE,
 };
 
 const L2: &str = "--kernel /l2/bzImage --initramfs /l2/initramfs.cpio.gz";
@@ -15,6 +15,7 @@ const MIB: u64 = 1 << 20;
 
 fn boot_lab() -> Result<Console, String> {
     L1Run::new("boot")
+        .file(lab_vmlinux()?, "/l2/vmlinux")
         .scenario(
             "one-cpu",
             240,
@@ -38,6 +39,14 @@ fn boot_lab() -> Result<Console, String> {
             ),
         )
         .scenario(
+            "elf",
+            240,
+            &format!(
+                "p2pvmm --kernel /l2/vmlinux --initramfs /l2/initramfs.cpio.gz --cpus 1 \
+                 --memory 512M --cmdline '{L2_CMDLINE}'"
+            ),
+        )
+        .scenario(
             "bad-kernel",
             60,
             "p2pvmm --kernel /nonexistent/bzImage --memory 256M",
@@ -48,7 +57,9 @@ fn boot_lab() -> Result<Console, String> {
 /// The shared L1 run, retried once after a lab failure.
 fn lab() -> &'static Result<Console, String> {
     static LAB: OnceLock<Result<Console, String>> = OnceLock::new();
-    LAB.get_or_init(|| run_retrying_lab_failure(&["one-cpu", "two-cpus", "above-4g"], boot_lab))
+    LAB.get_or_init(|| {
+        run_retrying_lab_failure(&["one-cpu", "two-cpus", "above-4g", "elf"], boot_lab)
+    })
 }
 
 fn scenario(name: &str) -> (Scenario, &'static Console) {
@@ -97,6 +108,11 @@ fn l2_ram_spans_the_32bit_hole() {
     // 3.5 GiB: 3 GiB below the MMIO hole, 512 MiB above 4 GiB. A MemTotal near 3.5 GiB shows
     // the guest found and used the RAM above 4 GiB.
     assert_boots("above-4g", 2, 3584 * MIB);
+}
+
+#[test]
+fn l2_boots_from_an_elf_vmlinux() {
+    assert_boots("elf", 1, 512 * MIB);
 }
 
 #[test]
