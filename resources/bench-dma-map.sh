@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # bench-dma-map.sh - time to map guest RAM into the host IOMMU for VFIO DMA, per backend:
 # iommufd (IOMMU_IOAS_MAP_FILE of the guest RAM memfd) vs legacy type1 (VFIO_IOMMU_MAP_DMA by
-# address), measured by p2pvmm itself inside the L1 lab guest with edu passed through.
+# address of anonymous RAM advised for huge pages), measured by p2pvmm itself inside the L1 lab
+# guest with edu passed through.
 #
 # Usage: resources/bench-dma-map.sh [--runs N] [--sizes "1024 2048"]
 # Prints each run and the median milliseconds per GiB for each backend, and their ratio.

@@ -17,7 +17,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::{acpi, boot, cpuid, regs};
 use crate::config::{SerialConfig, VmConfig};
 use crate::console::ConsoleInput;
-use crate::device_manager::{DeviceManager, DeviceManagerError, Platform};
+use crate::device_manager::{ram_backing, DeviceManager, DeviceManagerError, Platform};
 use crate::event_loop;
 use crate::interrupts::KvmInterrupts;
 use crate::layout::{MemoryLayout, KVM_IDENTITY_MAP_START, KVM_TSS_START};
@@ -135,7 +135,7 @@ impl Vm {
         };
         vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
-        let ram = GuestRam::new(&layout)?;
+        let ram = GuestRam::new(&layout, ram_backing(config))?;
         let first_device_slot = ram.register(&vm)?;
         let slots = Arc::new(MemorySlots::new(
             vm.clone(),

@@ -20,7 +20,7 @@ use crate::layout::{MemoryLayout, MMIO32_SIZE, MMIO32_START, PCI_ECAM_SIZE, PCI_
 use crate::memory::GuestRam;
 use crate::slots::MemorySlots;
 use bar_mapper::BarMapper;
-pub use vfio::Passthrough;
+pub use vfio::{ram_backing, Passthrough};
 
 /// Port I/O the platform hands to I/O BARs: above the legacy devices.
 const PCI_IO_START: u64 = 0x1000;

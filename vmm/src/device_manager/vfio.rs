@@ -18,7 +18,7 @@ use super::bar_mapper::{BarMapper, MappedArea, PassthroughBars};
 use super::DeviceManagerError;
 use crate::config::{DeviceConfig, IommuBackendKind, VmConfig};
 use crate::kvm_vfio::KvmVfio;
-use crate::memory::GuestRam;
+use crate::memory::{GuestRam, RamBacking};
 
 const PAGE_SIZE: u64 = 4096;
 
@@ -40,6 +40,17 @@ fn backend_kind(config: &VmConfig) -> BackendKind {
         Some(IommuBackendKind::Legacy) => BackendKind::Type1,
         None if Path::new("/dev/iommu").exists() => BackendKind::Iommufd,
         None => BackendKind::Type1,
+    }
+}
+
+/// What guest RAM should be for the configured devices: anonymous huge pages when they sit on
+/// type1, which pins RAM through the process page tables; a memfd otherwise (iommufd maps it by
+/// file, and a VM without devices keeps the file for them).
+pub fn ram_backing(config: &VmConfig) -> RamBacking {
+    if !config.devices.is_empty() && backend_kind(config) == BackendKind::Type1 {
+        RamBacking::AnonymousHuge
+    } else {
+        RamBacking::Memfd
     }
 }
 
@@ -109,10 +120,13 @@ pub fn map_guest_ram(
             iova: gpa,
             size,
             kind: DmaKind::Ram,
-            backing: Backing::File {
-                fd: ram.file.as_fd(),
-                offset,
-                host_va: Some(host_va),
+            backing: match &ram.file {
+                Some(file) => Backing::File {
+                    fd: file.as_fd(),
+                    offset,
+                    host_va: Some(host_va),
+                },
+                None => Backing::HostVa(host_va),
             },
             writable: true,
         };
@@ -120,8 +134,8 @@ pub fn map_guest_ram(
         // iommufd pins straight from the file's pages: allocating them first in one call is
         // far cheaper than faulting them in one by one during the map. Type1 pins through the
         // process page tables and faults them in either way.
-        if backend.kind() == BackendKind::Iommufd {
-            populate(&ram.file, offset, size).map_err(|source| DeviceManagerError::Populate {
+        if let (Some(file), BackendKind::Iommufd) = (&ram.file, backend.kind()) {
+            populate(file, offset, size).map_err(|source| DeviceManagerError::Populate {
                 start: gpa,
                 size,
                 source,
