@@ -111,6 +111,37 @@ pub fn expect_scenario<'a>(
 }
 
 impl Scenario {
+    /// What follows `prefix` (trimmed) on the first line holding it at or after the first
+    /// `marker` (`""`: anywhere): a guest program's result line after a step's marker.
+    pub fn result_after(&self, marker: &str, prefix: &str) -> Option<&str> {
+        let start = self.output.find(marker)?;
+        self.output[start..]
+            .lines()
+            .find_map(|l| l.split_once(prefix).map(|(_, r)| r.trim()))
+    }
+
+    /// [`result_after`](Self::result_after), failing the test with the L1 console attached
+    /// when the line is missing (`what` names the program that should have printed it).
+    pub fn expect_result(&self, console: &Console, marker: &str, prefix: &str, what: &str) -> &str {
+        self.result_after(marker, prefix).unwrap_or_else(|| {
+            panic!(
+                "{}: {what} printed no result; console:\n{}",
+                self.name, console.text
+            )
+        })
+    }
+
+    /// Fails the test, with the L1 console attached, unless p2pvmm exited with `status`.
+    pub fn assert_exit(&self, console: &Console, status: i32) {
+        assert_eq!(
+            self.rc,
+            Some(status),
+            "{}: p2pvmm exit status; console:\n{}",
+            self.name,
+            console.text
+        );
+    }
+
     /// The L2 report line, if L2 got as far as its init.
     pub fn l2_report(&self) -> Option<L2Report> {
         let line = self
@@ -153,6 +184,20 @@ mod tests {
         );
         let names: Vec<_> = console.scenarios().into_iter().map(|s| s.name).collect();
         assert_eq!(names, ["two", "hung"]);
+        assert_eq!(
+            two.result_after("", "P2PVMM-L2: "),
+            Some("cpus=2 memtotal_kb=480000")
+        );
+        assert_eq!(
+            two.result_after("booting", "cpus="),
+            Some("2 memtotal_kb=480000")
+        );
+        assert_eq!(
+            two.result_after("P2PVMM-L2", "booting"),
+            None,
+            "only after the marker"
+        );
+        assert_eq!(two.result_after("absent", "cpus="), None);
         let hung = console.scenario("hung").unwrap();
         assert_eq!(hung.rc, None);
         assert_eq!(hung.l2_report(), None);

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use p2pvmm_tests::{
-    edu_dma_static, expect_scenario, repo_root, run_retrying_lab_failure, Console, L1Run, Scenario,
+    edu_dma_static, expect_scenario, repo_root, run_retrying_lab_failure, Console, L1Run,
     L2_CMDLINE,
 };
 
@@ -86,20 +86,9 @@ fn lab() -> &'static Result<Console, String> {
     LAB.get_or_init(|| run_retrying_lab_failure(&["iommufd", "legacy"], run_lab))
 }
 
-/// edu-dma's result line after `BIG-STEP step`.
-fn step_result<'a>(s: &'a Scenario, step: &str) -> Option<&'a str> {
-    let start = s.output.find(&format!("BIG-STEP {step}"))?;
-    s.output[start..]
-        .lines()
-        .find_map(|l| l.split_once("EDU-DMA: ").map(|(_, r)| r.trim()))
-}
-
 fn assert_big_bar_reachable(name: &str) {
     let (s, console) = expect_scenario(lab(), name);
-    let bar = s
-        .output
-        .lines()
-        .find_map(|l| l.split_once("BIG-BAR ").map(|(_, r)| r.trim().to_owned()));
+    let bar = s.result_after("", "BIG-BAR ");
     let Some(bar) = bar else {
         panic!(
             "{name}: L2 did not report the big BAR; console:\n{}",
@@ -123,24 +112,14 @@ fn assert_big_bar_reachable(name: &str) {
         "{name}: BAR ends at {end:#x}, beyond L1's 39-bit IOMMU"
     );
     for step in ["first", "last"] {
-        let result = step_result(&s, step).unwrap_or_else(|| {
-            panic!(
-                "{name}: step {step} printed no result; console:\n{}",
-                console.text
-            )
-        });
+        let result = s.expect_result(console, &format!("BIG-STEP {step}"), "EDU-DMA: ", "edu-dma");
         assert!(
             result.starts_with("ok ") && result.contains("wrong=0"),
             "{name}: step {step}: {result}; console:\n{}",
             console.text
         );
     }
-    assert_eq!(
-        s.rc,
-        Some(0),
-        "{name}: p2pvmm exit status; console:\n{}",
-        console.text
-    );
+    s.assert_exit(console, 0);
 }
 
 #[test]

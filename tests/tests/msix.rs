@@ -68,26 +68,15 @@ fn field<'a>(result: &'a str, key: &str) -> Option<&'a str> {
 /// The probe's result line (after `MSIX-PROBE: `), checked to be a success, and the console.
 fn probe_ok(name: &str) -> (String, &'static Console) {
     let (s, console) = scenario(name);
-    let Some(result) = s.output.lines().find_map(|l| {
-        l.split_once("MSIX-PROBE: ")
-            .map(|(_, r)| r.trim().to_owned())
-    }) else {
-        panic!(
-            "{name}: msix-probe printed no result; console:\n{}",
-            console.text
-        );
-    };
+    let result = s
+        .expect_result(console, "", "MSIX-PROBE: ", "msix-probe")
+        .to_owned();
     assert!(
         result.starts_with("ok "),
         "{name}: {result}; console:\n{}",
         console.text
     );
-    assert_eq!(
-        s.rc,
-        Some(0),
-        "{name}: p2pvmm exit status; console:\n{}",
-        console.text
-    );
+    s.assert_exit(console, 0);
     (result, console)
 }
 

@@ -75,15 +75,6 @@ fn scenario(name: &str) -> (Scenario, &'static Console) {
     expect_scenario(lab(), name)
 }
 
-/// edu-dma's result line after `P2P-STEP step`.
-fn step_result<'a>(s: &'a Scenario, step: &str) -> Option<&'a str> {
-    let tag = format!("P2P-STEP {step}");
-    let start = s.output.find(&tag)?;
-    s.output[start..]
-        .lines()
-        .find_map(|l| l.split_once("EDU-DMA: ").map(|(_, r)| r.trim()))
-}
-
 fn assert_steps(name: &str) {
     let (s, console) = scenario(name);
     let expect = [
@@ -94,12 +85,7 @@ fn assert_steps(name: &str) {
         ("decode-on", true),
     ];
     for (step, works) in expect {
-        let Some(result) = step_result(&s, step) else {
-            panic!(
-                "{name}: step {step} printed no result; console:\n{}",
-                console.text
-            );
-        };
+        let result = s.expect_result(console, &format!("P2P-STEP {step}"), "EDU-DMA: ", "edu-dma");
         let ok = result.starts_with("ok ") && result.contains("wrong=0");
         assert_eq!(
             ok, works,
@@ -107,12 +93,7 @@ fn assert_steps(name: &str) {
             console.text
         );
     }
-    assert_eq!(
-        s.rc,
-        Some(0),
-        "{name}: p2pvmm exit status; console:\n{}",
-        console.text
-    );
+    s.assert_exit(console, 0);
 }
 
 #[test]

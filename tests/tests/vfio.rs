@@ -112,16 +112,7 @@ const IVSHMEM: &str = "0x1af4:0x1110";
 /// interrupt, counted as `counter` (`msi` or `intx`).
 fn assert_edu_dma(name: &str, counter: &str) {
     let (s, console) = scenario(name);
-    let result = s
-        .output
-        .lines()
-        .find_map(|l| l.split_once("EDU-DMA: ").map(|(_, r)| r.trim()));
-    let Some(result) = result else {
-        panic!(
-            "{name}: edu-dma printed no result; console:\n{}",
-            console.text
-        );
-    };
+    let result = s.expect_result(console, "", "EDU-DMA: ", "edu-dma");
     assert!(
         result.starts_with("ok ") && result.contains("wrong=0"),
         "{name}: {result}; console:\n{}",
@@ -138,12 +129,7 @@ fn assert_edu_dma(name: &str, counter: &str) {
         "{name}: {counter}={irqs} for 2 rounds; console:\n{}",
         console.text
     );
-    assert_eq!(
-        s.rc,
-        Some(0),
-        "{name}: p2pvmm exit status; console:\n{}",
-        console.text
-    );
+    s.assert_exit(console, 0);
 }
 
 fn assert_placement(name: &str, ids: &str, bridges: usize) {

@@ -184,6 +184,19 @@ impl MsiSink for FakeMsiSink {
     }
 }
 
+/// Routes nothing and holds interrupts for some vectors outside the model, as a passthrough
+/// device's eventfds do while their vectors have no route.
+pub struct HoldingMsiSink(pub Vec<u16>);
+
+impl MsiSink for HoldingMsiSink {
+    fn vector_changed(&self, _vector: u16, _message: Option<MsiMessage>) {}
+    fn enable_changed(&self, _enabled: bool) {}
+    fn inject(&self, _vector: u16, _message: MsiMessage) {}
+    fn held(&self, vector: u16) -> bool {
+        self.0.contains(&vector)
+    }
+}
+
 /// A plain endpoint: a type-0 config space and BARs that read back a recognisable pattern.
 pub struct FakeEndpoint {
     name: String,

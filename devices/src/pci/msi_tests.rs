@@ -1,6 +1,6 @@
 use super::*;
 use crate::pci::config::{PciIds, Type0Config};
-use crate::pci::fake::{FakeEndpoint, FakeMsiSink, MsiEvent};
+use crate::pci::fake::{FakeEndpoint, FakeMsiSink, HoldingMsiSink, MsiEvent};
 
 const IDS: PciIds = FakeEndpoint::IDS;
 const ADDRESS: u32 = 0xfee0_0000;
@@ -231,23 +231,10 @@ fn reset_disables_and_withdraws_routes() {
     );
 }
 
-/// Holds interrupts for some vectors outside the model, as a passthrough device's eventfds do
-/// while their vectors have no route.
-struct HoldingSink(Vec<u16>);
-
-impl MsiSink for HoldingSink {
-    fn vector_changed(&self, _vector: u16, _message: Option<MsiMessage>) {}
-    fn enable_changed(&self, _enabled: bool) {}
-    fn inject(&self, _vector: u16, _message: MsiMessage) {}
-    fn held(&self, vector: u16) -> bool {
-        self.0.contains(&vector)
-    }
-}
-
 #[test]
 fn pending_bits_show_interrupts_held_outside_the_model_for_masked_vectors() {
     let mut h = Harness::new(4, true, true);
-    let holding = HoldingSink(vec![1, 2, 3]);
+    let holding = HoldingMsiSink(vec![1, 2, 3]);
     let pending_at = h.msi.range().start + 0x14;
     let read = |h: &Harness, offset: u16, len: usize| {
         let mut data = vec![0; len];

@@ -1,6 +1,6 @@
 use super::*;
 use crate::pci::config::{BarDef, Type0Config};
-use crate::pci::fake::{FakeEndpoint, FakeMsiSink, MsiEvent};
+use crate::pci::fake::{FakeEndpoint, FakeMsiSink, HoldingMsiSink, MsiEvent};
 
 const VECTORS: u16 = 8;
 const PBA: u64 = 0x2000;
@@ -262,23 +262,10 @@ fn clearing_the_function_mask_delivers_pending_vectors() {
     );
 }
 
-/// Holds interrupts for some vectors outside the model, as a passthrough device's eventfds do
-/// while their vectors have no route.
-struct HoldingSink(Vec<u16>);
-
-impl MsiSink for HoldingSink {
-    fn vector_changed(&self, _vector: u16, _message: Option<MsiMessage>) {}
-    fn enable_changed(&self, _enabled: bool) {}
-    fn inject(&self, _vector: u16, _message: MsiMessage) {}
-    fn held(&self, vector: u16) -> bool {
-        self.0.contains(&vector)
-    }
-}
-
 #[test]
 fn pba_shows_interrupts_held_outside_the_model_for_masked_vectors() {
     let mut h = Harness::new();
-    let holding = HoldingSink(vec![1, 2]);
+    let holding = HoldingMsiSink(vec![1, 2]);
     let pba = |h: &Harness| {
         let mut data = [0; 8];
         assert!(h.msix.bar_read(0, PBA, &mut data, &holding));
