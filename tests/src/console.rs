@@ -64,14 +64,20 @@ impl Console {
 
 /// Runs the lab, and once more if the first run looks like a lab failure rather than a test
 /// result: a scenario in `booting` shows no L2 kernel output at all (the lab's documented
-/// hiccup, a nested guest that never starts), or a scenario was killed by its time limit or
-/// never finished (seen when the machine stalled for minutes). A second bad run is returned as
-/// it is, for the tests to fail on.
+/// hiccup, a nested guest that never starts), a scenario was killed by its time limit or
+/// never finished (seen when the machine stalled for minutes), or L1 as a whole timed out. A
+/// second bad run is returned as it is, for the tests to fail on.
 pub fn run_retrying_lab_failure(
     booting: &[&str],
     run: impl Fn() -> Result<Console, String>,
 ) -> Result<Console, String> {
-    let first = run()?;
+    let first = match run() {
+        Err(e) if e.starts_with(crate::l1::L1_TIMED_OUT) => {
+            eprintln!("lab failure in the first run; retrying once: {e}");
+            return run();
+        }
+        other => other?,
+    };
     let silent = booting.iter().any(|name| {
         first
             .scenario(name)

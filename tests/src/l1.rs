@@ -199,6 +199,11 @@ bind_vfio() {
 /// software on top of QEMU TCG's emulated SVM; the one-shot timer takes a path that keeps working.
 pub const L2_CMDLINE: &str = "console=ttyS0 panic=-1 lapic=notscdeadline";
 
+/// How [`L1Run::run`]'s error starts when QEMU had to be killed: L1 itself stopped making
+/// progress (seen once here with the machine loaded: one L1 vCPU spinning, L1's userspace
+/// starved), a lab failure worth one retry.
+pub const L1_TIMED_OUT: &str = "L1 timed out";
+
 /// One boot of L1 running a script of scenarios.
 pub struct L1Run {
     name: String,
@@ -344,7 +349,7 @@ impl L1Run {
         let console = Console { text };
         if out.status.code() == Some(124) {
             return Err(format!(
-                "L1 timed out after {} s; console:\n{}",
+                "{L1_TIMED_OUT} after {} s; console:\n{}",
                 self.timeout_s, console.text
             ));
         }

@@ -13,9 +13,34 @@ use p2pvmm_tests::{
 const L2: &str = "--kernel /l2/bzImage --initramfs /l2/initramfs.cpio.gz";
 const MIB: u64 = 1 << 20;
 
+/// Writes `/tmp/stop-when.sh`: `sh /tmp/stop-when.sh MARKER SIGNAL CMD...` runs CMD, sends it
+/// SIGNAL once its output shows MARKER, prints its output and exits with its status. (A script,
+/// not a shell function: `scenario` runs its command through timeout(1).)
+const STOP_WHEN: &str = r#"
+cat > /tmp/stop-when.sh <<'EOF'
+marker=$1; sig=$2; shift 2
+"$@" > /tmp/stop-when.out 2>&1 &
+pid=$!
+while kill -0 $pid 2>/dev/null && ! grep -q "$marker" /tmp/stop-when.out; do sleep 1; done
+echo "L1: sending SIG$sig to p2pvmm"
+kill -$sig $pid
+wait $pid
+rc=$?
+cat /tmp/stop-when.out
+exit $rc
+EOF
+"#;
+
+/// L2 holds (instead of powering off) when its command line asks for it.
+const L2_SCRIPT: &str = r#"
+if grep -q 'p2pvmm\.l2=hold' /proc/cmdline; then echo "L2-HOLDING"; sleep 600; fi
+"#;
+
 fn boot_lab() -> Result<Console, String> {
     L1Run::new("boot")
         .file(lab_vmlinux()?, "/l2/vmlinux")
+        .prelude(STOP_WHEN)
+        .l2_script(L2_SCRIPT)
         .scenario(
             "one-cpu",
             240,
@@ -44,6 +69,14 @@ fn boot_lab() -> Result<Console, String> {
             &format!(
                 "p2pvmm --kernel /l2/vmlinux --initramfs /l2/initramfs.cpio.gz --cpus 1 \
                  --memory 512M --cmdline '{L2_CMDLINE}'"
+            ),
+        )
+        .scenario(
+            "sigterm",
+            240,
+            &format!(
+                "sh /tmp/stop-when.sh L2-HOLDING TERM p2pvmm {L2} --cpus 2 --memory 512M \
+                 --cmdline '{L2_CMDLINE} p2pvmm.l2=hold'"
             ),
         )
         .scenario(
@@ -129,6 +162,22 @@ fn l2_reboot_ends_p2pvmm_with_status_3() {
         "reboot: exit status; console:\n{}",
         console.text
     );
+}
+
+#[test]
+fn sigterm_stops_the_vm_in_order_with_status_143() {
+    let (s, console) = scenario("sigterm");
+    assert!(
+        s.output.contains("L2-HOLDING") && s.output.contains("L1: sending SIGTERM"),
+        "sigterm: L2 never got to hold; console:\n{}",
+        console.text
+    );
+    assert!(
+        s.output.contains("p2pvmm: stopped by SIGTERM"),
+        "sigterm: no orderly stop; console:\n{}",
+        console.text
+    );
+    s.assert_exit(console, 128 + 15);
 }
 
 #[test]

@@ -1,5 +1,5 @@
-//! The VMM thread's event loop (event-manager): waits for the guest to end and serves console
-//! input meanwhile.
+//! The VMM thread's event loop (event-manager): waits for the guest to end (or a stop signal)
+//! and serves console input meanwhile.
 
 use std::sync::{Arc, Mutex};
 
@@ -7,6 +7,7 @@ use devices::legacy::ExitSignal;
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 
 use crate::console::ConsoleInput;
+use crate::signals::StopSignals;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EventLoopError {
@@ -31,10 +32,15 @@ impl MutEventSubscriber for ExitWatcher {
 
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
-/// Runs until a device or vCPU has asked the guest to end.
-pub fn run(exit: &Arc<ExitSignal>, console: Option<ConsoleInput>) -> Result<(), EventLoopError> {
+/// Runs until a device, a vCPU or a stop signal has asked the guest to end.
+pub fn run(
+    exit: &Arc<ExitSignal>,
+    console: Option<ConsoleInput>,
+    stop: StopSignals,
+) -> Result<(), EventLoopError> {
     let mut manager = EventManager::<Subscriber>::new().map_err(EventLoopError::Manager)?;
     manager.add_subscriber(Arc::new(Mutex::new(ExitWatcher(exit.clone()))));
+    manager.add_subscriber(Arc::new(Mutex::new(stop)));
     if let Some(console) = console {
         manager.add_subscriber(Arc::new(Mutex::new(console)));
     }

@@ -2,7 +2,8 @@
 //!
 //! Exit status: 0 when the guest powers off, 3 when it reboots (p2pvmm does not restart it),
 //! 4 when it crashes (triple fault excepted, which counts as a reboot), 1 on a VMM error
-//! (bad configuration included), 2 on a command-line usage error.
+//! (bad configuration included), 2 on a command-line usage error, 128 + N when signal N
+//! (SIGTERM, SIGINT, SIGHUP) stopped it after an orderly shutdown.
 
 mod arch;
 mod config;
@@ -13,6 +14,7 @@ mod interrupts;
 mod kvm_vfio;
 mod layout;
 mod memory;
+mod signals;
 mod slots;
 mod vcpu;
 mod vm;
@@ -29,6 +31,11 @@ const EXIT_GUEST_REBOOT: u8 = 3;
 const EXIT_GUEST_CRASH: u8 = 4;
 
 fn main() -> ExitCode {
+    // Before any thread exists, so every thread inherits the mask (see `signals`).
+    if let Err(e) = signals::block() {
+        eprintln!("p2pvmm: error: blocking SIGTERM/SIGINT/SIGHUP: {e}");
+        return ExitCode::from(EXIT_VMM_ERROR);
+    }
     let loaded = match config::load(std::env::args_os()) {
         Ok(loaded) => loaded,
         Err(ConfigError::Usage(e)) => e.exit(),
@@ -65,6 +72,11 @@ fn main() -> ExitCode {
         Ok(GuestExit::Crash) => {
             eprintln!("p2pvmm: the guest crashed");
             ExitCode::from(EXIT_GUEST_CRASH)
+        }
+        Ok(GuestExit::Stopped) => {
+            let signal = signals::received().unwrap_or(libc::SIGTERM);
+            eprintln!("p2pvmm: stopped by {}", signals::name(signal));
+            ExitCode::from(128u8.saturating_add(u8::try_from(signal).unwrap_or(0)))
         }
         Err(e) => fail(&e),
     }

@@ -22,6 +22,7 @@ use crate::event_loop;
 use crate::interrupts::KvmInterrupts;
 use crate::layout::{MemoryLayout, KVM_IDENTITY_MAP_START, KVM_TSS_START};
 use crate::memory::GuestRam;
+use crate::signals::StopSignals;
 use crate::slots::MemorySlots;
 use crate::vcpu::{self, Vcpu, VcpuShared};
 
@@ -233,6 +234,8 @@ impl Vm {
     /// Runs the guest until it powers off, resets or crashes, then stops every vCPU thread.
     pub fn run(mut self) -> Result<GuestExit, VmError> {
         vcpu::register_kick_handler().map_err(io_err("installing the vCPU kick handler"))?;
+        let stop = StopSignals::new(self.shared.exit.clone())
+            .map_err(io_err("watching for SIGTERM/SIGINT/SIGHUP"))?;
         let console = self
             .serial_to_stdout
             .then(|| ConsoleInput::stdin(self.serial.clone()));
@@ -251,7 +254,7 @@ impl Vm {
             }
         }
         if result.is_ok() {
-            result = event_loop::run(&self.shared.exit, console).map_err(VmError::from);
+            result = event_loop::run(&self.shared.exit, console, stop).map_err(VmError::from);
         }
         vcpu::stop_all(&self.shared.stop, threads);
         self.devices.shut_down();

@@ -13,6 +13,8 @@ pub enum GuestExit {
     Reset,
     /// The guest could not continue (KVM internal error, failed entry).
     Crash,
+    /// The VMM was told to stop the guest (SIGTERM, SIGINT, SIGHUP).
+    Stopped,
 }
 
 impl GuestExit {
@@ -21,6 +23,7 @@ impl GuestExit {
             GuestExit::Poweroff => 1,
             GuestExit::Reset => 2,
             GuestExit::Crash => 3,
+            GuestExit::Stopped => 4,
         }
     }
 
@@ -29,6 +32,7 @@ impl GuestExit {
             1 => Some(GuestExit::Poweroff),
             2 => Some(GuestExit::Reset),
             3 => Some(GuestExit::Crash),
+            4 => Some(GuestExit::Stopped),
             _ => None,
         }
     }
