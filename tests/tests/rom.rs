@@ -121,8 +121,11 @@ fn run_lab() -> Result<Lab, String> {
             .edu_romfile(&file)
             .prelude(BIND)
             .l2_script(L2_SCRIPT)
-            .scenario("iommufd", 300, &vmm("iommufd", "root-port"))
-            .scenario("legacy", 300, &vmm("legacy", "root"))
+            .scenario("iommufd", 150, &vmm("iommufd", "root-port"))
+            .scenario("legacy", 150, &vmm("legacy", "root"))
+            // Bounded tightly: L1 hung a few times while L2 read the ROM (README), and a hung
+            // L1 costs this long before its one retry.
+            .timeout_s(420)
             .run()
     })?;
     Ok(Lab { console, expected })

@@ -92,12 +92,19 @@ impl VfioPciDevice {
             config.add_bar(*index, *def).map_err(config_err)?;
         }
         // A ROM the emulated register cannot describe stays hidden; the function works without.
-        let rom = VfioRom::new(function.rom_size).filter(|rom| {
-            config
-                .add_rom(rom.bar_size())
-                .inspect_err(|e| log::warn!("{name}: expansion ROM hidden: {e}"))
-                .is_ok()
-        });
+        let rom = VfioRom::new(function.rom_size)
+            .filter(|rom| {
+                config
+                    .add_rom(rom.bar_size())
+                    .inspect_err(|e| log::warn!("{name}: expansion ROM hidden: {e}"))
+                    .is_ok()
+            })
+            .map(|rom| {
+                rom.cached(&*host).unwrap_or_else(|(rom, e)| {
+                    log::warn!("{name}: reading the expansion ROM: {e}; reads go to the device");
+                    rom
+                })
+            });
         PcieCap::add(
             &mut config,
             PcieDeviceType::Endpoint,

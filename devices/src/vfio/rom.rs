@@ -1,6 +1,13 @@
 //! The host function's expansion ROM as the guest sees it: VFIO region 6 behind an emulated ROM
 //! BAR. The ROM BAR is a power of two of at least 2 KiB, so it can be larger than the region; the
 //! tail reads as 0xff, like an erased ROM. Read-only: the guest cannot write a ROM.
+//!
+//! Guest reads trap and are served from a copy taken once when the device is set up: a read of
+//! VFIO's ROM region makes the host kernel map and unmap the ROM each time, and neither a read
+//! nor a ROM enable by the guest then touches the host kernel at all (see README: L1 hung a few
+//! times while L2 read a ROM through KVM slots or through per-read region reads).
+
+use std::sync::Arc;
 
 use vfio_p2p::DeviceError;
 
@@ -8,16 +15,37 @@ use super::probe::ConfigSource;
 use crate::pci::config::ROM_MIN_SIZE;
 
 /// A host ROM region and the size of the ROM BAR that shows it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VfioRom {
     /// Size of VFIO region 6.
     host_size: u64,
+    /// The region's bytes, once [`cached`](Self::cached).
+    copy: Option<Arc<[u8]>>,
 }
 
 impl VfioRom {
     /// `None` when the host function has no ROM (`host_size` 0).
     pub fn new(host_size: u64) -> Option<Self> {
-        (host_size > 0).then_some(Self { host_size })
+        (host_size > 0).then_some(Self {
+            host_size,
+            copy: None,
+        })
+    }
+
+    /// Reads the whole host region once; later reads come from the copy. If the region cannot
+    /// be read, reads keep going to the host.
+    pub fn cached(mut self, host: &dyn ConfigSource) -> Result<Self, (Self, DeviceError)> {
+        let Ok(len) = usize::try_from(self.host_size) else {
+            return Ok(self);
+        };
+        let mut bytes = vec![0xff; len];
+        match host.read_rom(0, &mut bytes) {
+            Ok(()) => {
+                self.copy = Some(bytes.into());
+                Ok(self)
+            }
+            Err(e) => Err((self, e)),
+        }
     }
 
     /// The ROM BAR's size: the host region rounded up to a power of two, at least 2 KiB.
@@ -37,6 +65,12 @@ impl VfioRom {
         let (head, tail) = data.split_at_mut(inside);
         tail.fill(0xff);
         if head.is_empty() {
+            return Ok(());
+        }
+        if let Some(copy) = &self.copy {
+            // `inside > 0` means `offset < host_size`, the copy's length.
+            let start = offset as usize;
+            head.copy_from_slice(&copy[start..start + head.len()]);
             return Ok(());
         }
         host.read_rom(offset, head).inspect_err(|_| head.fill(0xff))
@@ -125,6 +159,24 @@ mod tests {
         let mut beyond = [0; 4];
         rom.read(&host, 0xfffc, &mut beyond).unwrap();
         assert_eq!(beyond, [0xff; 4]);
+    }
+
+    #[test]
+    fn a_cached_rom_reads_from_its_copy_without_the_host() {
+        let mut host = FakeRom::new(0x9000);
+        let rom = VfioRom::new(0x9000).unwrap().cached(&host).unwrap();
+        host.fail = true;
+        let mut data = [0; 4];
+        rom.read(&host, 0x8ffe, &mut data).unwrap();
+        assert_eq!(
+            data,
+            [0x8ffe % 251, 0x8fff % 251, 0xff, 0xff].map(|v| v as u8)
+        );
+        let failing = VfioRom::new(0x800).unwrap().cached(&host);
+        assert!(
+            failing.is_err(),
+            "a region that cannot be read is not cached"
+        );
     }
 
     #[test]

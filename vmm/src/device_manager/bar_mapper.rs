@@ -4,9 +4,10 @@
 //! For every BAR: a trap region on the MMIO (or port I/O) bus covering the whole BAR. For
 //! passthrough BARs additionally: KVM memory slots over the mmappable areas (so guest CPU access
 //! goes straight to the device) and the peer-to-peer IOMMU mappings (so other devices' DMA to
-//! the BAR's guest address reaches it). An expansion ROM (BAR [`ROM_BAR`]) gets a read-only slot
-//! over a copy of its contents (guest writes still trap) and no peer mapping. Each change is
-//! all-or-nothing.
+//! the BAR's guest address reaches it). An expansion ROM (BAR [`ROM_BAR`]) stays trapped (its
+//! model serves reads from a copy) and gets no peer mapping: Linux enables and disables a ROM per
+//! 4 KiB it reads, and a KVM slot per toggle cost more than the traps (lab, 64 KiB through sysfs:
+//! 15-25 s with slots, 7-9.5 s trapped). Each change is all-or-nothing.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -31,9 +32,6 @@ pub struct PassthroughBars {
     pub key: DeviceKey,
     /// Per BAR index, the areas to map as memory slots.
     pub areas: [Vec<MappedArea>; 6],
-    /// A copy of the expansion ROM, sized like the ROM BAR, mapped read-only while the ROM
-    /// decodes: reading a ROM through traps costs an exit per dword.
-    pub rom: Option<vm_memory::MmapRegion>,
 }
 
 /// A BAR currently decoding in the guest.
@@ -101,8 +99,7 @@ impl BarMapper {
         }
     }
 
-    /// Sets up a BAR at `range`: the trap region, then a slot per mappable area (for the ROM:
-    /// one read-only slot over its copy).
+    /// Sets up a BAR at `range`: the trap region, then a slot per mappable area.
     fn set_up(
         &self,
         device: &SharedPciDevice,
@@ -119,23 +116,19 @@ impl BarMapper {
         };
         let passthrough = self.passthrough.lock().unwrap_or_else(|e| e.into_inner());
         let mut maps = Vec::new();
-        if let Some(p) = passthrough.get(&device_id(device)) {
-            if bar == ROM_BAR {
-                if let Some(rom) = p.rom.as_ref().filter(|r| r.size() as u64 == range.len) {
-                    log::debug!("ROM at {range}: read-only slot over its copy");
-                    maps.push((range.base, range.len, rom.as_ptr() as u64, true));
-                }
-            } else if let Some(areas) = p.areas.get(usize::from(bar)) {
-                for area in areas {
-                    let host = area.mapping.host_va();
-                    maps.push((range.base + area.offset, area.mapping.size(), host, false));
-                }
+        if let Some(areas) = passthrough
+            .get(&device_id(device))
+            .and_then(|p| p.areas.get(usize::from(bar)))
+        {
+            for area in areas {
+                let host = area.mapping.host_va();
+                maps.push((range.base + area.offset, area.mapping.size(), host));
             }
         }
-        for (gpa, size, host, read_only) in maps {
+        for (gpa, size, host) in maps {
             // SAFETY: the mapping lives in `self.passthrough` as long as the device does, and
             // every slot over it is removed before (tear_down runs when the BAR stops decoding).
-            match unsafe { self.slots.map(gpa, size, host, read_only) } {
+            match unsafe { self.slots.map(gpa, size, host, false) } {
                 Ok(slot) => live.slots.push(slot),
                 Err(e) => {
                     drop(passthrough);

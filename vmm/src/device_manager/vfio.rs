@@ -10,7 +10,7 @@ use devices::pci::{PciSegment, SharedPciDevice};
 use devices::vfio::VfioPciDevice;
 use vfio_p2p::{
     ranges_cover, BackendKind, Backing, DmaKind, DmaMapRequest, HostPciDevice, IovaRange, P2pTable,
-    VfioBackend, ROM_REGION,
+    VfioBackend,
 };
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
@@ -239,28 +239,6 @@ fn mappable_areas(
     Ok(areas)
 }
 
-/// Reads the host function's expansion ROM once into memory sized like the ROM BAR (erased
-/// 0xff tail), for a read-only memory slot. `None` (the ROM stays trapped) when there is no ROM,
-/// the BAR is smaller than a page, or the ROM cannot be read.
-fn rom_copy(id: &str, host: &HostPciDevice) -> Option<vm_memory::MmapRegion> {
-    use vm_memory::{Bytes, VolatileMemory};
-    let size = host.region(ROM_REGION).ok()?.size;
-    let bar_size = size.checked_next_power_of_two()?;
-    if size == 0 || bar_size < PAGE_SIZE {
-        return None;
-    }
-    let mut bytes = vec![0xffu8; usize::try_from(bar_size).ok()?];
-    let len = usize::try_from(size).ok()?;
-    if let Err(e) = host.read_region(ROM_REGION, 0, &mut bytes[..len]) {
-        log::warn!("{id}: reading the expansion ROM: {e}; it stays trapped");
-        return None;
-    }
-    let region = vm_memory::MmapRegion::<()>::new(bytes.len()).ok()?;
-    region.as_volatile_slice().write_slice(&bytes, 0).ok()?;
-    log::debug!("{id}: expansion ROM ({size:#x} bytes) copied for a read-only slot");
-    Some(region)
-}
-
 /// Builds the P2P table and the device models for the opened devices.
 pub fn build(
     opened: Opened,
@@ -299,13 +277,11 @@ pub fn build(
         let areas = mappable_areas(&config.id, &host, &model)?;
         let model = Arc::new(Mutex::new(model));
         let shared: SharedPciDevice = model.clone();
-        let rom = rom_copy(&config.id, &host);
         mapper.add_passthrough(
             &shared,
             PassthroughBars {
                 key: host.key(),
                 areas,
-                rom,
             },
         );
         devices.push((config, host, model));
