@@ -2,7 +2,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_READONLY};
+use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 
 #[derive(Debug, thiserror::Error)]
@@ -51,10 +51,10 @@ impl MemorySlots {
         }
     }
 
-    fn set(&self, slot: u32, gpa: u64, size: u64, host: u64, flags: u32) -> Result<(), SlotError> {
+    fn set(&self, slot: u32, gpa: u64, size: u64, host: u64) -> Result<(), SlotError> {
         let region = kvm_userspace_memory_region {
             slot,
-            flags,
+            flags: 0,
             guest_phys_addr: gpa,
             memory_size: size,
             userspace_addr: host,
@@ -69,19 +69,12 @@ impl MemorySlots {
         })
     }
 
-    /// Maps `size` bytes of host memory at `host` into the guest at `gpa`. A `read_only` slot
-    /// serves guest reads from memory; guest writes exit as MMIO (for ROMs).
+    /// Maps `size` bytes of host memory at `host` into the guest at `gpa`.
     ///
     /// # Safety
     /// `host..host + size` must be a live mapping that stays valid until the returned slot is
     /// given to [`MemorySlots::unmap`].
-    pub unsafe fn map(
-        &self,
-        gpa: u64,
-        size: u64,
-        host: u64,
-        read_only: bool,
-    ) -> Result<Slot, SlotError> {
+    pub unsafe fn map(&self, gpa: u64, size: u64, host: u64) -> Result<Slot, SlotError> {
         let slot = {
             let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
             match state.free.pop() {
@@ -93,8 +86,7 @@ impl MemorySlots {
                 None => return Err(SlotError::Exhausted(self.limit)),
             }
         };
-        let flags = if read_only { KVM_MEM_READONLY } else { 0 };
-        if let Err(e) = self.set(slot, gpa, size, host, flags) {
+        if let Err(e) = self.set(slot, gpa, size, host) {
             self.release(slot);
             return Err(e);
         }
@@ -103,7 +95,7 @@ impl MemorySlots {
 
     /// Removes a slot made by [`MemorySlots::map`].
     pub fn unmap(&self, slot: Slot) -> Result<(), SlotError> {
-        self.set(slot.slot, slot.gpa, 0, 0, 0)?;
+        self.set(slot.slot, slot.gpa, 0, 0)?;
         self.release(slot.slot);
         Ok(())
     }

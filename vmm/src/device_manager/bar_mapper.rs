@@ -128,7 +128,7 @@ impl BarMapper {
         for (gpa, size, host) in maps {
             // SAFETY: the mapping lives in `self.passthrough` as long as the device does, and
             // every slot over it is removed before (tear_down runs when the BAR stops decoding).
-            match unsafe { self.slots.map(gpa, size, host, false) } {
+            match unsafe { self.slots.map(gpa, size, host) } {
                 Ok(slot) => live.slots.push(slot),
                 Err(e) => {
                     drop(passthrough);
