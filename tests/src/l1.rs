@@ -158,7 +158,8 @@ fn l2_initramfs(work: &Path, files: &[(PathBuf, String)]) -> Result<PathBuf, Str
 /// between markers the harness parses (a few seconds before the limit, a command still running
 /// gets `SCENARIO-STUCK` lines: what each p2pvmm thread waits on and L1's last kernel messages,
 /// evidence for a hang seen only on another machine); `bind_vfio VENDOR DEVICE` binds the first
-/// function with those IDs to vfio-pci and prints its address (non-zero status when there is none).
+/// function with those IDs to vfio-pci (the Nth with `bind_vfio VENDOR DEVICE N`) and prints its
+/// address (non-zero status when there is none).
 const L1_PROLOGUE: &str = r#"
 stuck_report() {
     for p in $(pidof p2pvmm); do
@@ -179,8 +180,10 @@ scenario() {
     echo "SCENARIO-END $name rc=$rc"
 }
 bind_vfio() {
+    skip=$((${3:-1} - 1))
     for d in /sys/bus/pci/devices/*; do
         [ "$(cat "$d/vendor"):$(cat "$d/device")" = "0x$1:0x$2" ] || continue
+        [ $skip -gt 0 ] && { skip=$((skip - 1)); continue; }
         bdf=${d##*/}
         echo vfio-pci > "$d/driver_override"
         [ -e "$d/driver" ] && echo "$bdf" > "$d/driver/unbind"
@@ -203,6 +206,28 @@ pub const L2_CMDLINE: &str = "console=ttyS0 panic=-1 lapic=notscdeadline";
 /// progress (seen once here with the machine loaded: one L1 vCPU spinning, L1's userspace
 /// starved), a lab failure worth one retry.
 pub const L1_TIMED_OUT: &str = "L1 timed out";
+
+/// What L1 keeps besides its L2's RAM: its kernel, the initramfs (L2 kernel and images included,
+/// in RAM), p2pvmm and page tables. Measured: an L2 of 3584 MiB in an L1 of 4096 MiB (3527080 kB
+/// available) took 69 s to boot or froze; with 6144 MiB it booted in 23.6 s.
+const L1_OVERHEAD_MIB: u32 = 2560;
+
+/// The L1 RAM (MiB) a scenario command needs: its largest `--memory SIZE` (`512M`, `4G`) plus
+/// [`L1_OVERHEAD_MIB`]; 0 when it names no size.
+pub fn l1_mem_for(command: &str) -> u32 {
+    let words: Vec<&str> = command.split_whitespace().collect();
+    let sizes = words.windows(2).filter(|w| w[0] == "--memory").filter_map(|w| {
+        let v = w[1].trim_matches(|c| c == '\'' || c == '"');
+        let (num, unit) = v.split_at(v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len()));
+        let n: u32 = num.parse().ok()?;
+        match unit {
+            "M" | "m" => Some(n),
+            "G" | "g" => n.checked_mul(1024),
+            _ => None,
+        }
+    });
+    sizes.max().map_or(0, |m| m.saturating_add(L1_OVERHEAD_MIB))
+}
 
 /// One boot of L1 running a script of scenarios.
 pub struct L1Run {
@@ -253,9 +278,11 @@ impl L1Run {
         self
     }
 
-    /// Adds a scenario: `command` (a shell command line run in L1) bounded by `limit_s`.
+    /// Adds a scenario: `command` (a shell command line run in L1) bounded by `limit_s`. L1 grows
+    /// to hold the largest L2 the scenarios ask for (`--memory`, see [`l1_mem_for`]).
     pub fn scenario(mut self, name: &str, limit_s: u32, command: &str) -> Self {
         let _ = writeln!(self.script, "scenario {name} {limit_s} {command}");
+        self.mem_mib = self.mem_mib.max(l1_mem_for(command));
         self
     }
 
@@ -349,10 +376,32 @@ impl L1Run {
         let console = Console { text };
         if out.status.code() == Some(124) {
             return Err(format!(
-                "{L1_TIMED_OUT} after {} s; console:\n{}",
-                self.timeout_s, console.text
+                "{L1_TIMED_OUT} (limit {} s; {}); console:\n{}",
+                self.timeout_s,
+                String::from_utf8_lossy(&out.stderr)
+                    .lines()
+                    .filter(|l| l.contains("TIMEOUT"))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+                console.text
             ));
         }
         Ok(console)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn l1_grows_with_the_largest_l2() {
+        assert_eq!(l1_mem_for("p2pvmm --memory 3584M --cpus 2"), 3584 + L1_OVERHEAD_MIB);
+        assert_eq!(l1_mem_for("p2pvmm --memory 2G"), 2048 + L1_OVERHEAD_MIB);
+        assert_eq!(l1_mem_for("p2pvmm --cpus 1"), 0);
+        let run = L1Run::new("x").scenario("big", 10, "p2pvmm --memory 3584M");
+        assert_eq!(run.mem_mib, 3584 + L1_OVERHEAD_MIB);
+        let run = L1Run::new("x").scenario("small", 10, "p2pvmm --memory 512M");
+        assert_eq!(run.mem_mib, 4096);
     }
 }

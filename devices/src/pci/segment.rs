@@ -250,9 +250,19 @@ impl PciSegment {
         let Some(target) = self.route(bdf) else {
             return Ok(Vec::new());
         };
+        let started = std::time::Instant::now();
         let changes = update_decode(&target.device, bdf, &*self.observer, |dev| {
             dev.write_config(offset, data)
         })?;
+        if !changes.is_empty() {
+            // The VMM's whole cost of a guest BAR move or decode toggle, from the trapped write
+            // to the vCPU's return: register emulation, traps, memory slots, peer maps.
+            log::debug!(
+                "{bdf}: config write at {offset:#x} applied {} BAR change(s) in {} us",
+                changes.len(),
+                started.elapsed().as_micros()
+            );
+        }
         if let Some(port) = &target.port {
             if lock(port).take_secondary_reset() {
                 self.reset_below(bdf);
