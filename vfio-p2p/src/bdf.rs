@@ -7,7 +7,8 @@ use std::fmt;
 use std::str::FromStr;
 
 /// A host PCI address: segment (domain), bus, device, function.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(into = "String")]
 pub struct Bdf {
     pub domain: u16,
     pub bus: u8,
@@ -54,6 +55,12 @@ impl fmt::Display for Bdf {
             "{:04x}:{:02x}:{:02x}.{:x}",
             self.domain, self.bus, self.device, self.function
         )
+    }
+}
+
+impl From<Bdf> for String {
+    fn from(bdf: Bdf) -> String {
+        bdf.to_string()
     }
 }
 

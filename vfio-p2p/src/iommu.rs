@@ -183,6 +183,13 @@ pub trait IommuBackend: Send + Sync {
 pub enum IommuError {
     #[error("allocating an IOAS on /dev/iommu: {0}")]
     IoasAlloc(#[source] io::Error),
+    #[error("copying the mapping at IOVA [{iova:#x}, +{size:#x}) into another IOAS: {source}")]
+    Copy {
+        iova: u64,
+        size: u64,
+        #[source]
+        source: io::Error,
+    },
     #[error(
         "malformed capability list in VFIO_IOMMU_GET_INFO (the IOVA ranges of the type1 \
          container): {0}"
@@ -242,8 +249,21 @@ pub enum IommuError {
     Type1Unavailable(#[source] io::Error),
 }
 
-/// The IOMMU of one VM, concretely: devices are opened against it (so they all join the same
-/// IOAS or container) and [`iommu`](Self::iommu) hands out the trait object for mapping.
+impl IommuError {
+    /// The kernel's errno, when an ioctl failed.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            IommuError::Map { source, .. }
+            | IommuError::Unmap { source, .. }
+            | IommuError::Copy { source, .. } => source.raw_os_error(),
+            _ => None,
+        }
+    }
+}
+
+/// One IOMMU address space (a P2P domain), concretely: devices are opened against it (so they
+/// join its IOAS or container) and [`iommu`](Self::iommu) hands out the trait object for
+/// mapping. [`DomainOpener`](crate::DomainOpener) opens several that share one `/dev/iommu`.
 #[derive(Clone)]
 pub enum VfioBackend {
     Iommufd(Arc<Iommufd>),
@@ -263,6 +283,24 @@ impl VfioBackend {
         match self {
             VfioBackend::Iommufd(_) => BackendKind::Iommufd,
             VfioBackend::Type1(_) => BackendKind::Type1,
+        }
+    }
+
+    /// Gives this domain the mapping `[iova, iova + size)` that `src` has (made by one earlier
+    /// map of exactly that range), sharing `src`'s pinned pages (`IOMMU_IOAS_COPY`) when both
+    /// are IOASes on one `/dev/iommu`. `Ok(false)`: they cannot share, map it yourself.
+    pub fn copy_mapping_from(
+        &self,
+        src: &VfioBackend,
+        iova: u64,
+        size: u64,
+    ) -> Result<bool, IommuError> {
+        match (self, src) {
+            (VfioBackend::Iommufd(dst), VfioBackend::Iommufd(src)) if dst.shares_context(src) => {
+                dst.copy_from(src, iova, size)?;
+                Ok(true)
+            }
+            _ => Ok(false),
         }
     }
 

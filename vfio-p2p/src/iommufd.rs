@@ -1,4 +1,4 @@
-//! The iommufd backend: one `/dev/iommu` and one IOAS per VM.
+//! The iommufd backend: one `/dev/iommu` per VM and one IOAS per P2P domain on it.
 //!
 //! Built on vfio-ioctls' `VfioIommufd` (which owns the `IommuFd` and the `IommufdIoas`, and is
 //! what `VfioDevice` binds and attaches device cdevs to), so every device of the VM lands in the
@@ -13,10 +13,11 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use iommufd_bindings::{
-    iommu_ioas_iova_ranges, iommu_ioas_map, iommu_ioas_unmap, iommu_iova_range,
+    iommu_ioas_copy, iommu_ioas_iova_ranges, iommu_ioas_map, iommu_ioas_unmap, iommu_iova_range,
     iommufd_ioas_map_flags_IOMMU_IOAS_MAP_FIXED_IOVA,
     iommufd_ioas_map_flags_IOMMU_IOAS_MAP_READABLE,
-    iommufd_ioas_map_flags_IOMMU_IOAS_MAP_WRITEABLE, IOMMUFD_CMD_IOAS_IOVA_RANGES, IOMMUFD_TYPE,
+    iommufd_ioas_map_flags_IOMMU_IOAS_MAP_WRITEABLE, IOMMUFD_CMD_IOAS_COPY,
+    IOMMUFD_CMD_IOAS_IOVA_RANGES, IOMMUFD_TYPE,
 };
 use iommufd_ioctls::{IommuFd, IommufdError};
 use vfio_ioctls::{VfioError, VfioIommufd};
@@ -29,6 +30,7 @@ vmm_sys_util::ioctl_io_nr!(
     IOMMUFD_TYPE as u32,
     IOMMUFD_CMD_IOAS_IOVA_RANGES
 );
+vmm_sys_util::ioctl_io_nr!(IOMMU_IOAS_COPY, IOMMUFD_TYPE as u32, IOMMUFD_CMD_IOAS_COPY);
 
 /// A VM's iommufd context and its single IOAS.
 pub struct Iommufd {
@@ -36,19 +38,54 @@ pub struct Iommufd {
 }
 
 impl Iommufd {
-    /// Opens `/dev/iommu` and allocates the IOAS all of the VM's devices will attach to.
+    /// Opens `/dev/iommu` and allocates an IOAS on it.
     pub fn open() -> Result<Self, IommuError> {
-        let fd = IommuFd::new().map_err(|e| match iommufd_io_error(e) {
-            e if e.kind() == io::ErrorKind::NotFound => IommuError::NoIommufd,
-            e => IommuError::OpenIommufd(e),
-        })?;
-        let vfio = VfioIommufd::new(Arc::new(fd), None, None).map_err(|e| match e {
+        Self::open_on(open_iommufd()?)
+    }
+
+    /// Allocates another IOAS on an open `/dev/iommu`: one P2P domain of a VM whose domains
+    /// share the context (so guest RAM can be copied between them, pinned once).
+    pub(crate) fn open_on(fd: Arc<IommuFd>) -> Result<Self, IommuError> {
+        let vfio = VfioIommufd::new(fd, None, None).map_err(|e| match e {
             VfioError::NewVfioIommufd(e) => IommuError::IoasAlloc(iommufd_io_error(e)),
             e => IommuError::IoasAlloc(io::Error::other(e)),
         })?;
         Ok(Self {
             vfio: Arc::new(vfio),
         })
+    }
+
+    /// Whether `other` is an IOAS on the same `/dev/iommu` (then `IOMMU_IOAS_COPY` works).
+    pub fn shares_context(&self, other: &Iommufd) -> bool {
+        Arc::ptr_eq(self.vfio.iommufd(), other.vfio.iommufd())
+    }
+
+    /// Copies the mapping `[iova, iova + size)` of `src` (made by one earlier map of exactly that
+    /// range) into this IOAS at the same IOVA: `IOMMU_IOAS_COPY`, which shares the pages `src`
+    /// already pinned instead of pinning them again. Both must share the context.
+    pub fn copy_from(&self, src: &Iommufd, iova: u64, size: u64) -> Result<(), IommuError> {
+        let mut copy = iommu_ioas_copy {
+            size: size_of::<iommu_ioas_copy>() as u32,
+            flags: map_flags(true),
+            dst_ioas_id: self.ioas_id(),
+            src_ioas_id: src.ioas_id(),
+            length: size,
+            dst_iova: iova,
+            src_iova: iova,
+        };
+        // SAFETY: the fd is our open /dev/iommu and `copy` a valid iommu_ioas_copy that outlives
+        // the call; the kernel only reads it. The copy maps memory `src` already maps, under the
+        // contract its caller accepted for that mapping (`IommuBackend::map`).
+        let ret =
+            unsafe { ioctl_with_mut_ref(&**self.vfio.iommufd(), IOMMU_IOAS_COPY(), &mut copy) };
+        if ret != 0 {
+            return Err(IommuError::Copy {
+                iova,
+                size,
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(())
     }
 
     /// The IOAS id devices attach to (`VFIO_DEVICE_ATTACH_IOMMUFD_PT`).
@@ -71,6 +108,15 @@ impl Iommufd {
             source,
         }
     }
+}
+
+/// Opens `/dev/iommu`, naming a kernel without iommufd as such.
+pub(crate) fn open_iommufd() -> Result<Arc<IommuFd>, IommuError> {
+    let fd = IommuFd::new().map_err(|e| match iommufd_io_error(e) {
+        e if e.kind() == io::ErrorKind::NotFound => IommuError::NoIommufd,
+        e => IommuError::OpenIommufd(e),
+    })?;
+    Ok(Arc::new(fd))
 }
 
 /// `IOMMU_IOAS_MAP` arguments for mapping `req` from host address `user_va`.

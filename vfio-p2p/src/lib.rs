@@ -6,8 +6,10 @@
 //!   memfd, peer BARs from VFIO dmabufs) and [`Type1`] (the legacy container, maps by address).
 //! - [`HostPciDevice`] is an opened, attached host device: regions, interrupts, reset, dmabuf
 //!   export. Opening checks sysfs first and reports what is wrong with the device by name.
-//! - [`P2pTable`] keeps every peer BAR area in the IOMMU at the address the guest gave its BAR,
-//!   following BAR moves, memory-decode changes, resets and removal.
+//! - [`DomainOpener`] opens one IOMMU address space per P2P group; [`P2pTable`] (one per
+//!   group) keeps every member's BAR areas in the group's IOMMU at the address the guest gave the
+//!   BAR, following BAR moves, memory-decode changes, resets and removal; [`P2pRow`] is what the
+//!   user sees of it.
 //!
 //! No KVM here: the VMM registers device fds with the KVM-VFIO device and eventfds with KVM.
 //! `unsafe` is confined to ioctl, mmap and pread/pwrite calls, each with its reasoning, and to
@@ -20,11 +22,12 @@
 //! use vfio_p2p::*;
 //!
 //! # fn vm(memfd: &std::fs::File, ram: &[(u64, u64, u64, u64)]) -> Result<(), Box<dyn std::error::Error>> {
-//! // 1. One backend per VM; every device joins its IOAS (or container).
-//! let backend = VfioBackend::open(BackendKind::Iommufd)?; // or BackendKind::Type1
+//! // 1. One domain per P2P group (and per ungrouped device), all on one /dev/iommu.
+//! let opener = DomainOpener::new();
+//! let backend = opener.open(BackendKind::Iommufd)?; // or BackendKind::Type1
 //! let iommu = backend.iommu();
 //!
-//! // 2. Open the devices (then KVM_DEV_VFIO_FILE_ADD with `dev.device_fd()`, in vmm/).
+//! // 2. Open the group's devices in it (then KVM_DEV_VFIO_FILE_ADD with `dev.device_fd()`).
 //! let dev = HostPciDevice::open("/sys/bus/pci/devices/0000:00:03.0", &backend)?;
 //!
 //! // 3. With all devices attached, check guest RAM and MMIO windows against the host IOMMU.
@@ -33,6 +36,7 @@
 //! assert!(mmio.iter().all(|w| ranges_cover(&host, w.start, w.last - w.start + 1)));
 //!
 //! // 4. Guest RAM, GPA = IOVA: each region from the memfd, with its host address for type1.
+//! //    (A second iommufd domain can take it with `copy_mapping_from`, pinned once.)
 //! for &(gpa, size, file_offset, host_va) in ram {
 //!     let backing = Backing::File { fd: memfd.as_fd(), offset: file_offset, host_va: Some(host_va) };
 //!     let req = DmaMapRequest { iova: gpa, size, kind: DmaKind::Ram, backing, writable: true };
@@ -40,13 +44,14 @@
 //!     unsafe { iommu.map(&req)? };
 //! }
 //!
-//! // 5. P2P: register the BAR areas once; then report BAR placement and decode changes.
-//! let p2p = P2pTable::new(iommu.clone(), &mmio);
-//! p2p.add_device(&dev)?;
-//! p2p.bar_moved(BarKey { device: dev.key(), region: 2 }, Some(0xe000_0000))?;
+//! // 5. P2P within the group: register the BAR areas once; then report where the BAR observer
+//! //    sees each BAR (placed and decoding, decode off, unplaced).
+//! let p2p = P2pTable::new("g0", iommu.clone(), &mmio);
+//! p2p.add_device(&dev, "gpu0")?;
 //! dev.write_region(CONFIG_REGION, 4, &0x0006u16.to_le_bytes())?; // guest sets MEM | MASTER
-//! p2p.decode_changed(dev.key(), true)?;
+//! p2p.bar_moved(BarKey { device: dev.key(), region: 2 }, BarPlacement::Placed(0xe000_0000))?;
 //! p2p.device_reset(dev.key(), || dev.reset())?;
+//! print!("{}", format_p2p_table(&p2p.rows()));
 //!
 //! // 6. Teardown or unplug: table first (unmaps, closes dmabufs, drops mmaps), then device.
 //! p2p.remove_device(dev.key());
@@ -59,6 +64,7 @@
 mod bdf;
 mod caps;
 mod device;
+mod domain;
 #[cfg(any(test, feature = "fake"))]
 pub mod fake;
 mod iommu;
@@ -66,12 +72,14 @@ mod iommufd;
 mod irq;
 mod open;
 mod p2p;
+mod p2p_rows;
 mod region;
 mod type1;
 
 pub use bdf::{Bdf, BdfParseError};
 pub use caps::CapError;
 pub use device::{BarArea, DeviceError, DeviceKey, HostPciDevice};
+pub use domain::DomainOpener;
 pub use iommu::{
     ranges_cover, BackendKind, Backing, DmaKind, DmaMapRequest, IommuBackend, IommuError,
     IovaRange, VfioBackend,
@@ -79,7 +87,8 @@ pub use iommu::{
 pub use iommufd::Iommufd;
 pub use irq::{IrqIndex, IrqInfo};
 pub use open::{GroupBlocker, GroupBlockers, OpenError};
-pub use p2p::{BarBacking, BarKey, P2pError, P2pKey, P2pState, P2pTable};
+pub use p2p::{BarBacking, BarKey, BarPlacement, P2pError, P2pKey, P2pState, P2pTable};
+pub use p2p_rows::{format_p2p_table, P2pAreaState, P2pMechanism, P2pRow};
 pub use region::{
     MmapArea, RegionFlags, RegionInfo, RegionMapping, CONFIG_REGION, ROM_REGION, VGA_REGION,
 };

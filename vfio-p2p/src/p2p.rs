@@ -8,10 +8,15 @@
 //! doing the lookup and the map/unmap ioctls under one lock, so a BAR move is always "unmap
 //! old, map new" and never a double map.
 //!
+//! A table belongs to one P2P domain (a group's IOMMU address space): only its members'
+//! BARs are in it, so only they reach each other.
+//!
 //! VFIO revokes a device's dmabufs while its memory decoding is off, across a reset, and when it
 //! closes; iommufd then stops translating but keeps the IOVA area, and nothing maps it again.
-//! So the table unmaps on decode-off and reset and maps again on decode-on, and
-//! [`remove_device`](P2pTable::remove_device) unmaps everything before the device closes.
+//! The VMM's BAR observer, the one source of truth for placement and decoding, reports each BAR
+//! as [`BarPlacement`]: the table unmaps on decode-off and reset and maps again once placed and
+//! decoding, and [`remove_device`](P2pTable::remove_device) unmaps everything before the device
+//! closes.
 //!
 //! P2P is best effort: a BAR area that cannot be mapped (kernel without dmabuf export, BAR
 //! outside the host IOMMU's range, guest placing two BARs on top of each other) is logged and
@@ -26,6 +31,7 @@ use std::time::Instant;
 
 use log::{debug, error, warn};
 
+use crate::bdf::Bdf;
 use crate::device::{DeviceKey, HostPciDevice};
 use crate::iommu::{
     ranges_cover, BackendKind, Backing, DmaKind, DmaMapRequest, IommuBackend, IovaRange,
@@ -58,6 +64,17 @@ impl fmt::Display for P2pKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} area +{:#x}", self.bar, self.area_offset)
     }
+}
+
+/// Where the guest has a BAR, as the VMM's BAR observer sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BarPlacement {
+    /// Decoding at this guest address (= IOVA).
+    Placed(u64),
+    /// The BAR has an address but the device's memory decoding is off.
+    DecodeOff,
+    /// No address yet, or being sized.
+    Unplaced,
 }
 
 /// What puts a BAR area into the IOMMU.
@@ -107,44 +124,51 @@ pub enum P2pError {
 }
 
 /// Why an entry that should be mapped is not.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Failure {
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Failure {
     Unaligned,
     OutsideWindows,
     /// Another P2P area is mapped there; retried whenever the table changes.
     Overlap,
-    /// The IOMMU refused; retried only when the entry's placement or decode state changes.
-    Iommu,
+    /// The IOMMU refused (with ENODEV: the dmabuf is revoked); retried only when the entry's
+    /// placement changes.
+    Iommu(String),
+    Revoked,
 }
 
-struct Entry {
-    backing: BarBacking,
-    size: u64,
-    bar_base: Option<u64>,
-    mapped_at: Option<u64>,
-    /// The last failure and the IOVA it happened at, so each is logged once.
-    failure: Option<(u64, Failure)>,
+pub(crate) struct Entry {
+    /// `None`: the area could not be exported or mapped; the reason is in `failure`.
+    pub(crate) backing: Option<BarBacking>,
+    pub(crate) size: u64,
+    pub(crate) placement: BarPlacement,
+    pub(crate) mapped_at: Option<u64>,
+    /// The last failure and the IOVA it happened at (0 for a missing backing), so each is
+    /// logged once and shown in the table.
+    pub(crate) failure: Option<(u64, Failure)>,
+}
+
+/// Who a device is, for the visible table.
+#[derive(Default)]
+pub(crate) struct DeviceState {
+    pub(crate) id: String,
+    pub(crate) bdf: Option<Bdf>,
 }
 
 #[derive(Default)]
-struct DeviceState {
-    /// PCI_COMMAND.MEM as the guest last set it (and as forwarded to the device).
-    decode: bool,
-}
-
-#[derive(Default)]
-struct Inner {
-    entries: BTreeMap<P2pKey, Entry>,
-    devices: BTreeMap<DeviceKey, DeviceState>,
+pub(crate) struct Inner {
+    pub(crate) entries: BTreeMap<P2pKey, Entry>,
+    pub(crate) devices: BTreeMap<DeviceKey, DeviceState>,
 }
 
 impl Inner {
-    /// Where `key` should be mapped now: decoding on and the BAR placed.
+    /// Where `key` should be mapped now: the BAR placed and decoding, the area exported.
     fn desired(&self, key: &P2pKey) -> Option<u64> {
         let entry = self.entries.get(key)?;
-        let decode = self.devices.get(&key.bar.device).is_some_and(|d| d.decode);
-        let base = entry.bar_base.filter(|_| decode)?;
-        base.checked_add(key.area_offset)
+        entry.backing.as_ref()?;
+        match entry.placement {
+            BarPlacement::Placed(base) => base.checked_add(key.area_offset),
+            _ => None,
+        }
     }
 
     fn keys_of(&self, device: &DeviceKey) -> Vec<P2pKey> {
@@ -158,24 +182,29 @@ impl Inner {
     fn clear_failures(&mut self, keys: &[P2pKey]) {
         for key in keys {
             if let Some(e) = self.entries.get_mut(key) {
-                e.failure = None;
+                if e.backing.is_some() {
+                    e.failure = None;
+                }
             }
         }
     }
 }
 
-/// The peer-BAR mapping table of one VM.
+/// The peer-BAR mapping table of one P2P domain.
 pub struct P2pTable {
+    pub(crate) domain: String,
     iommu: Arc<dyn IommuBackend>,
     windows: Vec<IovaRange>,
-    inner: Mutex<Inner>,
+    dmabuf_export: bool,
+    pub(crate) inner: Mutex<Inner>,
 }
 
 impl P2pTable {
-    /// A table mapping through `iommu`. BARs are mapped only inside `mmio_windows` (the guest
-    /// MMIO windows the VMM places BARs in; empty means no restriction), which keeps a guest
-    /// that points a BAR at RAM from fighting the RAM mapping.
-    pub fn new(iommu: Arc<dyn IommuBackend>, mmio_windows: &[IovaRange]) -> Self {
+    /// The table of P2P domain `domain` (a group's name), mapping through `iommu`. BARs are
+    /// mapped only inside `mmio_windows` (the guest MMIO windows the VMM places BARs in; empty
+    /// means no restriction), which keeps a guest that points a BAR at RAM from fighting the RAM
+    /// mapping.
+    pub fn new(domain: &str, iommu: Arc<dyn IommuBackend>, mmio_windows: &[IovaRange]) -> Self {
         if let Ok(host) = iommu.iova_ranges() {
             for w in mmio_windows {
                 let size = (w.last - w.start).saturating_add(1);
@@ -189,27 +218,49 @@ impl P2pTable {
             }
         }
         Self {
+            domain: domain.to_owned(),
             iommu,
             windows: mmio_windows.to_vec(),
+            dmabuf_export: true,
             inner: Mutex::new(Inner::default()),
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
+    /// Switches dmabuf export off (on iommufd, BAR areas are then left out, as on a kernel
+    /// without `CONFIG_VFIO_PCI_DMABUF`): for measuring that case. Before any device is added.
+    pub fn set_dmabuf_export(&mut self, enabled: bool) {
+        self.dmabuf_export = enabled;
+    }
+
+    /// The P2P domain this table belongs to.
+    pub fn domain(&self) -> &str {
+        &self.domain
+    }
+
+    pub(crate) fn mechanism(&self) -> BackendKind {
+        self.iommu.kind()
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Registers every P2P-capable BAR area of `dev` (see [`HostPciDevice::p2p_areas`]):
-    /// exports a dmabuf per area on iommufd, mmaps it on type1. Areas that cannot be exported or
-    /// mapped are logged and skipped. The device starts with decoding off and no BAR placed.
-    pub fn add_device(&self, dev: &HostPciDevice) -> Result<Vec<P2pKey>, P2pError> {
+    /// Registers every P2P-capable BAR area of `dev` (see [`HostPciDevice::p2p_areas`]), `id`
+    /// being its name in the VM: exports a dmabuf per area on iommufd, mmaps it on type1. Areas
+    /// that cannot be exported or mapped are logged and kept unmappable, with the reason in
+    /// [`rows`](Self::rows). The device starts with no BAR placed.
+    pub fn add_device(&self, dev: &HostPciDevice, id: &str) -> Result<Vec<P2pKey>, P2pError> {
         let device = dev.key();
         {
             let mut inner = self.lock();
             if inner.devices.contains_key(&device) {
                 return Err(P2pError::DeviceExists { device });
             }
-            inner.devices.insert(device, DeviceState::default());
+            let state = DeviceState {
+                id: id.to_owned(),
+                bdf: Some(dev.bdf()),
+            };
+            inner.devices.insert(device, state);
         }
         let bdf = dev.bdf();
         let mut keys = Vec::new();
@@ -222,33 +273,31 @@ impl P2pTable {
                 area_offset: area.offset,
             };
             let backing = match self.iommu.kind() {
+                BackendKind::Iommufd if !self.dmabuf_export => Err("dmabuf export disabled".into()),
                 BackendKind::Iommufd => {
                     match dev.export_dmabuf(area.region, area.offset, area.size) {
-                        Ok(Some(fd)) => BarBacking::Dmabuf(fd),
-                        Ok(None) => {
-                            warn!(
-                                "{bdf} BAR{} +{:#x}: this kernel cannot export it as a dmabuf, so \
-                             peers cannot DMA to it (needs Linux 6.19+ with \
-                             CONFIG_VFIO_PCI_DMABUF)",
-                                area.region, area.offset
-                            );
-                            continue;
-                        }
-                        Err(e) => {
-                            warn!("{e}; peers cannot DMA to this BAR area");
-                            continue;
-                        }
+                        Ok(Some(fd)) => Ok(BarBacking::Dmabuf(fd)),
+                        Ok(None) => Err("no dmabuf export (needs Linux 6.19+ with \
+                                         CONFIG_VFIO_PCI_DMABUF)"
+                            .to_string()),
+                        Err(e) => Err(e.to_string()),
                     }
                 }
-                BackendKind::Type1 => match dev.mmap_region(area.region, area.offset, area.size) {
-                    Ok(m) => BarBacking::Mmap(Arc::new(m)),
-                    Err(e) => {
-                        warn!("{e}; peers cannot DMA to this BAR area");
-                        continue;
-                    }
-                },
+                BackendKind::Type1 => dev
+                    .mmap_region(area.region, area.offset, area.size)
+                    .map(|m| BarBacking::Mmap(Arc::new(m)))
+                    .map_err(|e| e.to_string()),
             };
-            self.register(key, backing, area.size)?;
+            match backing {
+                Ok(backing) => self.register(key, backing, area.size)?,
+                Err(why) => {
+                    warn!(
+                        "{bdf} BAR{} +{:#x} ({id}): {why}; peers cannot DMA to it",
+                        area.region, area.offset
+                    );
+                    self.register_failed(key, area.size, why)?;
+                }
+            }
             keys.push(key);
         }
         Ok(keys)
@@ -285,6 +334,21 @@ impl P2pTable {
             }
             _ => {}
         }
+        self.insert(key, Some(backing), size, None)
+    }
+
+    /// Adds an area that cannot be mapped (no backing), so the table can show why.
+    fn register_failed(&self, key: P2pKey, size: u64, why: String) -> Result<(), P2pError> {
+        self.insert(key, None, size, Some((0, Failure::Iommu(why))))
+    }
+
+    fn insert(
+        &self,
+        key: P2pKey,
+        backing: Option<BarBacking>,
+        size: u64,
+        failure: Option<(u64, Failure)>,
+    ) -> Result<(), P2pError> {
         let mut inner = self.lock();
         if inner.entries.contains_key(&key) {
             return Err(P2pError::DuplicateKey { key });
@@ -293,18 +357,17 @@ impl P2pTable {
         let entry = Entry {
             backing,
             size,
-            bar_base: None,
+            placement: BarPlacement::Unplaced,
             mapped_at: None,
-            failure: None,
+            failure,
         };
         inner.entries.insert(key, entry);
         Ok(())
     }
 
-    /// The guest placed `bar` at `base`, or unmapped it (`None`: BAR disabled or being sized).
-    /// Every area of the BAR follows: unmapped from the old address, mapped at the new one if
-    /// decoding is on.
-    pub fn bar_moved(&self, bar: BarKey, base: Option<u64>) -> Result<(), P2pError> {
+    /// Where the guest has `bar` now (the BAR observer's word). Every area of the BAR follows:
+    /// unmapped from the old address, mapped at the new one when placed and decoding.
+    pub fn bar_moved(&self, bar: BarKey, placement: BarPlacement) -> Result<(), P2pError> {
         let mut inner = self.lock();
         let keys: Vec<P2pKey> = inner
             .entries
@@ -317,24 +380,9 @@ impl P2pTable {
         }
         for key in &keys {
             if let Some(e) = inner.entries.get_mut(key) {
-                e.bar_base = base;
-                e.failure = None;
+                e.placement = placement;
             }
         }
-        self.reconcile(&mut inner);
-        Ok(())
-    }
-
-    /// The guest set or cleared PCI_COMMAND.MEM of `device`. Call after forwarding the write
-    /// to the device: VFIO revokes the dmabufs on disable (we unmap them) and restores them on
-    /// enable (we map them again; a revoked dmabuf cannot be mapped).
-    pub fn decode_changed(&self, device: DeviceKey, enabled: bool) -> Result<(), P2pError> {
-        let mut inner = self.lock();
-        let Some(state) = inner.devices.get_mut(&device) else {
-            return Err(P2pError::UnknownDevice { device });
-        };
-        state.decode = enabled;
-        let keys = inner.keys_of(&device);
         inner.clear_failures(&keys);
         self.reconcile(&mut inner);
         Ok(())
@@ -381,7 +429,10 @@ impl P2pTable {
     pub fn state(&self, key: &P2pKey) -> Option<P2pState> {
         let inner = self.lock();
         inner.entries.get(key).map(|e| P2pState {
-            bar_base: e.bar_base,
+            bar_base: match e.placement {
+                BarPlacement::Placed(base) => Some(base),
+                _ => None,
+            },
             mapped_at: e.mapped_at,
         })
     }
@@ -462,17 +513,20 @@ impl P2pTable {
 
     fn map_entry(&self, inner: &mut Inner, key: &P2pKey, iova: u64) {
         let size = inner.entries[key].size;
-        let failure = match inner.entries[key].failure {
+        let failure = match &inner.entries[key].failure {
             // The IOMMU refused this very placement before; wait for it to change.
-            Some((at, Failure::Iommu)) if at == iova => return,
+            Some((at, Failure::Iommu(_) | Failure::Revoked)) if *at == iova => return,
             _ => self.precheck(inner, key, iova, size),
         };
         let Some(entry) = inner.entries.get_mut(key) else {
             return;
         };
+        let Some(backing) = &entry.backing else {
+            return;
+        };
         let started = Instant::now();
         let failure = failure.or_else(|| {
-            let backing = match &entry.backing {
+            let backing = match backing {
                 BarBacking::Dmabuf(fd) => Backing::File {
                     fd: fd.as_fd(),
                     offset: 0,
@@ -494,10 +548,15 @@ impl P2pTable {
             match unsafe { self.iommu.map(&req) } {
                 Ok(()) => None,
                 Err(e) => {
-                    if entry.failure != Some((iova, Failure::Iommu)) {
+                    let failure = if e.errno() == Some(libc::ENODEV) {
+                        Failure::Revoked
+                    } else {
+                        Failure::Iommu(e.to_string())
+                    };
+                    if entry.failure.as_ref().map(|f| &f.1) != Some(&failure) {
                         warn!("{key}: {e}; peers cannot DMA to this BAR area");
                     }
-                    Some(Failure::Iommu)
+                    Some(failure)
                 }
             }
         });
@@ -511,16 +570,11 @@ impl P2pTable {
                 entry.failure = None;
             }
             Some(f) => {
-                if entry.failure != Some((iova, f)) && f != Failure::Iommu {
+                let logged = matches!(f, Failure::Iommu(_) | Failure::Revoked);
+                if entry.failure.as_ref() != Some(&(iova, f.clone())) && !logged {
                     warn!(
-                        "{key}: not mapping it at IOVA {iova:#x} ({}); peers cannot DMA to it \
-                         there",
-                        match f {
-                            Failure::Unaligned => "not page-aligned",
-                            Failure::OutsideWindows => "outside the guest MMIO windows",
-                            Failure::Overlap => "another BAR is mapped there",
-                            Failure::Iommu => unreachable!(),
-                        }
+                        "{key}: not mapping it at IOVA {iova:#x} ({f}); peers cannot DMA to it \
+                         there"
                     );
                 }
                 entry.failure = Some((iova, f));
@@ -535,6 +589,18 @@ impl Drop for P2pTable {
         let devices: BTreeSet<DeviceKey> = self.lock().devices.keys().copied().collect();
         for device in devices {
             self.remove_device(device);
+        }
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Failure::Unaligned => f.write_str("not page-aligned"),
+            Failure::OutsideWindows => f.write_str("outside the guest MMIO windows"),
+            Failure::Overlap => f.write_str("another BAR is mapped there"),
+            Failure::Iommu(why) => f.write_str(why),
+            Failure::Revoked => f.write_str("dmabuf revoked"),
         }
     }
 }

@@ -1,13 +1,15 @@
 //! Tests of the P2P table against `FakeIommu`, which panics if the table double-maps, unmaps
 //! something it did not map, or maps a dmabuf while its device is not decoding.
 
+use std::collections::HashMap;
 use std::io::{pipe, PipeReader, Read};
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use super::*;
 use crate::fake::{FakeEvent, FakeIommu, FakeSource};
 use crate::iommu::IovaRange;
+use crate::p2p_rows::{P2pAreaState, P2pMechanism};
 
 const MIB: u64 = 1 << 20;
 /// The guest's 32-bit MMIO hole and a 64-bit MMIO window, as the VMM would pass them.
@@ -49,9 +51,13 @@ fn unmap(iova: u64, size: u64) -> FakeEvent {
     FakeEvent::Unmap { iova, size }
 }
 
+/// A VM as the BAR observer sees it: per BAR the guest address, per device the decode bit;
+/// `place` and `decode` report the resulting [`BarPlacement`]s to the table as the VMM does.
 struct Vm {
     fake: Arc<FakeIommu>,
     table: P2pTable,
+    bases: Mutex<HashMap<BarKey, Option<u64>>>,
+    decoding: Mutex<HashMap<DeviceKey, bool>>,
 }
 
 impl Vm {
@@ -61,8 +67,29 @@ impl Vm {
 
     fn with_fake(fake: FakeIommu) -> Self {
         let fake = Arc::new(fake);
-        let table = P2pTable::new(fake.clone(), &WINDOWS);
-        Self { fake, table }
+        let table = P2pTable::new("g0", fake.clone(), &WINDOWS);
+        Self {
+            fake,
+            table,
+            bases: Mutex::default(),
+            decoding: Mutex::default(),
+        }
+    }
+
+    fn placement(&self, bar: BarKey) -> BarPlacement {
+        let base = self.bases.lock().unwrap().get(&bar).copied().flatten();
+        let decode = self.decoding.lock().unwrap().get(&bar.device).copied();
+        match (base, decode) {
+            (None, _) => BarPlacement::Unplaced,
+            (Some(base), Some(true)) => BarPlacement::Placed(base),
+            (Some(_), _) => BarPlacement::DecodeOff,
+        }
+    }
+
+    /// The guest wrote `bar`'s address (`None`: cleared or sized).
+    fn place(&self, bar: BarKey, base: Option<u64>) -> Result<(), P2pError> {
+        self.bases.lock().unwrap().insert(bar, base);
+        self.table.bar_moved(bar, self.placement(bar))
     }
 
     /// Registers a dmabuf stand-in (a pipe's write end) for `key`. The returned read end sees
@@ -77,10 +104,16 @@ impl Vm {
         reader
     }
 
-    /// The guest sets PCI_COMMAND.MEM: the write reaches the device, then the table hears.
+    /// The guest sets PCI_COMMAND.MEM: the write reaches the device, then the observer tells
+    /// the table about every BAR of the device that has areas.
     fn decode(&self, device: DeviceKey, enabled: bool) {
         self.fake.set_decode(device, enabled);
-        self.table.decode_changed(device, enabled).unwrap();
+        self.decoding.lock().unwrap().insert(device, enabled);
+        let bars: std::collections::BTreeSet<BarKey> =
+            self.table.keys_of(device).iter().map(|k| k.bar).collect();
+        for bar in bars {
+            self.table.bar_moved(bar, self.placement(bar)).unwrap();
+        }
     }
 
     fn mapped_at(&self, key: P2pKey) -> Option<u64> {
@@ -93,7 +126,7 @@ fn a_placed_bar_is_mapped_once_decoding_is_on() {
     let vm = Vm::new(BackendKind::Iommufd);
     let a = area(dev(1), 2, 0);
     let _buf = vm.add_dmabuf(a, 64 * MIB);
-    vm.table.bar_moved(a.bar, Some(0xe000_0000)).unwrap();
+    vm.place(a.bar, Some(0xe000_0000)).unwrap();
     assert!(vm.fake.events().is_empty());
 
     vm.decode(dev(1), true);
@@ -107,11 +140,11 @@ fn a_bar_move_unmaps_the_old_address_then_maps_the_new_one() {
     let vm = Vm::new(BackendKind::Iommufd);
     let a = area(dev(1), 2, 0);
     let _buf = vm.add_dmabuf(a, 64 * MIB);
-    vm.table.bar_moved(a.bar, Some(0xe000_0000)).unwrap();
+    vm.place(a.bar, Some(0xe000_0000)).unwrap();
     vm.decode(dev(1), true);
     vm.fake.take_events();
 
-    vm.table.bar_moved(a.bar, Some(1 << 36)).unwrap();
+    vm.place(a.bar, Some(1 << 36)).unwrap();
 
     assert_eq!(
         vm.fake.events(),
@@ -125,11 +158,11 @@ fn rewriting_the_same_bar_address_makes_no_ioctl() {
     let vm = Vm::new(BackendKind::Iommufd);
     let a = area(dev(1), 2, 0);
     let _buf = vm.add_dmabuf(a, MIB);
-    vm.table.bar_moved(a.bar, Some(0xe000_0000)).unwrap();
+    vm.place(a.bar, Some(0xe000_0000)).unwrap();
     vm.decode(dev(1), true);
     vm.fake.take_events();
 
-    vm.table.bar_moved(a.bar, Some(0xe000_0000)).unwrap();
+    vm.place(a.bar, Some(0xe000_0000)).unwrap();
 
     assert!(vm.fake.events().is_empty());
 }
@@ -139,10 +172,10 @@ fn a_bar_moved_while_decoding_is_off_is_mapped_at_its_new_address_on_enable() {
     let vm = Vm::new(BackendKind::Iommufd);
     let a = area(dev(1), 2, 0);
     let _buf = vm.add_dmabuf(a, MIB);
-    vm.table.bar_moved(a.bar, Some(0xe000_0000)).unwrap();
+    vm.place(a.bar, Some(0xe000_0000)).unwrap();
     vm.decode(dev(1), true);
     vm.decode(dev(1), false);
-    vm.table.bar_moved(a.bar, Some(0xd000_0000)).unwrap();
+    vm.place(a.bar, Some(0xd000_0000)).unwrap();
     vm.fake.take_events();
 
     vm.decode(dev(1), true);
@@ -155,7 +188,7 @@ fn decode_off_unmaps_and_decode_on_maps_the_same_dmabuf_again() {
     let vm = Vm::new(BackendKind::Iommufd);
     let a = area(dev(1), 2, 0);
     let _buf = vm.add_dmabuf(a, MIB);
-    vm.table.bar_moved(a.bar, Some(0xe000_0000)).unwrap();
+    vm.place(a.bar, Some(0xe000_0000)).unwrap();
     vm.decode(dev(1), true);
     let first = vm.fake.live_at(0xe000_0000).unwrap().source;
 
@@ -181,9 +214,7 @@ fn the_areas_of_a_bar_move_together() {
     let _b2 = vm.add_dmabuf(high, 0xd000);
     vm.decode(dev(1), true);
 
-    vm.table
-        .bar_moved(bar(dev(1), 0), Some(0xe010_0000))
-        .unwrap();
+    vm.place(bar(dev(1), 0), Some(0xe010_0000)).unwrap();
 
     assert_eq!(vm.mapped_at(low), Some(0xe010_0000));
     assert_eq!(vm.mapped_at(high), Some(0xe010_3000));
@@ -196,8 +227,8 @@ fn a_reset_runs_with_the_device_unmapped_and_maps_it_again_after() {
     let b = area(dev(2), 2, 0);
     let _b1 = vm.add_dmabuf(a, MIB);
     let _b2 = vm.add_dmabuf(b, MIB);
-    vm.table.bar_moved(a.bar, Some(0xe000_0000)).unwrap();
-    vm.table.bar_moved(b.bar, Some(0xe100_0000)).unwrap();
+    vm.place(a.bar, Some(0xe000_0000)).unwrap();
+    vm.place(b.bar, Some(0xe100_0000)).unwrap();
     vm.decode(dev(1), true);
     vm.decode(dev(2), true);
 
@@ -217,7 +248,7 @@ fn a_reset_with_decoding_off_leaves_the_device_unmapped() {
     let vm = Vm::new(BackendKind::Iommufd);
     let a = area(dev(1), 2, 0);
     let _buf = vm.add_dmabuf(a, MIB);
-    vm.table.bar_moved(a.bar, Some(0xe000_0000)).unwrap();
+    vm.place(a.bar, Some(0xe000_0000)).unwrap();
 
     let result: Result<(), ()> = vm.table.device_reset(dev(1), || Ok(()));
 
@@ -230,7 +261,7 @@ fn removing_a_device_unmaps_and_closes_everything_it_had() {
     let vm = Vm::new(BackendKind::Iommufd);
     let a = area(dev(1), 2, 0);
     let mut buf = vm.add_dmabuf(a, MIB);
-    vm.table.bar_moved(a.bar, Some(0xe000_0000)).unwrap();
+    vm.place(a.bar, Some(0xe000_0000)).unwrap();
     vm.decode(dev(1), true);
 
     vm.table.remove_device(dev(1));
@@ -242,10 +273,7 @@ fn removing_a_device_unmaps_and_closes_everything_it_had() {
         0,
         "the dmabuf fd was closed"
     );
-    assert!(matches!(
-        vm.table.decode_changed(dev(1), true),
-        Err(P2pError::UnknownDevice { .. })
-    ));
+    assert!(vm.table.keys_of(dev(1)).is_empty());
 }
 
 #[test]
@@ -253,7 +281,7 @@ fn dropping_the_table_leaves_nothing_in_the_iommu() {
     let vm = Vm::new(BackendKind::Iommufd);
     let a = area(dev(1), 2, 0);
     let _buf = vm.add_dmabuf(a, MIB);
-    vm.table.bar_moved(a.bar, Some(0xe000_0000)).unwrap();
+    vm.place(a.bar, Some(0xe000_0000)).unwrap();
     vm.decode(dev(1), true);
     let fake = vm.fake.clone();
 
@@ -269,7 +297,7 @@ fn a_refused_map_leaves_the_area_unmapped_until_its_placement_changes() {
     let b = area(dev(2), 2, 0);
     let _b1 = vm.add_dmabuf(a, MIB);
     let _b2 = vm.add_dmabuf(b, MIB);
-    vm.table.bar_moved(a.bar, Some(0xe000_0000)).unwrap();
+    vm.place(a.bar, Some(0xe000_0000)).unwrap();
     vm.fake.fail_next_maps(&[libc::EINVAL]);
 
     vm.decode(dev(1), true);
@@ -282,7 +310,7 @@ fn a_refused_map_leaves_the_area_unmapped_until_its_placement_changes() {
     vm.decode(dev(2), true);
     assert!(vm.fake.events().is_empty());
 
-    vm.table.bar_moved(a.bar, Some(0xe800_0000)).unwrap();
+    vm.place(a.bar, Some(0xe800_0000)).unwrap();
 
     assert_eq!(vm.fake.events(), vec![map(0xe800_0000, MIB)]);
 }
@@ -296,6 +324,7 @@ fn a_bar_outside_the_host_iommu_range_is_left_unmapped() {
     }];
     let vm = Vm::with_fake(FakeIommu::with_ranges(BackendKind::Iommufd, host));
     let high = P2pTable::new(
+        "g0",
         vm.fake.clone(),
         &[IovaRange {
             start: 1 << 40,
@@ -308,9 +337,9 @@ fn a_bar_outside_the_host_iommu_range_is_left_unmapped() {
     vm.fake.register_dmabuf(fd.as_fd(), dev(1));
     high.register(a, BarBacking::Dmabuf(fd), MIB).unwrap();
     vm.fake.set_decode(dev(1), true);
-    high.decode_changed(dev(1), true).unwrap();
 
-    high.bar_moved(a.bar, Some(1 << 40)).unwrap();
+    high.bar_moved(a.bar, BarPlacement::Placed(1 << 40))
+        .unwrap();
 
     assert_eq!(high.state(&a).unwrap().mapped_at, None);
     assert!(vm.fake.live().is_empty());
@@ -323,9 +352,9 @@ fn unaligned_or_out_of_window_placements_are_not_mapped() {
     let _buf = vm.add_dmabuf(a, MIB);
     vm.decode(dev(1), true);
 
-    vm.table.bar_moved(a.bar, Some(0xe000_0800)).unwrap();
+    vm.place(a.bar, Some(0xe000_0800)).unwrap();
     assert_eq!(vm.mapped_at(a), None);
-    vm.table.bar_moved(a.bar, Some(0x1000_0000)).unwrap(); // guest RAM
+    vm.place(a.bar, Some(0x1000_0000)).unwrap(); // guest RAM
     assert_eq!(vm.mapped_at(a), None);
 
     assert!(vm.fake.events().is_empty());
@@ -340,14 +369,14 @@ fn of_two_bars_placed_on_each_other_one_maps_and_the_other_follows_when_it_moves
     let _b2 = vm.add_dmabuf(b, MIB);
     vm.decode(dev(1), true);
     vm.decode(dev(2), true);
-    vm.table.bar_moved(a.bar, Some(0xe000_0000)).unwrap();
-    vm.table.bar_moved(b.bar, Some(0xe000_0000)).unwrap();
+    vm.place(a.bar, Some(0xe000_0000)).unwrap();
+    vm.place(b.bar, Some(0xe000_0000)).unwrap();
     assert_eq!(
         (vm.mapped_at(a), vm.mapped_at(b)),
         (Some(0xe000_0000), None)
     );
 
-    vm.table.bar_moved(a.bar, Some(0xe100_0000)).unwrap();
+    vm.place(a.bar, Some(0xe100_0000)).unwrap();
 
     assert_eq!(
         (vm.mapped_at(a), vm.mapped_at(b)),
@@ -364,8 +393,8 @@ fn removing_a_device_lets_a_blocked_peer_map() {
     let _b2 = vm.add_dmabuf(b, MIB);
     vm.decode(dev(1), true);
     vm.decode(dev(2), true);
-    vm.table.bar_moved(a.bar, Some(0xe000_0000)).unwrap();
-    vm.table.bar_moved(b.bar, Some(0xe000_0000)).unwrap();
+    vm.place(a.bar, Some(0xe000_0000)).unwrap();
+    vm.place(b.bar, Some(0xe000_0000)).unwrap();
 
     vm.table.remove_device(dev(1));
 
@@ -387,9 +416,9 @@ fn type1_maps_the_bar_mmap_by_address_and_releases_it_on_removal() {
     vm.table
         .register(a, BarBacking::Mmap(mapping.clone()), MIB)
         .unwrap();
-    vm.table.bar_moved(a.bar, Some(0xe000_0000)).unwrap();
+    vm.place(a.bar, Some(0xe000_0000)).unwrap();
 
-    vm.table.decode_changed(a.bar.device, true).unwrap();
+    vm.decode(a.bar.device, true);
 
     let live = vm.fake.live_at(0xe000_0000).unwrap();
     assert_eq!(live.source, FakeSource::HostVa(mapping.host_va()));
@@ -428,10 +457,7 @@ fn bookkeeping_errors_name_the_entry() {
         .table
         .register(a, BarBacking::Dmabuf(writer.into()), MIB)
         .unwrap_err();
-    let unknown = vm
-        .table
-        .bar_moved(bar(dev(1), 4), Some(0xe000_0000))
-        .unwrap_err();
+    let unknown = vm.place(bar(dev(1), 4), Some(0xe000_0000)).unwrap_err();
 
     assert!(matches!(dup, P2pError::DuplicateKey { .. }));
     assert_eq!(
@@ -485,4 +511,51 @@ fn the_fake_catches_overlapping_maps() {
 #[should_panic(expected = "not mapped")]
 fn the_fake_catches_an_unmap_of_nothing() {
     let _ = FakeIommu::new(BackendKind::Iommufd).unmap(0xe000_0000, MIB);
+}
+
+#[test]
+fn two_domains_map_only_their_own_members() {
+    let g0 = Vm::new(BackendKind::Iommufd);
+    let g1 = Vm::new(BackendKind::Iommufd);
+    let a = area(dev(1), 2, 0);
+    let b = area(dev(2), 2, 0);
+    let _a = g0.add_dmabuf(a, MIB);
+    let _b = g1.add_dmabuf(b, MIB);
+    for (vm, key, base) in [(&g0, a, 0xe000_0000), (&g1, b, 0xe100_0000)] {
+        vm.decode(key.bar.device, true);
+        vm.place(key.bar, Some(base)).unwrap();
+    }
+
+    assert_eq!(g0.fake.live().len(), 1);
+    assert!(g0.fake.live_at(0xe000_0000).is_some());
+    assert!(g0.fake.live_at(0xe100_0000).is_none());
+    assert!(g1.fake.live_at(0xe000_0000).is_none());
+    assert!(matches!(
+        g0.table.bar_moved(b.bar, BarPlacement::Placed(0xe200_0000)),
+        Err(P2pError::UnknownBar { .. })
+    ));
+}
+
+#[test]
+fn rows_show_each_area_state_and_why() {
+    let vm = Vm::new(BackendKind::Iommufd);
+    let a = area(dev(1), 2, 0);
+    let _a = vm.add_dmabuf(a, MIB);
+    let state = |vm: &Vm| vm.table.rows()[0].state.clone();
+    assert_eq!(state(&vm), P2pAreaState::Unplaced);
+    vm.place(a.bar, Some(0xe000_0000)).unwrap();
+    assert_eq!(state(&vm), P2pAreaState::DecodeOff);
+    vm.decode(dev(1), true);
+    assert_eq!(state(&vm), P2pAreaState::Mapped);
+    assert_eq!(
+        vm.table.rows()[0].guest,
+        Some((0xe000_0000, 0xe000_0000 + MIB - 1))
+    );
+    vm.place(a.bar, Some(0x1000_0000)).unwrap(); // guest RAM, outside the MMIO windows
+    assert_eq!(
+        state(&vm),
+        P2pAreaState::Failed("outside the guest MMIO windows".into())
+    );
+    assert_eq!(vm.table.rows()[0].domain, "g0");
+    assert_eq!(vm.table.rows()[0].mechanism, P2pMechanism::Dmabuf);
 }
