@@ -14,7 +14,7 @@
 
 use std::fmt;
 
-use super::regs::{BAR0, COMMAND, COMMAND_IO, COMMAND_MEMORY, ROM_ADDRESS};
+use super::regs::{BAR0, COMMAND, COMMAND_IO, COMMAND_MEMORY, ROM_ADDRESS, ROM_ADDRESS_MASK};
 use super::{lock, Bdf, PciDevice, SharedPciDevice};
 use crate::bus::{BusDevice, BusRange};
 
@@ -35,6 +35,11 @@ pub struct BarInfo {
     pub size: u64,
     /// The address bits of the register(s), low flag bits cleared.
     pub address: u64,
+    /// Whether the guest's last write to each register of the BAR was the sizing write (all
+    /// ones; for the ROM register, all ones in the address bits 31:11): index 0 is the BAR's
+    /// (low) register, index 1 the upper register of a 64-bit BAR. While any is set the register
+    /// reads back the size mask and `address` is that mask, not a placement.
+    pub sizing: [bool; 2],
 }
 
 /// Port I/O is 16 bits wide on x86; I/O BAR bits above that cannot decode anything.
@@ -42,19 +47,22 @@ const IO_SPACE_END: u64 = 1 << 16;
 
 impl BarInfo {
     /// The range this BAR decodes given the command register, or `None` when it decodes
-    /// nothing: its space is disabled, it is unassigned (address 0), it holds the sizing
-    /// pattern, or it does not fit its address space.
+    /// nothing: its space is disabled, it is unassigned (address 0), it is being sized, or it
+    /// does not fit its address space.
     ///
-    /// The sizing pattern is treated as "not decoding" because guests (Linux included, for
+    /// A BAR being sized is treated as "not decoding" because guests (Linux included, for
     /// devices with `mmio_always_on`) size BARs with decoding enabled; mapping a BAR at
     /// 0xfff0_0000 for the few instructions until the old value is written back would collide
     /// with the LAPIC and IOAPIC, fail, and roll the register back under the guest's feet.
+    /// Sizing is told from placement by what the guest wrote ([`BarInfo::sizing`]), never by the
+    /// value: a BAR in the last aligned slot below a 4 GiB boundary (a 256 MiB BAR at
+    /// 0xf000_0000) holds exactly the size mask in its low register and must still decode.
     pub fn decoded_range(&self, command: u16) -> Option<BusRange> {
         let enable = match self.kind {
             BarKind::Io => COMMAND_IO,
             BarKind::Mem32 | BarKind::Mem64 => COMMAND_MEMORY,
         };
-        if command & enable == 0 || self.address == 0 || self.is_sizing_pattern() {
+        if command & enable == 0 || self.address == 0 || self.is_sizing() {
             return None;
         }
         let end = self.address.checked_add(self.size)?;
@@ -66,17 +74,9 @@ impl BarInfo {
         (end <= limit).then(|| BusRange::new(self.address, self.size))
     }
 
-    /// True when the writable address bits of either register are all ones, i.e. the guest
-    /// wrote ~0 to size the BAR and has not restored it yet.
-    fn is_sizing_pattern(&self) -> bool {
-        let filled = self.address | (self.size - 1);
-        let low_all_ones = filled as u32 == u32::MAX;
-        match self.kind {
-            BarKind::Io | BarKind::Mem32 => low_all_ones,
-            BarKind::Mem64 => {
-                (self.size < 1 << 32 && low_all_ones) || (filled >> 32) as u32 == u32::MAX
-            }
-        }
+    /// True while a sizing write is in force in either register of the BAR.
+    pub fn is_sizing(&self) -> bool {
+        self.sizing.iter().any(|s| *s)
     }
 }
 
@@ -197,27 +197,50 @@ pub fn decoded_ranges(device: &dyn PciDevice) -> [Option<(BarInfo, BusRange)>; D
 /// Register values that determine decoding, taken before an access so it can be undone.
 pub struct DecodeSnapshot {
     command: u16,
-    /// BAR registers, then the ROM register.
-    bar_registers: Vec<(u16, u32)>,
+    /// BAR registers, then the ROM register, with whether a sizing write was in force there.
+    bar_registers: Vec<SavedRegister>,
+}
+
+struct SavedRegister {
+    offset: u16,
+    value: u32,
+    sizing: bool,
+}
+
+impl SavedRegister {
+    /// What to write back: the value, or for a register being sized the sizing write itself,
+    /// which reads back the same value and puts the sizing state back too (writing the size
+    /// mask instead would turn it into a placement at the mask address).
+    fn restore_value(&self) -> u32 {
+        match (self.sizing, self.offset) {
+            (false, _) => self.value,
+            (true, ROM_ADDRESS) => self.value | ROM_ADDRESS_MASK,
+            (true, _) => u32::MAX,
+        }
+    }
 }
 
 impl DecodeSnapshot {
     pub fn take(device: &mut dyn PciDevice) -> Self {
-        let mut offsets = Vec::new();
+        let mut registers = Vec::new();
         for (index, bar) in device.bars().iter().enumerate() {
             let Some(bar) = bar else { continue };
-            let registers = if bar.kind == BarKind::Mem64 { 2 } else { 1 };
-            offsets.extend((0..registers).map(|r| BAR0 + 4 * (index + r) as u16));
+            let count = if bar.kind == BarKind::Mem64 { 2 } else { 1 };
+            registers.extend((0..count).map(|r| (BAR0 + 4 * (index + r) as u16, bar.sizing[r])));
         }
-        if device.rom().is_some() {
-            offsets.push(ROM_ADDRESS);
+        if let Some(rom) = device.rom() {
+            registers.push((ROM_ADDRESS, rom.bar.sizing[0]));
         }
-        let bar_registers = offsets
+        let bar_registers = registers
             .into_iter()
-            .map(|offset| {
+            .map(|(offset, sizing)| {
                 let mut value = [0; 4];
                 device.read_config(offset, &mut value);
-                (offset, u32::from_le_bytes(value))
+                SavedRegister {
+                    offset,
+                    value: u32::from_le_bytes(value),
+                    sizing,
+                }
             })
             .collect();
         let mut command = [0; 2];
@@ -232,8 +255,8 @@ impl DecodeSnapshot {
     /// function decodes exactly what it did before (BARs first so a passthrough device never
     /// decodes a half-restored address).
     pub fn restore(&self, device: &mut dyn PciDevice) {
-        for (offset, value) in &self.bar_registers {
-            device.write_config(*offset, &value.to_le_bytes());
+        for saved in &self.bar_registers {
+            device.write_config(saved.offset, &saved.restore_value().to_le_bytes());
         }
         device.write_config(COMMAND, &self.command.to_le_bytes());
     }

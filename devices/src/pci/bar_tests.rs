@@ -3,13 +3,14 @@ use std::sync::{Arc, Mutex};
 use super::*;
 use crate::pci::config::BarDef;
 use crate::pci::fake::{FakeBarObserver, FakeEndpoint};
-use crate::pci::regs::ROM_ADDRESS_ENABLE;
+use crate::pci::regs::{ROM_ADDRESS_ENABLE, ROM_ADDRESS_MASK};
 
 const MEM32: BarInfo = BarInfo {
     kind: BarKind::Mem32,
     prefetchable: false,
     size: 0x1000,
     address: 0xc000_0000,
+    sizing: [false; 2],
 };
 const BDF: Bdf = Bdf::new(1, 0, 0);
 
@@ -107,36 +108,232 @@ fn unassigned_bars_decode_nothing() {
 }
 
 #[test]
-fn sizing_patterns_decode_nothing() {
+fn a_sizing_write_in_either_register_decodes_nothing() {
     let sizing32 = BarInfo {
         address: 0xffff_f000,
+        sizing: [true, false],
         ..MEM32
     };
     assert_eq!(sizing32.decoded_range(COMMAND_MEMORY), None);
-    let small64 = BarInfo {
+    let bar64 = BarInfo {
         kind: BarKind::Mem64,
         size: 0x10_0000,
-        // Low half sized, high half still holding the old address.
+        // High half sized, low half holding its address.
+        address: 0xffff_ffff_c000_0000,
+        sizing: [false, true],
+        ..MEM32
+    };
+    assert_eq!(bar64.decoded_range(COMMAND_MEMORY), None);
+    let low_sized = BarInfo {
         address: 0x40_fff0_0000,
-        ..MEM32
+        sizing: [true, false],
+        ..bar64
     };
-    assert_eq!(small64.decoded_range(COMMAND_MEMORY), None);
-    let big64 = BarInfo {
-        kind: BarKind::Mem64,
-        size: 16 << 30,
-        address: 0xffff_fffc_0000_0000,
-        ..MEM32
+    assert_eq!(low_sized.decoded_range(COMMAND_MEMORY), None);
+}
+
+/// Placements whose low register holds exactly the size mask: the last naturally aligned slot
+/// below a 4 GiB boundary. Only the guest's writes tell them from sizing.
+const MASK_LIKE_PLACEMENTS: [(BarKind, u64, u64); 3] = [
+    (BarKind::Mem64, 64 << 20, 0x7f_fc00_0000),
+    (BarKind::Mem64, 256 << 20, 0x3_f000_0000),
+    (BarKind::Mem32, 256 << 20, 0xf000_0000),
+];
+
+#[test]
+fn placements_that_read_like_the_size_mask_decode() {
+    for (kind, size, address) in MASK_LIKE_PLACEMENTS {
+        let bar = BarInfo {
+            kind,
+            prefetchable: kind == BarKind::Mem64,
+            size,
+            address,
+            sizing: [false; 2],
+        };
+        assert_eq!(
+            bar.decoded_range(COMMAND_MEMORY),
+            Some(BusRange::new(address, size)),
+            "{size:#x} at {address:#x}"
+        );
+    }
+}
+
+/// A function with one BAR 0 of `kind` and `size`, placed at `address` with memory decode on
+/// (as firmware leaves it), and the observer that saw it.
+fn placed(kind: BarKind, size: u64, address: u64) -> (SharedPciDevice, FakeBarObserver) {
+    let def = match kind {
+        BarKind::Mem64 => BarDef::mem64(size, true),
+        _ => BarDef::mem32(size),
     };
-    assert_eq!(big64.decoded_range(COMMAND_MEMORY), None);
-    // A large 64-bit BAR has no writable low bits, so an ordinary address is not a pattern.
-    let placed = BarInfo {
-        address: 0x40_0000_0000,
-        ..big64
+    let dev: SharedPciDevice = FakeEndpoint::with_bars("ep", &[(0, def)]).unwrap().shared();
+    let observer = FakeBarObserver::new();
+    let write = |offset, value: u32| {
+        update_decode(&dev, BDF, &observer, |d| {
+            d.write_config(offset, &value.to_le_bytes())
+        })
+        .unwrap()
     };
-    assert_eq!(
-        placed.decoded_range(COMMAND_MEMORY),
-        Some(BusRange::new(0x40_0000_0000, 16 << 30))
+    write(BAR0, address as u32);
+    if kind == BarKind::Mem64 {
+        write(BAR0 + 4, (address >> 32) as u32);
+    }
+    assert_eq!(command(&dev, &observer, COMMAND_MEMORY).unwrap().len(), 1);
+    (dev, observer)
+}
+
+fn read32(device: &SharedPciDevice, offset: u16) -> u32 {
+    let mut value = [0; 4];
+    lock(device).read_config(offset, &mut value);
+    u32::from_le_bytes(value)
+}
+
+#[test]
+fn placed_bars_decode_where_their_low_register_reads_like_the_mask() {
+    for (kind, size, address) in MASK_LIKE_PLACEMENTS {
+        let (_dev, observer) = placed(kind, size, address);
+        assert_eq!(
+            observer.range_of(BDF, 0),
+            Some(BusRange::new(address, size)),
+            "{size:#x} at {address:#x}"
+        );
+    }
+}
+
+/// Linux's `__pci_read_base` on one register, decoding on (`mmio_always_on`): save, write ~0
+/// (`PCI_ROM_ADDRESS_MASK` OR-ed in for the ROM), read the size, restore.
+fn size_register(
+    dev: &SharedPciDevice,
+    observer: &FakeBarObserver,
+    offset: u16,
+    sizing: impl Fn(u32) -> u32,
+) -> Vec<BarChange> {
+    let old = read32(dev, offset);
+    let mut changes = update_decode(dev, BDF, observer, |d| {
+        d.write_config(offset, &sizing(old).to_le_bytes())
+    })
+    .unwrap();
+    let _size = read32(dev, offset);
+    changes.extend(
+        update_decode(dev, BDF, observer, |d| {
+            d.write_config(offset, &old.to_le_bytes())
+        })
+        .unwrap(),
     );
+    changes
+}
+
+/// No change may map anything but the placed range, and the BAR must end up decoding there.
+fn check_sizing_changes(changes: &[BarChange], range: BusRange, observer: &FakeBarObserver) {
+    for change in changes {
+        assert!(
+            change.new.is_none() || change.new == Some(range),
+            "{change}: mapped while sizing"
+        );
+    }
+    assert_eq!(observer.range_of(BDF, 0), Some(range));
+}
+
+#[test]
+fn linux_sizing_one_register_after_the_other_never_maps_the_mask() {
+    let placements = MASK_LIKE_PLACEMENTS
+        .into_iter()
+        .chain([(BarKind::Mem32, 0x1000, 0xc000_0000)])
+        .chain([(BarKind::Mem64, 1 << 30, 0x40_0000_0000)]);
+    for (kind, size, address) in placements {
+        let (dev, observer) = placed(kind, size, address);
+        let mut changes = size_register(&dev, &observer, BAR0, |_| u32::MAX);
+        if kind == BarKind::Mem64 {
+            changes.extend(size_register(&dev, &observer, BAR0 + 4, |_| u32::MAX));
+        }
+        // Each sizing write unmaps the BAR and each restore maps it back.
+        let registers = if kind == BarKind::Mem64 { 2 } else { 1 };
+        assert_eq!(changes.len(), 2 * registers, "{size:#x} at {address:#x}");
+        check_sizing_changes(&changes, BusRange::new(address, size), &observer);
+    }
+}
+
+#[test]
+fn sizing_both_halves_before_restoring_either_never_maps_the_mask() {
+    // Newer kernels (`__pci_size_bars`) size both halves of a 64-bit BAR, then restore them.
+    for restore_high_first in [false, true] {
+        for (_, size, address) in MASK_LIKE_PLACEMENTS
+            .into_iter()
+            .filter(|p| p.0 == BarKind::Mem64)
+        {
+            let (dev, observer) = placed(BarKind::Mem64, size, address);
+            let (low, high) = (read32(&dev, BAR0), read32(&dev, BAR0 + 4));
+            let write = |offset, value: u32| {
+                update_decode(&dev, BDF, &observer, |d| {
+                    d.write_config(offset, &value.to_le_bytes())
+                })
+                .unwrap()
+            };
+            let mut changes = write(BAR0, u32::MAX);
+            changes.extend(write(BAR0 + 4, u32::MAX));
+            assert_eq!(read32(&dev, BAR0 + 4), !((size - 1) >> 32) as u32);
+            let mut restores = [(BAR0, low), (BAR0 + 4, high)];
+            if restore_high_first {
+                restores.reverse();
+            }
+            let (first, second) = (restores[0], restores[1]);
+            changes.extend(write(first.0, first.1));
+            assert_eq!(observer.range_of(BDF, 0), None, "one half still sized");
+            changes.extend(write(second.0, second.1));
+            check_sizing_changes(&changes, BusRange::new(address, size), &observer);
+        }
+    }
+}
+
+#[test]
+fn byte_wise_sizing_writes_count_once_every_byte_is_written() {
+    let (dev, observer) = placed(BarKind::Mem32, 256 << 20, 0xf000_0000);
+    for byte in 0..4 {
+        update_decode(&dev, BDF, &observer, |d| {
+            d.write_config(BAR0 + byte, &[0xff])
+        })
+        .unwrap();
+    }
+    assert!(lock(&dev).bars()[0].unwrap().is_sizing());
+    assert_eq!(observer.range_of(BDF, 0), None);
+    // Restoring only the top byte is a placement again.
+    update_decode(&dev, BDF, &observer, |d| d.write_config(BAR0 + 3, &[0xf0])).unwrap();
+    assert_eq!(
+        observer.range_of(BDF, 0),
+        Some(BusRange::new(0xf000_0000, 256 << 20))
+    );
+}
+
+#[test]
+fn a_rollback_keeps_a_bar_that_was_being_sized_sized() {
+    let dev = endpoint();
+    let observer = FakeBarObserver::new();
+    write32(&dev, BAR0, u32::MAX);
+    observer.reject_when(|c| c.bar == 2);
+    command(&dev, &observer, COMMAND_MEMORY).unwrap_err();
+    let bar0 = lock(&dev).bars()[0].unwrap();
+    assert!(bar0.is_sizing());
+    assert_eq!(read32(&dev, BAR0), 0xffff_f000);
+    // Decoding on now maps BAR 2 only; BAR 0 waits for its address.
+    observer.reject_when(|_| false);
+    assert_eq!(command(&dev, &observer, COMMAND_MEMORY).unwrap().len(), 1);
+    assert_eq!(observer.range_of(BDF, 0), None);
+    update_decode(&dev, BDF, &observer, |d| {
+        d.write_config(BAR0, &0xc000_0000u32.to_le_bytes())
+    })
+    .unwrap();
+    assert_eq!(
+        observer.range_of(BDF, 0),
+        Some(BusRange::new(0xc000_0000, 0x1000))
+    );
+}
+
+#[test]
+fn reset_ends_sizing() {
+    let dev = endpoint();
+    write32(&dev, BAR0, u32::MAX);
+    write32(&dev, ROM_ADDRESS, u32::MAX);
+    lock(&dev).reset();
+    assert!(lock(&dev).bars()[0].is_some_and(|b| !b.is_sizing()));
 }
 
 #[test]
@@ -440,6 +637,30 @@ fn sizing_an_enabled_rom_unmaps_it_until_the_address_is_restored() {
         observer.range_of(BDF, ROM_BAR),
         Some(BusRange::new(u64::from(ROM_AT), ROM_SIZE))
     );
+}
+
+#[test]
+fn linux_rom_sizing_with_the_enable_bit_either_way_never_maps_the_mask() {
+    // A 64 KiB ROM at 0xffff_0000 holds exactly its size mask.
+    for (at, enable) in [
+        (ROM_AT, 0),
+        (ROM_AT, ROM_ADDRESS_ENABLE),
+        (0xffff_0000, ROM_ADDRESS_ENABLE),
+    ] {
+        let dev = endpoint_with_rom();
+        let observer = FakeBarObserver::new();
+        command(&dev, &observer, COMMAND_MEMORY).unwrap();
+        rom_register(&dev, &observer, at | enable).unwrap();
+        let before = observer.range_of(BDF, ROM_BAR);
+        assert_eq!(before.is_some(), enable != 0);
+        let old = read32(&dev, ROM_ADDRESS);
+        let changes = rom_register(&dev, &observer, old | ROM_ADDRESS_MASK).unwrap();
+        assert!(changes.iter().all(|c| c.new.is_none()), "{changes:?}");
+        assert!(lock(&dev).rom().unwrap().bar.is_sizing());
+        assert_eq!(read32(&dev, ROM_ADDRESS), 0xffff_0000 | enable);
+        rom_register(&dev, &observer, old).unwrap();
+        assert_eq!(observer.range_of(BDF, ROM_BAR), before);
+    }
 }
 
 #[test]

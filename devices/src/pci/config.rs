@@ -244,7 +244,16 @@ pub struct ConfigSpace<const N: usize> {
     /// Size of the expansion ROM, if declared (type 0 only, see [`Type0Config::add_rom`]).
     rom: Option<u64>,
     caps: CapList,
+    /// The last value the guest wrote to each BAR register, unmasked (byte writes merge in), so
+    /// a sizing write can be told from a placement that reads back the same ([`BarInfo::sizing`]).
+    bar_writes: [u32; N],
+    /// The same for the expansion ROM register.
+    rom_write: u32,
 }
+
+/// What a guest writes to a BAR register to size it (PCI Local Bus spec 6.2.5.1; Linux's
+/// `__pci_read_base` writes `~0`).
+const BAR_SIZING_WRITE: u32 = u32::MAX;
 
 /// Configuration space of an endpoint.
 pub type Type0Config = ConfigSpace<6>;
@@ -286,6 +295,8 @@ impl<const N: usize> ConfigSpace<N> {
             bars: [None; N],
             rom: None,
             caps: CapList::new(),
+            bar_writes: [0; N],
+            rom_write: 0,
         }
     }
 
@@ -338,7 +349,7 @@ impl<const N: usize> ConfigSpace<N> {
     }
 
     /// The BARs as the guest has programmed them. During sizing this reports the size mask as
-    /// the address; [`BarInfo::decoded_range`] knows to ignore that.
+    /// the address, with [`BarInfo::sizing`] set so [`BarInfo::decoded_range`] ignores it.
     pub fn bars(&self) -> [Option<BarInfo>; 6] {
         let mut out = [None; 6];
         for (index, def) in self.bars.iter().enumerate() {
@@ -352,18 +363,25 @@ impl<const N: usize> ConfigSpace<N> {
                     u64::from(low & !0xf) | (u64::from(self.regs.read_u32(offset + 4)) << 32)
                 }
             };
+            let sizing = |register: usize| self.bar_writes.get(register) == Some(&BAR_SIZING_WRITE);
             out[index] = Some(BarInfo {
                 kind: def.kind,
                 prefetchable: def.prefetchable,
                 size: def.size,
                 address,
+                sizing: [
+                    sizing(index),
+                    def.kind == BarKind::Mem64 && sizing(index + 1),
+                ],
             });
         }
         out
     }
 
     /// The expansion ROM register as the guest has programmed it. During sizing the address is
-    /// the size mask, as for BARs.
+    /// the size mask, as for BARs. Linux sizes a ROM by writing `PCI_ROM_ADDRESS_MASK`
+    /// (0xffff_f800) OR-ed with the register's old value, so any write with every address bit
+    /// set counts as sizing, whatever its enable bit.
     pub fn rom(&self) -> Option<RomInfo> {
         let size = self.rom?;
         let register = self.regs.read_u32(ROM_ADDRESS);
@@ -373,6 +391,7 @@ impl<const N: usize> ConfigSpace<N> {
                 prefetchable: false,
                 size,
                 address: u64::from(register & ROM_ADDRESS_MASK),
+                sizing: [self.rom_write & ROM_ADDRESS_MASK == ROM_ADDRESS_MASK, false],
             },
             enabled: register & ROM_ADDRESS_ENABLE != 0,
         })
@@ -408,8 +427,24 @@ impl<const N: usize> ConfigSpace<N> {
         self.regs.read(offset, data);
     }
 
+    /// Guest write: the masked register update, plus a record of what was written to BAR and
+    /// ROM registers.
     pub fn write(&mut self, offset: u16, data: &[u8]) {
         self.regs.write(offset, data);
+        for (i, &byte) in data.iter().enumerate() {
+            let at = usize::from(offset) + i;
+            let bars = usize::from(BAR0)..usize::from(BAR0) + 4 * N;
+            let rom = usize::from(ROM_ADDRESS)..usize::from(ROM_ADDRESS) + 4;
+            let (register, shift) = if bars.contains(&at) {
+                let rel = at - bars.start;
+                (&mut self.bar_writes[rel / 4], 8 * (rel % 4))
+            } else if self.rom.is_some() && rom.contains(&at) {
+                (&mut self.rom_write, 8 * (at - rom.start))
+            } else {
+                continue;
+            };
+            *register = (*register & !(0xff << shift)) | (u32::from(byte) << shift);
+        }
     }
 
     pub fn regs(&self) -> &ConfigRegs {
@@ -420,9 +455,12 @@ impl<const N: usize> ConfigSpace<N> {
         &mut self.regs
     }
 
-    /// Conventional reset of the whole register file (BARs unassigned, decoding off).
+    /// Conventional reset of the whole register file (BARs unassigned, decoding off, no sizing
+    /// in progress).
     pub fn reset(&mut self) {
         self.regs.reset();
+        self.bar_writes = [0; N];
+        self.rom_write = 0;
     }
 }
 
@@ -564,6 +602,7 @@ mod tests {
                 prefetchable: false,
                 size: 0x1_0000,
                 address: 0xc012_0000,
+                sizing: [false; 2],
             }
         );
         assert!(rom.enabled);

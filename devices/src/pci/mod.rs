@@ -121,7 +121,8 @@ pub trait PciDevice: Send {
     /// Guest write of configuration space, with the same bounds as [`PciDevice::read_config`].
     fn write_config(&mut self, offset: u16, data: &[u8]);
     /// The BARs as currently programmed, indexed by BAR number; the upper half of a 64-bit BAR
-    /// is `None`. Must reflect every write the device accepted, including sizing writes.
+    /// is `None`. Must reflect every write the device accepted, including sizing writes (with
+    /// [`BarInfo::sizing`] set while one is in force: [`ConfigSpace`] tracks that).
     fn bars(&self) -> [Option<BarInfo>; 6];
     /// The expansion ROM register as programmed, for type-0 functions that have a ROM (the
     /// default: none). Like [`PciDevice::bars`], it must reflect every accepted write; while it

@@ -133,6 +133,7 @@ mod tests {
             prefetchable: false,
             size: 16,
             address: 0,
+            sizing: [false; 2],
         };
         assert_eq!(bar_request(&mem), (WindowKind::Mem32, req(4096, 4096)));
         let io = BarInfo {
@@ -149,6 +150,7 @@ mod tests {
             prefetchable,
             size: 1 << 30,
             address: 0,
+            sizing: [false; 2],
         };
         assert_eq!(
             bar_request(&bar(BarKind::Mem64, true)).0,

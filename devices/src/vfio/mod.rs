@@ -204,8 +204,10 @@ impl VfioPciDevice {
         }
     }
 
-    /// Writes the forwarded command bits to the hardware (keeping its other bits), then tells the
-    /// P2P table when memory decoding changed: VFIO revokes or restores the BAR dmabufs.
+    /// Writes the forwarded command bits to the hardware (keeping its other bits). Peer mappings
+    /// are not touched here: a memory decode change reaches the VMM's `BarObserver` as a
+    /// `BarChange` like any BAR move, and that is the one place peer mappings follow it (telling
+    /// the P2P table from here as well reported every decode change twice).
     fn forward_command(&self, command: u16) {
         let mut raw = [0u8; 2];
         if let Err(e) = self
@@ -225,14 +227,6 @@ impl VfioPciDevice {
                 .write_region(CONFIG_REGION, u64::from(COMMAND), &new.to_le_bytes())
         {
             log::error!("{}: writing the command register: {e}", self.name);
-            return;
-        }
-        if (old ^ new) & COMMAND_MEMORY != 0 {
-            if let Some(p2p) = &self.p2p {
-                if let Err(e) = p2p.decode_changed(self.host.key(), new & COMMAND_MEMORY != 0) {
-                    log::warn!("{}: peer mappings after a decode change: {e}", self.name);
-                }
-            }
         }
     }
 }
