@@ -5,6 +5,11 @@
 //! places them (largest alignment first), starting at an address aligned to the largest child
 //! alignment. That order leaves no gap a later, less aligned child could not use, so the
 //! computed size is always enough and the allocation inside a window cannot fail.
+//!
+//! Port windows get headroom beyond what they hold ([`Headroom`]), so the guest can move a BAR
+//! inside its port's window (Linux resource reassignment, resizable BAR) without resizing every
+//! bridge above it. Headroom only makes windows larger than their packed children, so the
+//! argument above still holds.
 
 use vm_allocator::{AddressAllocator, AllocPolicy};
 
@@ -81,16 +86,67 @@ pub fn sort(requests: &mut [(Request, usize)]) {
 
 /// The window holding `children`, or `None` if there are none.
 pub fn window_request(kind: WindowKind, children: &[Request]) -> Option<Request> {
+    let packed = pack(children)?;
+    Some(Request {
+        size: packed.size.next_multiple_of(kind.granularity()),
+        align: packed.align.max(kind.granularity()),
+    })
+}
+
+/// The bytes `children` take packed in placement order from a base aligned for all of them,
+/// with no bridge granularity: what a port holds, as [`Headroom`] measures it (doubling a
+/// 1 MiB granule for a 4 KiB BAR would only waste the 32-bit window).
+pub fn pack(children: &[Request]) -> Option<Request> {
     let mut ordered: Vec<_> = children.iter().map(|r| (*r, 0)).collect();
     sort(&mut ordered);
-    let align = ordered.first()?.0.align.max(kind.granularity());
+    let align = ordered.first()?.0.align;
     let size = ordered
         .iter()
         .fold(0u64, |end, (r, _)| end.next_multiple_of(r.align) + r.size);
-    Some(Request {
-        size: size.next_multiple_of(kind.granularity()),
-        align,
-    })
+    Some(Request { size, align })
+}
+
+/// How much room a port window gets beyond what it holds, tried in the order
+/// [`Headroom::Pow2Double`], [`Headroom::Double`], [`Headroom::None`]: the topology builder
+/// steps a window kind down one level when its host window cannot hold the whole tree (a
+/// 128 GiB BAR in a 256 GiB window cannot have twice its size), so headroom never makes a
+/// layout that fits without it fail.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Headroom {
+    /// At least twice what the port holds, rounded up to a power of two.
+    Pow2Double,
+    /// At least twice what the port holds.
+    Double,
+    /// Exactly what the port holds.
+    None,
+}
+
+impl Headroom {
+    /// The next level down, if any.
+    pub fn less(self) -> Option<Self> {
+        match self {
+            Headroom::Pow2Double => Some(Headroom::Double),
+            Headroom::Double => Some(Headroom::None),
+            Headroom::None => None,
+        }
+    }
+
+    /// The window for a port whose children pack into `children` (their own windows with
+    /// headroom included) and which holds `held` (the same subtree packed without any
+    /// headroom): at least both, grown as this level asks. The alignment stays the children's,
+    /// so a window never needs more alignment than what it holds.
+    pub fn apply(self, kind: WindowKind, children: Request, held: Request) -> Request {
+        let twice = held.size.saturating_mul(2).max(children.size);
+        let size = match self {
+            Headroom::Pow2Double => twice.checked_next_power_of_two().unwrap_or(twice),
+            Headroom::Double => twice,
+            Headroom::None => children.size,
+        };
+        Request {
+            size: size.next_multiple_of(kind.granularity()),
+            align: children.align,
+        }
+    }
 }
 
 /// One allocator per window kind, over the host windows or over a bridge's windows.
@@ -201,6 +257,55 @@ mod tests {
             let at = alloc.allocate(WindowKind::Mem32, r).expect("child fits");
             assert_eq!(at % r.align, 0);
         }
+    }
+
+    #[test]
+    fn headroom_doubles_what_a_port_holds_at_each_level() {
+        // A 64 MiB BAR and a 4 KiB one: a 65 MiB window holding 64 MiB + 4 KiB.
+        let held = pack(&[req(64 * MIB, 64 * MIB), req(4096, 4096)]).unwrap();
+        assert_eq!(held, req(64 * MIB + 4096, 64 * MIB));
+        let children = window_request(WindowKind::Pref64, &[held]).unwrap();
+        let kind = WindowKind::Pref64;
+        assert_eq!(
+            Headroom::Pow2Double.apply(kind, children, held),
+            req(256 * MIB, 64 * MIB)
+        );
+        assert_eq!(
+            Headroom::Double.apply(kind, children, held),
+            req(129 * MIB, 64 * MIB)
+        );
+        assert_eq!(
+            Headroom::None.apply(kind, children, held),
+            req(65 * MIB, 64 * MIB)
+        );
+        // Small BARs double within their granule.
+        let tiny = req(20 << 10, 16 << 10);
+        let granule = window_request(WindowKind::Mem32, &[tiny]).unwrap();
+        assert_eq!(
+            Headroom::Pow2Double.apply(WindowKind::Mem32, granule, tiny),
+            req(MIB, MIB)
+        );
+    }
+
+    #[test]
+    fn headroom_never_shrinks_below_the_children() {
+        // Children that already have headroom can need more than twice the bare BARs.
+        let children = req(384 * MIB, 128 * MIB);
+        let held = req(96 * MIB, 32 * MIB);
+        let kind = WindowKind::Mem32;
+        assert_eq!(
+            Headroom::Pow2Double.apply(kind, children, held),
+            req(512 * MIB, 128 * MIB)
+        );
+        assert_eq!(Headroom::Double.apply(kind, children, held), children);
+        assert_eq!(Headroom::None.apply(kind, children, held), children);
+    }
+
+    #[test]
+    fn headroom_steps_down_to_none() {
+        assert_eq!(Headroom::Pow2Double.less(), Some(Headroom::Double));
+        assert_eq!(Headroom::Double.less(), Some(Headroom::None));
+        assert_eq!(Headroom::None.less(), None);
     }
 
     #[test]

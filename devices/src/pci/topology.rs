@@ -10,6 +10,12 @@
 //!   upstream port sits behind its own root port. Devices on one switch can do peer-to-peer
 //!   DMA without crossing the root complex.
 //!
+//! Every port window gets headroom: at least twice what the port holds, rounded up to a power
+//! of two, so the guest can move a BAR inside it (resource reassignment, resizable BAR); ports
+//! above grow so everything nests, and root ports add the [`HotplugReserve`] on top. Where a
+//! host window cannot hold that, its window kind falls back to plain doubling, then to none
+//! (`resources::Headroom`), with a warning.
+//!
 //! All programming goes through [`PciSegment::config_write`], the same path guest writes take,
 //! so the observer learns the initial BAR layout exactly as it will learn later moves.
 
@@ -20,12 +26,12 @@ use super::config::ConfigError;
 use super::host_bridge::HostBridge;
 use super::pcie_cap::{LinkConfig, SlotConfig};
 use super::port::PciePort;
-use super::resources::{Allocators, WindowKind};
+use super::resources::{Allocators, Headroom, WindowKind};
 use super::segment::{PciConfigIo, PciEcam, PciSegment, SegmentError};
 use super::switch::{PcieSwitch, SwitchError, MAX_DOWNSTREAM_PORTS};
 use super::{root_port, BarObserver, Bdf, SharedPciDevice};
 use crate::bus::BusRange;
-use firmware::{assign, attach, number_buses, program, Ctx, Node, Placed};
+use firmware::{assign, attach, clear_assignment, number_buses, program, Ctx, Node, Placed};
 
 const MIB: u64 = 1 << 20;
 
@@ -234,12 +240,32 @@ impl TopologyBuilder {
         for node in &tree {
             attach(&segment, None, node)?;
         }
-        let ctx = Ctx {
+        let mut ctx = Ctx {
             reserve: self.reserve,
             io: self.layout.io.is_some(),
+            headroom: [Headroom::Pow2Double; 3],
         };
-        let mut host = Allocators::new(self.layout.host_windows());
-        assign(&mut tree, &mut host, &ctx)?;
+        // Headroom is a preference: a window kind whose host window cannot hold the tree with
+        // it is assigned again with less, down to none (exactly the layout before headroom).
+        loop {
+            let mut host = Allocators::new(self.layout.host_windows());
+            match assign(&mut tree, &mut host, &ctx) {
+                Ok(()) => break,
+                Err(TopologyError::OutOfSpace { window, .. })
+                    if ctx.headroom[window as usize].less().is_some() =>
+                {
+                    let headroom = &mut ctx.headroom[window as usize];
+                    let less = headroom.less().unwrap_or(Headroom::None);
+                    log::warn!(
+                        "{window:?} window: no room for {headroom:?} headroom in bridge windows, \
+                         trying {less:?}"
+                    );
+                    *headroom = less;
+                    clear_assignment(&mut tree);
+                }
+                Err(e) => return Err(e),
+            }
+        }
         let mut placed = Placed::default();
         for node in &tree {
             program(&segment, 0, node, &mut placed)?;

@@ -9,7 +9,8 @@ use super::super::bar::{bars_and_rom, BarInfo, BarKind, DECODE_SLOTS, ROM_BAR};
 use super::super::port::PciePort;
 use super::super::regs::*;
 use super::super::resources::{
-    bar_request, reserve_request, sort, window_request, Allocators, Request, WindowKind,
+    bar_request, pack, reserve_request, sort, window_request, Allocators, Headroom, Request,
+    WindowKind,
 };
 use super::super::segment::PciSegment;
 use super::super::{lock, Bdf, SharedPciDevice};
@@ -114,12 +115,30 @@ pub(super) struct Ctx {
     /// Whether there is an I/O window at all; without one I/O BARs stay unassigned, as
     /// firmware leaves them when I/O space runs out (drivers of modern devices do not use them).
     pub(super) io: bool,
+    /// Headroom of port windows, per window kind (indexed like [`WindowKind::ALL`]).
+    pub(super) headroom: [Headroom; 3],
 }
 
-/// What `node` needs from its parent's windows, per window kind, with the BAR index for
-/// endpoints (an expansion ROM is BAR [`ROM_BAR`] and, being a 32-bit BAR, comes from the 32-bit
-/// window).
-fn requests(node: &Node, ctx: &Ctx) -> Result<Vec<(WindowKind, Request, usize)>, TopologyError> {
+/// One thing `node` needs from its parent's windows.
+#[derive(Clone, Copy)]
+struct Want {
+    kind: WindowKind,
+    /// What to allocate: a BAR, or a port window with its headroom and hotplug reserve.
+    request: Request,
+    /// The same subtree packed with no headroom: what the port above holds on its behalf.
+    held: Request,
+    /// The BAR index, for endpoints (the expansion ROM is [`ROM_BAR`]).
+    index: usize,
+}
+
+/// What `node` needs from its parent's windows, per window kind (an expansion ROM, being a
+/// 32-bit BAR, comes from the 32-bit window).
+///
+/// A port's window is its children packed (their windows already grown), grown by the
+/// headroom of its kind relative to what the subtree holds without headroom, then packed with
+/// the hotplug reserve for root ports: the reserve is room for another device, the headroom
+/// room for the devices already there to move.
+fn requests(node: &Node, ctx: &Ctx) -> Result<Vec<Want>, TopologyError> {
     let Some(plan) = &node.port else {
         let bars = bars_and_rom(&*lock(&node.device));
         let mut out = Vec::new();
@@ -138,34 +157,63 @@ fn requests(node: &Node, ctx: &Ctx) -> Result<Vec<(WindowKind, Request, usize)>,
                 log::warn!("{}: BAR {i} left unassigned: no I/O window", node.name);
                 continue;
             }
-            out.push((kind, request, i));
+            out.push(Want {
+                kind,
+                request,
+                held: request,
+                index: i,
+            });
         }
         return Ok(out);
     };
+    let mut below = Vec::new();
+    for child in &node.children {
+        below.extend(requests(child, ctx)?);
+    }
     let mut out = Vec::new();
     for kind in WindowKind::ALL {
-        let mut children = Vec::new();
-        for child in &node.children {
-            children.extend(
-                requests(child, ctx)?
-                    .into_iter()
-                    .filter(|(k, _, _)| *k == kind)
-                    .map(|(_, r, _)| r),
-            );
-        }
-        if plan.root {
-            let size = match kind {
-                WindowKind::Io => 0,
-                WindowKind::Mem32 => ctx.reserve.mem32,
-                WindowKind::Pref64 => ctx.reserve.pref64,
-            };
-            children.extend(reserve_request(kind, size));
-        }
-        if let Some(window) = window_request(kind, &children) {
-            out.push((kind, window, 0));
+        let of_kind = below.iter().filter(|w| w.kind == kind);
+        let children: Vec<_> = of_kind.clone().map(|w| w.request).collect();
+        let held: Vec<_> = of_kind.map(|w| w.held).collect();
+        let reserve = if plan.root {
+            match kind {
+                WindowKind::Io => None,
+                WindowKind::Mem32 => reserve_request(kind, ctx.reserve.mem32),
+                WindowKind::Pref64 => reserve_request(kind, ctx.reserve.pref64),
+            }
+        } else {
+            None
+        };
+        let grown = window_request(kind, &children)
+            .zip(pack(&held))
+            .map(|(children, held)| ctx.headroom[kind as usize].apply(kind, children, held));
+        let request = window_request(
+            kind,
+            &[grown, reserve].into_iter().flatten().collect::<Vec<_>>(),
+        );
+        let held = pack(&held.into_iter().chain(reserve).collect::<Vec<_>>());
+        if let Some((request, held)) = request.zip(held) {
+            out.push(Want {
+                kind,
+                request,
+                held,
+                index: 0,
+            });
         }
     }
     Ok(out)
+}
+
+/// Forgets every address an earlier, failed [`assign`] handed out, before a retry with less
+/// headroom.
+pub(super) fn clear_assignment(nodes: &mut [Node]) {
+    for node in nodes {
+        node.bars = [None; DECODE_SLOTS];
+        if let Some(plan) = &mut node.port {
+            plan.windows = [None; 3];
+        }
+        clear_assignment(&mut node.children);
+    }
 }
 
 /// Allocates the BARs and windows of `nodes` from `allocators`, then recurses into each port's
@@ -177,15 +225,20 @@ pub(super) fn assign(
 ) -> Result<(), TopologyError> {
     let mut wanted = Vec::new();
     for (n, node) in nodes.iter().enumerate() {
-        for (kind, request, index) in requests(node, ctx)? {
-            wanted.push((kind, request, n, index));
+        for want in requests(node, ctx)? {
+            wanted.push((want, n));
         }
     }
-    let mut order: Vec<_> = wanted.iter().enumerate().map(|(i, w)| (w.1, i)).collect();
+    let mut order: Vec<_> = wanted
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (w.0.request, i))
+        .collect();
     sort(&mut order);
     for (_, i) in order {
-        let (kind, request, n, index) = wanted[i];
+        let (want, n) = wanted[i];
         let node = &mut nodes[n];
+        let (kind, request) = (want.kind, want.request);
         let address =
             allocators
                 .allocate(kind, request)
@@ -197,8 +250,8 @@ pub(super) fn assign(
         match &mut node.port {
             Some(plan) => plan.windows[kind as usize] = Some(BusRange::new(address, request.size)),
             None => {
-                let bar = bars_and_rom(&*lock(&node.device))[index];
-                node.bars[index] = bar.map(|b| (b, address));
+                let bar = bars_and_rom(&*lock(&node.device))[want.index];
+                node.bars[want.index] = bar.map(|b| (b, address));
             }
         }
     }

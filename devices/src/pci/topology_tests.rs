@@ -110,10 +110,10 @@ fn a_device_behind_its_own_root_port() {
     let rp = lock(root.port("rp-gpu0").unwrap());
     assert_eq!(rp.bus_range(), Some(1..=1));
     assert_eq!(rp.primary_bus(), 0);
-    // 16 MiB of registers plus the 2 MiB reserve, in 1 MiB units.
-    assert_eq!(rp.mem_window().unwrap().len, 18 * MIB);
-    // 8 GiB + 32 MiB + the 256 MiB reserve.
-    assert_eq!(rp.pref_window().unwrap().len, 8 * GIB + 288 * MIB);
+    // Twice the 16 MiB of registers, plus the 2 MiB reserve.
+    assert_eq!(rp.mem_window().unwrap().len, 34 * MIB);
+    // Twice 8 GiB + 32 MiB rounded up to a power of two, plus the 256 MiB reserve.
+    assert_eq!(rp.pref_window().unwrap().len, 32 * GIB + 256 * MIB);
     assert_eq!(rp.io_window().unwrap().len, 0x1000);
     assert_eq!(rp.command(), COMMAND_IO | COMMAND_MEMORY | COMMAND_MASTER);
     drop(rp);
@@ -453,4 +453,146 @@ fn a_rejected_initial_mapping_fails_the_build() {
         err,
         TopologyError::Segment(SegmentError::BarRejected(_))
     ));
+}
+
+/// An ivshmem-like device: 256 bytes of registers and a 64 MiB prefetchable memory BAR.
+fn ivshmem() -> SharedPciDevice {
+    let bars = [
+        (0, BarDef::mem32(0x100)),
+        (2, BarDef::mem64(64 * MIB, true)),
+    ];
+    Arc::new(Mutex::new(
+        FakeEndpoint::with_bars("ivshmem", &bars).unwrap(),
+    ))
+}
+
+/// An edu-like device: one 1 MiB register BAR.
+fn edu() -> SharedPciDevice {
+    let bars = [(0, BarDef::mem32(MIB))];
+    Arc::new(Mutex::new(FakeEndpoint::with_bars("edu", &bars).unwrap()))
+}
+
+/// Moves 64-bit BAR `bar` of the function at `bdf` to `address` as a guest would, decoding on.
+fn move_bar64(root: &PciRoot, bdf: Bdf, bar: u16, address: u64) {
+    let offset = BAR0 + 4 * bar;
+    let segment = root.segment();
+    segment
+        .config_write(bdf, offset, &(address as u32).to_le_bytes())
+        .unwrap();
+    segment
+        .config_write(bdf, offset + 4, &((address >> 32) as u32).to_le_bytes())
+        .unwrap();
+}
+
+#[test]
+fn a_bar_can_move_inside_its_downstream_port_window() {
+    let mut b = TopologyBuilder::new(layout());
+    b.add_switch("sw0")
+        .add_device("edu", Placement::Switch("sw0".into()), edu())
+        .add_device("ivshmem", Placement::Switch("sw0".into()), ivshmem());
+    let (root, observer) = build(&b);
+    let port = root.port("sw0-down1").unwrap();
+    let window = lock(port).pref_window().unwrap();
+    assert!(window.len >= 128 * MIB, "{window}");
+    let bdf = root.bdf("ivshmem").unwrap();
+    assert_eq!(
+        observer.range_of(bdf, 2),
+        Some(BusRange::new(window.base, 64 * MIB))
+    );
+    move_bar64(&root, bdf, 2, window.base + 64 * MIB);
+    let moved = BusRange::new(window.base + 64 * MIB, 64 * MIB);
+    assert_eq!(observer.range_of(bdf, 2), Some(moved));
+    assert!(inside(moved, window));
+    assert_eq!(lock(port).pref_window(), Some(window));
+    check_invariants(&root);
+}
+
+#[test]
+fn a_bar_can_move_inside_its_root_port_window_besides_the_reserve() {
+    let mut b = TopologyBuilder::new(layout());
+    b.hotplug_reserve(HotplugReserve {
+        pref64: 0,
+        ..HotplugReserve::default()
+    })
+    .add_device("ivshmem", Placement::RootPort, ivshmem());
+    let (root, observer) = build(&b);
+    let window = lock(root.port("rp-ivshmem").unwrap())
+        .pref_window()
+        .unwrap();
+    assert_eq!(window.len, 128 * MIB);
+    let bdf = root.bdf("ivshmem").unwrap();
+    move_bar64(&root, bdf, 2, window.base + 64 * MIB);
+    assert_eq!(
+        observer.range_of(bdf, 2),
+        Some(BusRange::new(window.base + 64 * MIB, 64 * MIB))
+    );
+    check_invariants(&root);
+}
+
+/// Bytes of `kind` the BARs of `device` take (small memory BARs a page each).
+fn bar_bytes(device: &SharedPciDevice, kind: WindowKind) -> u64 {
+    crate::pci::bar::bars_and_rom(&*lock(device))
+        .iter()
+        .flatten()
+        .map(bar_request)
+        .filter(|(k, _)| *k == kind)
+        .map(|(_, r)| r.size)
+        .sum()
+}
+
+#[test]
+fn every_switch_port_has_headroom_and_the_windows_nest() {
+    // Eight devices behind one switch, small BARs and 64 MiB ones: must fit the 512 MiB
+    // 32-bit window with headroom at every downstream port.
+    let devices: Vec<_> = (0..8)
+        .map(|i| if i % 2 == 0 { ivshmem() } else { gpu(GIB) })
+        .collect();
+    let mut b = TopologyBuilder::new(layout());
+    b.add_switch("sw0");
+    for (i, dev) in devices.iter().enumerate() {
+        b.add_device(
+            &format!("d{i}"),
+            Placement::Switch("sw0".into()),
+            dev.clone(),
+        );
+    }
+    let (root, _) = build(&b);
+    for (i, dev) in devices.iter().enumerate() {
+        let port = lock(root.port(&format!("sw0-down{i}")).unwrap());
+        for kind in [WindowKind::Mem32, WindowKind::Pref64] {
+            let held = bar_bytes(dev, kind);
+            let window = window_of(&port, kind).expect("window open");
+            assert!(
+                window.len >= 2 * held,
+                "d{i} {kind:?}: {window} for {held:#x}"
+            );
+            assert!(window.len.is_power_of_two(), "d{i} {kind:?}: {window}");
+        }
+    }
+    let up = lock(root.port("sw0-up").unwrap());
+    let rp = lock(root.port("rp-sw0").unwrap());
+    for kind in [WindowKind::Mem32, WindowKind::Pref64] {
+        let held: u64 = devices.iter().map(|d| bar_bytes(d, kind)).sum();
+        let up_window = window_of(&up, kind).unwrap();
+        assert!(up_window.len >= 2 * held, "{kind:?}: {up_window}");
+        assert!(inside(up_window, window_of(&rp, kind).unwrap()));
+    }
+    drop((up, rp));
+    check_invariants(&root);
+}
+
+#[test]
+fn headroom_steps_down_where_the_host_window_is_too_small() {
+    // Twice 64 GiB + 32 MiB rounded up to a power of two is the whole 256 GiB window, with no
+    // room left for the reserve: the 64-bit windows get plain doubling instead (128 GiB +
+    // 64 MiB, then the 256 MiB reserve at its alignment).
+    let mut b = TopologyBuilder::new(layout());
+    b.add_device("gpu0", Placement::RootPort, gpu(64 * GIB));
+    let (root, _) = build(&b);
+    let rp = lock(root.port("rp-gpu0").unwrap());
+    assert_eq!(rp.pref_window().unwrap().len, 128 * GIB + 512 * MIB);
+    // The 32-bit window keeps its power-of-two headroom.
+    assert_eq!(rp.mem_window().unwrap().len, 34 * MIB);
+    drop(rp);
+    check_invariants(&root);
 }
