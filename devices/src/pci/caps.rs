@@ -35,8 +35,38 @@ impl CapList {
         id: u8,
         len: u16,
     ) -> Result<u16, ConfigError> {
+        self.place(regs, id, len, self.next)
+    }
+
+    /// Like [`CapList::add`], but at `preferred` when that is still free: dword aligned, at or
+    /// above everything allocated so far, with room for `len` bytes before 0x100. Otherwise
+    /// the capability goes where [`CapList::add`] would put it. For capabilities other VMMs
+    /// put at a fixed offset that guest software may look for there; the bytes skipped stay
+    /// unused, since capabilities are only appended.
+    pub(crate) fn add_preferring(
+        &mut self,
+        regs: &mut ConfigRegs,
+        id: u8,
+        len: u16,
+        preferred: u16,
+    ) -> Result<u16, ConfigError> {
         let size = len.max(2).next_multiple_of(4);
-        let offset = self.next;
+        let free = preferred.is_multiple_of(4)
+            && preferred >= self.next
+            && preferred
+                .checked_add(size)
+                .is_some_and(|end| end <= LEGACY_CONFIG_END);
+        self.place(regs, id, len, if free { preferred } else { self.next })
+    }
+
+    fn place(
+        &mut self,
+        regs: &mut ConfigRegs,
+        id: u8,
+        len: u16,
+        offset: u16,
+    ) -> Result<u16, ConfigError> {
+        let size = len.max(2).next_multiple_of(4);
         if offset + size > LEGACY_CONFIG_END {
             return Err(ConfigError::CapabilitySpace { id: id.into(), len });
         }
@@ -140,6 +170,39 @@ mod tests {
             vec![(CAP_ID_VNDR, 0x40), (CAP_ID_MSI, 0x48)]
         );
         assert_ne!(dev.config.regs().read_u16(STATUS) & STATUS_CAP_LIST, 0);
+    }
+
+    #[test]
+    fn a_preferred_offset_is_used_while_free() {
+        let mut dev = FakeEndpoint::new("dev");
+        dev.config.add_capability(CAP_ID_MSI, 14).unwrap();
+        let at = dev.config.add_capability_preferring(CAP_ID_VNDR, 8, 0xd4);
+        assert_eq!(at, Ok(0xd4));
+        // Later capabilities go after it.
+        assert_eq!(dev.config.add_capability(CAP_ID_MSIX, 12), Ok(0xdc));
+        assert_eq!(
+            capabilities(&mut dev),
+            vec![(CAP_ID_MSI, 0x40), (CAP_ID_VNDR, 0xd4), (CAP_ID_MSIX, 0xdc)]
+        );
+    }
+
+    #[test]
+    fn a_preferred_offset_already_passed_or_misaligned_falls_back() {
+        let mut dev = FakeEndpoint::new("dev");
+        dev.config.add_capability(CAP_ID_VNDR, 0xa0).unwrap();
+        assert_eq!(
+            dev.config.add_capability_preferring(CAP_ID_VNDR, 8, 0xd4),
+            Ok(0xe0)
+        );
+        assert_eq!(
+            dev.config.add_capability_preferring(CAP_ID_VNDR, 4, 0xea),
+            Ok(0xe8)
+        );
+        assert_eq!(
+            dev.config.add_capability_preferring(CAP_ID_VNDR, 8, 0xfc),
+            Ok(0xec)
+        );
+        assert_eq!(capabilities(&mut dev).len(), 4);
     }
 
     #[test]

@@ -413,6 +413,18 @@ impl<const N: usize> ConfigSpace<N> {
         self.caps.add(&mut self.regs, id, len)
     }
 
+    /// Like [`ConfigSpace::add_capability`], at offset `preferred` if the chain has not
+    /// reached it yet (else at the next free offset), for capabilities guests may expect at a
+    /// fixed place.
+    pub fn add_capability_preferring(
+        &mut self,
+        id: u8,
+        len: u16,
+        preferred: u16,
+    ) -> Result<u16, ConfigError> {
+        self.caps.add_preferring(&mut self.regs, id, len, preferred)
+    }
+
     /// Appends an extended capability at 0x100+ and returns its offset.
     pub fn add_extended_capability(
         &mut self,

@@ -9,9 +9,12 @@
 //! ([`VfioRom`]). Where BARs live in the guest, and their peer-to-peer IOMMU mappings, is the
 //! VMM's `BarObserver`'s business. INTx, the fallback while MSI and MSI-X are off, is connected
 //! once the topology knows the function's GSI ([`VfioPciDevice::connect_intx`]).
+//! [`VfioPciOptions`] add what the host function lacks, such as NVIDIA's GPUDirect P2P clique
+//! capability.
 
 mod intx;
 mod irq;
+mod options;
 mod probe;
 mod rom;
 
@@ -28,6 +31,7 @@ use crate::pci::{
 };
 pub use intx::{IntxHost, VfioIntx};
 pub use irq::VfioMsi;
+pub use options::{VfioOptionsError, VfioPciOptions, GPUDIRECT_CAP_OFFSET, MAX_CLIQUE_ID};
 pub use probe::{probe, ConfigSource, HostFunction};
 pub use rom::VfioRom;
 
@@ -51,6 +55,12 @@ pub enum VfioPciError {
         what: &'static str,
         detail: String,
     },
+    #[error("{bdf}: {source}")]
+    Options {
+        bdf: vfio_p2p::Bdf,
+        #[source]
+        source: VfioOptionsError,
+    },
 }
 
 /// The command register bits that reach the hardware.
@@ -73,15 +83,20 @@ pub struct VfioPciDevice {
 }
 
 impl VfioPciDevice {
-    /// Builds the guest view of `host`. `integrated`: the function sits on the root bus (a root
-    /// complex integrated endpoint) rather than below a port.
+    /// Builds the guest view of `host`, with the extra capabilities `options` ask for (added
+    /// last in the capability chain).
     pub fn new(
         name: &str,
         host: Arc<HostPciDevice>,
         controller: Arc<dyn InterruptController>,
         p2p: Option<Arc<P2pTable>>,
+        options: VfioPciOptions,
     ) -> Result<Self, VfioPciError> {
         let bdf = host.bdf();
+        // Before anything touches the device: a bad option must not cost a host reset.
+        options
+            .validate()
+            .map_err(|source| VfioPciError::Options { bdf, source })?;
         let function = probe(&*host).map_err(|source| VfioPciError::Probe { bdf, source })?;
         let config_err = |source| VfioPciError::Config { bdf, source };
         let mut config = Type0Config::new(&function.ids);
@@ -136,6 +151,12 @@ impl VfioPciDevice {
             }
             None => None,
         };
+        if let Some(offset) = options
+            .add_capabilities(&mut config)
+            .map_err(|source| VfioPciError::Options { bdf, source })?
+        {
+            log::info!("{name}: GPUDirect P2P clique capability at {offset:#x}");
+        }
         let device = Self {
             name: name.to_owned(),
             host,

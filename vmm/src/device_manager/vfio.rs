@@ -269,6 +269,7 @@ pub fn build(
             host.clone(),
             interrupts.clone(),
             Some(p2p.clone()),
+            Default::default(),
         )
         .map_err(|source| DeviceManagerError::Device {
             id: config.id.clone(),
