@@ -56,7 +56,12 @@ for d in /sys/bus/pci/devices/*; do
         0x1af4:0x1110) shm=${d##*/}; echo "DEMO-L2: ivshmem at $(readlink -f "$d")" ;;
     esac
 done
-/usr/bin/edu-dma --peer-bar "$shm:2" 2>&1
+if grep -q 'demo.nogroup' /proc/cmdline; then
+    echo "DEMO-L2: edu and ivshmem in no P2P group: edu's DMA into ivshmem's BAR must not land"
+    /usr/bin/edu-dma --peer-bar "$shm:2" --peer-check "$shm:2" 2>&1
+else
+    /usr/bin/edu-dma --peer-bar "$shm:2" --peer-check "$shm:2" 2>&1
+fi
 EOF
 "$res/mkinitramfs.sh" l2 "$work/l2.cpio.gz" \
     --add "$bin/edu-dma:/usr/bin/edu-dma" --add "$work/l2.sh:/lab/l2.sh"
@@ -74,6 +79,11 @@ done
 echo "DEMO-L1: p2pvmm --config /lab/p2p-lab.toml"
 timeout "$inner_timeout" /usr/bin/p2pvmm -v --config /lab/p2p-lab.toml
 echo "DEMO-L1: p2pvmm rc=$?"
+echo "DEMO-L1: the same devices without a P2P group"
+timeout "$inner_timeout" /usr/bin/p2pvmm -v --kernel /l2/bzImage --initramfs /l2/initramfs.cpio.gz \
+    --memory 512M --cmdline "console=ttyS0 panic=-1 lapic=notscdeadline demo.nogroup" \
+    --device path=0000:00:01.0,id=edu --device path=0000:00:02.0,id=shm
+echo "DEMO-L1: ungrouped p2pvmm rc=$?"
 EOF
 "$res/mkinitramfs.sh" l1 "$work/l1.cpio.gz" \
     --add "$bin/p2pvmm:/usr/bin/p2pvmm" \
@@ -97,6 +107,18 @@ if ! grep -qaE 'EDU-DMA: ok bytes=[0-9]+ wrong=0 msi=5' <<<"$text"; then
     grep -a 'EDU-DMA:' <<<"$text" >&2 || true
     ok=0
 fi
+if ! grep -qaE 'EDU-DMA-PEER: present' <<<"$text"; then
+    log "FAIL: the grouped run's bytes are not in ivshmem's BAR"
+    ok=0
+fi
+if ! grep -qaE 'EDU-DMA-PEER: absent' <<<"$text" || ! grep -qaE 'EDU-DMA: FAIL' <<<"$text"; then
+    log "FAIL: without a group, edu's DMA into ivshmem's BAR was not refused"
+    ok=0
+fi
+if ! grep -qaE 'DEMO-L1: ungrouped p2pvmm rc=0([^0-9]|$)' <<<"$text"; then
+    log "FAIL: the ungrouped p2pvmm did not exit 0"
+    ok=0
+fi
 if ! grep -qaE 'DEMO-L1: p2pvmm rc=0([^0-9]|$)' <<<"$text"; then
     log "FAIL: p2pvmm did not exit 0"
     grep -a 'DEMO-L1: p2pvmm rc=' <<<"$text" >&2 || true
@@ -109,9 +131,9 @@ fi
 ((rc == 0)) || { log "FAIL: run-l1.sh exited with status $rc"; ok=0; }
 if ((ok)); then
     sed 's/\x1b\[[0-9;]*m//g' <<<"$text" |
-        grep -aoE 'DEMO-L[12]: .*|p2pvmm::device_manager.*(opened on|peer-to-peer|guest address).*|edu-dma: peer .*|EDU-DMA: .*' |
+        grep -aoE 'DEMO-L[12]: .*|p2pvmm::device_manager.*(opened on|peer-to-peer|guest address|P2P table|no --p2p-group).*|^(GROUP|g0) .*|edu-dma: peer .*|EDU-DMA(-PEER)?: .*' |
         sed 's/^p2pvmm::device_manager[^ ]* /p2pvmm: /; s/^/demo: /' >&2
-    log "PASS: edu DMA'd into ivshmem's BAR at its L2 address and back, through p2pvmm's P2P mappings"
+    log "PASS: in group g0, edu DMA'd into ivshmem's BAR at its L2 address and back (bytes checked in the BAR); without a group the same DMA did not land"
     exit 0
 fi
 log "console log: $console (last 40 lines follow)"

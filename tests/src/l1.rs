@@ -216,16 +216,19 @@ const L1_OVERHEAD_MIB: u32 = 2560;
 /// [`L1_OVERHEAD_MIB`]; 0 when it names no size.
 pub fn l1_mem_for(command: &str) -> u32 {
     let words: Vec<&str> = command.split_whitespace().collect();
-    let sizes = words.windows(2).filter(|w| w[0] == "--memory").filter_map(|w| {
-        let v = w[1].trim_matches(|c| c == '\'' || c == '"');
-        let (num, unit) = v.split_at(v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len()));
-        let n: u32 = num.parse().ok()?;
-        match unit {
-            "M" | "m" => Some(n),
-            "G" | "g" => n.checked_mul(1024),
-            _ => None,
-        }
-    });
+    let sizes = words
+        .windows(2)
+        .filter(|w| w[0] == "--memory")
+        .filter_map(|w| {
+            let v = w[1].trim_matches(|c| c == '\'' || c == '"');
+            let (num, unit) = v.split_at(v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len()));
+            let n: u32 = num.parse().ok()?;
+            match unit {
+                "M" | "m" => Some(n),
+                "G" | "g" => n.checked_mul(1024),
+                _ => None,
+            }
+        });
     sizes.max().map_or(0, |m| m.saturating_add(L1_OVERHEAD_MIB))
 }
 
@@ -396,7 +399,10 @@ mod tests {
 
     #[test]
     fn l1_grows_with_the_largest_l2() {
-        assert_eq!(l1_mem_for("p2pvmm --memory 3584M --cpus 2"), 3584 + L1_OVERHEAD_MIB);
+        assert_eq!(
+            l1_mem_for("p2pvmm --memory 3584M --cpus 2"),
+            3584 + L1_OVERHEAD_MIB
+        );
         assert_eq!(l1_mem_for("p2pvmm --memory 2G"), 2048 + L1_OVERHEAD_MIB);
         assert_eq!(l1_mem_for("p2pvmm --cpus 1"), 0);
         let run = L1Run::new("x").scenario("big", 10, "p2pvmm --memory 3584M");

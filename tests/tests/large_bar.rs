@@ -1,5 +1,5 @@
 //! A GPU-sized BAR in the nested lab: L1 gets a second ivshmem whose BAR2 is 16 GiB (a sparse
-//! file on this machine backs it), p2pvmm passes it and edu to L2 behind one switch, and inside
+//! file on this machine backs it), p2pvmm passes it and edu to L2 in one P2P group (behind one switch), and inside
 //! L2 edu DMAs into the BAR's first and last pages at their L2 addresses and back. The BAR must
 //! land in the 64-bit window above 4 GiB, inside the IOVA range L1's IOMMU translates, and be
 //! reachable end to end through its dmabuf mapping (iommufd) or its mapping by address (legacy).
@@ -64,8 +64,9 @@ fn run_lab() -> Result<Console, String> {
         format!(
             "p2pvmm -vv --kernel /l2/bzImage --initramfs /l2/initramfs.cpio.gz --memory 512M \
              --cmdline '{L2_CMDLINE}' \
-             --device path=$EDU,id=edu,backend={backend},switch=sw0 \
-             --device path=$BIG,id=big,backend={backend},switch=sw0"
+             --device path=$EDU,id=edu,backend={backend} \
+             --device path=$BIG,id=big,backend={backend} \
+             --p2p-group name=gpu,devices=edu:big"
         )
     };
     let console = L1Run::new("large-bar")

@@ -30,6 +30,9 @@ fn usage() -> &'static str {
                        peer device's BAR: RAM -> edu -> ADDR, zero edu, ADDR -> edu -> RAM
   --peer-bar BDF:N     like --peer-dst with BAR N of device BDF (its address from sysfs; turns on
                        the device's memory decoding)
+  --peer-check BDF:N   afterwards, read the peer address back through BAR N of BDF with the CPU
+                       (sysfs resourceN) and print 'EDU-DMA-PEER: present' when the last round's
+                       bytes are there, 'EDU-DMA-PEER: absent matched=K/N' otherwise
 Needs root, CONFIG_VFIO_NOIOMMU and /proc/self/pagemap. Binds the device to vfio-pci in
 no-IOMMU mode (DMA addresses are physical addresses). Transfers per round: 2, or 5 with a peer.
 Result: 'EDU-DMA: ok bytes=N wrong=0 msi=K' (intx=K with --intx; exit 0) or
@@ -77,6 +80,7 @@ struct Args {
     timeout_ms: u64,
     irq: IrqMode,
     peer: Option<Peer>,
+    peer_check: Option<(String, usize)>,
 }
 
 fn parse_u64(s: &str) -> Option<u64> {
@@ -84,6 +88,17 @@ fn parse_u64(s: &str) -> Option<u64> {
         Some(h) => u64::from_str_radix(h, 16).ok(),
         None => s.parse().ok(),
     }
+}
+
+/// `BDF:N` with N a BAR number.
+fn bar_arg(name: &str, v: &str) -> std::result::Result<(String, usize), String> {
+    let (bdf, bar) = v.rsplit_once(':').ok_or(format!("{name} expects BDF:N"))?;
+    let bar = bar
+        .parse::<usize>()
+        .ok()
+        .filter(|&b| b < 6)
+        .ok_or(format!("{name}: N must be 0..=5"))?;
+    Ok((bdf.to_string(), bar))
 }
 
 /// Ok(None) means --help.
@@ -95,6 +110,7 @@ fn parse_args(argv: &[String]) -> std::result::Result<Option<Args>, String> {
         timeout_ms: 5000,
         irq: IrqMode::Msi,
         peer: None,
+        peer_check: None,
     };
     let mut it = argv.iter();
     while let Some(arg) = it.next() {
@@ -118,15 +134,10 @@ fn parse_args(argv: &[String]) -> std::result::Result<Option<Args>, String> {
             "--intx" => a.irq = IrqMode::Intx,
             "--peer-dst" => a.peer = Some(Peer::Addr(num("--peer-dst", val("--peer-dst")?)?)),
             "--peer-bar" => {
-                let v = val("--peer-bar")?;
-                let (bdf, bar) = v.rsplit_once(':').ok_or("--peer-bar expects BDF:N")?;
-                let bar = bar
-                    .parse::<usize>()
-                    .ok()
-                    .filter(|&b| b < 6)
-                    .ok_or("--peer-bar: N must be 0..=5")?;
-                a.peer = Some(Peer::Bar(bdf.to_string(), bar));
+                let (bdf, bar) = bar_arg("--peer-bar", &val("--peer-bar")?)?;
+                a.peer = Some(Peer::Bar(bdf, bar));
             }
+            "--peer-check" => a.peer_check = Some(bar_arg("--peer-check", &val("--peer-check")?)?),
             s if s.starts_with('-') => return Err(format!("unknown option '{s}'")),
             s if a.bdf.is_none() => a.bdf = Some(s.to_string()),
             s => return Err(format!("unexpected argument '{s}'")),
@@ -263,6 +274,10 @@ fn run(a: &Args) -> Result<Report> {
     };
     let pages = Pages { src, dst, zero };
     let result = rounds(a, &mut eng, &pages, peer, seed);
+    if let (Some((pbdf, n)), Some(addr)) = (&a.peer_check, peer) {
+        let last = seed.wrapping_add((a.rounds - 1).wrapping_mul(0x9e37_79b9));
+        peer_check(pbdf, *n, addr, a.len, last)?;
+    }
     if result.is_err() && !edu.wait_idle(2000) {
         // A DMA still in flight must not land in our pages after exit frees them (exit_mm runs
         // before the device fd is released): stop the device's bus mastering first.
@@ -287,6 +302,35 @@ fn run(a: &Args) -> Result<Report> {
     rep.irqs = eng.irqs;
     rep.transfers = eng.transfers;
     Ok(rep)
+}
+
+/// Reads `len` bytes at bus address `addr` back through the CPU mapping of BAR `bar` of `bdf`
+/// and says whether they hold `pattern(seed, ..)`: whether the peer DMA really landed there.
+fn peer_check(bdf: &str, bar: usize, addr: u64, len: usize, seed: u32) -> Result<()> {
+    let (base, size) = sysfs::peer_bar(bdf, bar)?;
+    let offset = addr
+        .checked_sub(base)
+        .filter(|o| o + len as u64 <= size)
+        .ok_or_else(|| {
+            Fail::msg(
+                "peer check",
+                format!("0x{addr:x} is not inside {bdf} BAR {bar} (0x{base:x}+0x{size:x})"),
+            )
+        })? as usize;
+    let map = sysfs::map_resource(bdf, bar)?;
+    let mut matched = 0;
+    for i in (0..len).step_by(4) {
+        let word = map.read32(offset + i).unwrap_or(0).to_le_bytes();
+        for (j, byte) in word.iter().enumerate().take(len - i) {
+            matched += usize::from(*byte == pattern(seed, i + j));
+        }
+    }
+    if matched == len {
+        println!("EDU-DMA-PEER: present");
+    } else {
+        println!("EDU-DMA-PEER: absent matched={matched}/{len}");
+    }
+    Ok(())
 }
 
 struct Pages {
