@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use clap::{ArgAction, Parser};
 
 use super::layer::PartialConfig;
-use super::{device, file, ByteSize, ConfigError, LoadedConfig, SerialConfig};
+use super::{device, file, p2p_group, ByteSize, ConfigError, LoadedConfig, SerialConfig};
 
 /// p2pvmm: boot a Linux guest on KVM.
 ///
@@ -21,7 +21,8 @@ use super::{device, file, ByteSize, ConfigError, LoadedConfig, SerialConfig};
 #[command(name = "p2pvmm", version, about, long_about = None)]
 pub struct Cli {
     /// TOML file with VM settings (keys: kernel, initramfs, cmdline, cpus,
-    /// memory, serial, and [[device]] tables with the --device keys);
+    /// memory, serial, [[device]] tables with the --device keys and
+    /// [[p2p_group]] tables with the --p2p-group keys);
     /// relative paths in it are relative to the file.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -62,6 +63,16 @@ pub struct Cli {
     /// file's devices; one with a file device's id replaces it.
     #[arg(long = "device", value_name = "KEY=VALUE,...")]
     pub devices: Vec<String>,
+
+    /// P2P group, repeatable: name=NAME,devices=ID:ID[,mode=auto|dmabuf|legacy|off]
+    /// [,topology=switch|root-ports|flat]. Members reach each other's BARs; a device in no
+    /// group reaches no BAR. Each group is its own IOMMU address space; topology switch (the
+    /// default) puts the members behind one PCIe switch named NAME (a member's own placement
+    /// wins); mode dmabuf needs iommufd, legacy gives the group a type1 container. Devices also
+    /// take clique=0-15 (NVIDIA GPUDirect P2P clique capability; NVIDIA members default to their
+    /// group's index).
+    #[arg(long = "p2p-group", value_name = "KEY=VALUE,...")]
+    pub p2p_groups: Vec<String>,
 
     /// More log output; repeat for more (-v info, -vv debug, -vvv trace).
     #[arg(short, long, action = ArgAction::Count)]
@@ -106,6 +117,12 @@ impl Cli {
                 .devices
                 .iter()
                 .map(|v| parse_flag("--device", Some(v), device::parse_flag))
+                .filter_map(Result::transpose)
+                .collect::<Result<_, _>>()?,
+            p2p_groups: self
+                .p2p_groups
+                .iter()
+                .map(|v| parse_flag("--p2p-group", Some(v), p2p_group::parse_flag))
                 .filter_map(Result::transpose)
                 .collect::<Result<_, _>>()?,
         })

@@ -15,7 +15,7 @@ use std::str::FromStr;
 
 use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
 
-use super::VmConfig;
+use super::p2p_group::{group_placement, P2pGroupConfig};
 
 /// Where sysfs lists PCI functions; a bare address such as `0000:00:03.0`
 /// stands for the directory of that name here.
@@ -23,7 +23,7 @@ pub const SYSFS_PCI_DEVICES: &str = "/sys/bus/pci/devices";
 
 /// The keys of a `--device` flag (and of a `[[device]]` table), in the
 /// order the help text lists them.
-const KEYS: &str = "path, id, backend, placement or switch";
+const KEYS: &str = "path, id, backend, placement or switch, clique";
 
 /// Kernel interface through which the VMM maps guest memory for device DMA.
 ///
@@ -126,8 +126,11 @@ pub(super) struct DeviceEntry {
     pub path: PathBuf,
     /// See [`DeviceConfig::backend`].
     pub backend: Option<IommuBackendKind>,
-    /// See [`DeviceConfig::placement`].
-    pub placement: Placement,
+    /// See [`DeviceConfig::placement`]; `None`: not given (the device's P2P group, if any,
+    /// decides, else root-port).
+    pub placement: Option<Placement>,
+    /// See [`DeviceConfig::clique`].
+    pub clique: Option<u8>,
 }
 
 /// One host PCI function passed through to the guest with VFIO.
@@ -152,25 +155,19 @@ pub struct DeviceConfig {
     /// PCI address (`0000:00:03.0` or `00:03.0`) is normalised to it.
     pub path: PathBuf,
     /// IOMMU interface, if chosen explicitly. All devices of a VM use the
-    /// same one; see [`VmConfig::iommu_backend`].
+    /// same one within a P2P group (its IOMMU address space).
     pub backend: Option<IommuBackendKind>,
-    /// Position in the guest's PCI hierarchy. Default root-port.
+    /// Position in the guest's PCI hierarchy: as given, else as the device's P2P group's
+    /// topology says, else root-port.
     pub placement: Placement,
+    /// NVIDIA GPUDirect P2P clique id (0-15) the guest sees in a vendor capability; see
+    /// [`VmConfig::clique_of`] for the default.
+    pub clique: Option<u8>,
 }
 
 /// Default id of the device at `index` in the merged list.
 pub(super) fn default_id(index: usize) -> String {
     format!("dev{index}")
-}
-
-impl VmConfig {
-    /// The IOMMU backend a device asks for explicitly, if any; `None` leaves
-    /// the choice to the VMM (iommufd when `/dev/iommu` exists, else
-    /// legacy). [`VmConfig::validate`] rejects explicit mixes, so the first
-    /// explicit choice speaks for all devices.
-    pub fn iommu_backend(&self) -> Option<IommuBackendKind> {
-        self.devices.iter().find_map(|device| device.backend)
-    }
 }
 
 /// The record both sources are read into: the TOML table schema, and what
@@ -187,6 +184,8 @@ struct RawDevice {
     placement: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     switch: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    clique: Option<u8>,
 }
 
 impl TryFrom<RawDevice> for DeviceEntry {
@@ -196,6 +195,7 @@ impl TryFrom<RawDevice> for DeviceEntry {
         Ok(DeviceEntry {
             path: device_path(&raw.path)?,
             placement: placement(raw.placement.as_deref(), raw.switch)?,
+            clique: clique(raw.clique)?,
             id: raw.id,
             backend: raw.backend,
         })
@@ -215,21 +215,30 @@ impl From<DeviceConfig> for RawDevice {
             backend: device.backend,
             placement,
             switch,
+            clique: device.clique,
         }
     }
 }
 
-/// Resolves the `placement` and `switch` keys into one [`Placement`].
-fn placement(placement: Option<&str>, switch: Option<String>) -> Result<Placement, String> {
+/// The GPUDirect clique id: 4 bits in the capability.
+fn clique(clique: Option<u8>) -> Result<Option<u8>, String> {
+    match clique {
+        Some(c) if c > 15 => Err(format!("clique {c} is out of range (use 0 to 15)")),
+        c => Ok(c),
+    }
+}
+
+/// Resolves the `placement` and `switch` keys into one [`Placement`], `None` if neither.
+fn placement(placement: Option<&str>, switch: Option<String>) -> Result<Option<Placement>, String> {
     match (placement, switch) {
         (Some(placement), Some(switch)) => Err(format!(
             "placement {placement:?} conflicts with switch {switch:?}: give only one \
              (switch alone puts the device behind that switch)"
         )),
-        (None, Some(switch)) => Ok(Placement::Switch(switch)),
-        (None, None) => Ok(Placement::default()),
-        (Some(p), None) if p.eq_ignore_ascii_case(ROOT) => Ok(Placement::Root),
-        (Some(p), None) if p.eq_ignore_ascii_case(ROOT_PORT) => Ok(Placement::RootPort),
+        (None, Some(switch)) => Ok(Some(Placement::Switch(switch))),
+        (None, None) => Ok(None),
+        (Some(p), None) if p.eq_ignore_ascii_case(ROOT) => Ok(Some(Placement::Root)),
+        (Some(p), None) if p.eq_ignore_ascii_case(ROOT_PORT) => Ok(Some(Placement::RootPort)),
         (Some(p), None) if p.eq_ignore_ascii_case("switch") => Err(format!(
             "placement {p:?} needs the switch's name: set switch to it instead of placement"
         )),
@@ -287,7 +296,7 @@ fn hex(digits: &str, max_digits: usize) -> Option<u32> {
 /// only; the caller adds the flag and value.
 pub(super) fn parse_flag(spec: &str) -> Result<DeviceEntry, String> {
     let mut raw = RawDevice::default();
-    let (mut path, mut backend) = (None, None);
+    let (mut path, mut backend, mut clique) = (None, None, None);
     for item in spec.split(',') {
         let (key, value) = item
             .split_once('=')
@@ -298,6 +307,7 @@ pub(super) fn parse_flag(spec: &str) -> Result<DeviceEntry, String> {
             "backend" => &mut backend,
             "placement" => &mut raw.placement,
             "switch" => &mut raw.switch,
+            "clique" => &mut clique,
             _ => return Err(format!("unknown key {key:?} (use {KEYS})")),
         };
         if value.is_empty() {
@@ -310,6 +320,12 @@ pub(super) fn parse_flag(spec: &str) -> Result<DeviceEntry, String> {
     raw.path = path
         .ok_or_else(|| format!("missing key path (e.g. path={SYSFS_PCI_DEVICES}/0000:00:03.0)"))?
         .into();
+    raw.clique = clique
+        .map(|c: String| {
+            c.parse::<u8>()
+                .map_err(|_| format!("clique {c:?} is not 0 to 15"))
+        })
+        .transpose()?;
     raw.backend = backend
         .map(|b| b.parse())
         .transpose()
@@ -341,16 +357,27 @@ pub(super) fn merge(mut base: Vec<DeviceEntry>, top: Vec<DeviceEntry>) -> Vec<De
     base
 }
 
-/// Gives every device without an id its default one.
-pub(super) fn finish(entries: Vec<DeviceEntry>) -> Vec<DeviceConfig> {
+/// Gives every device without an id its default one, and without a placement the one its
+/// P2P group's topology gives (else root-port).
+pub(super) fn finish(entries: Vec<DeviceEntry>, groups: &[P2pGroupConfig]) -> Vec<DeviceConfig> {
     entries
         .into_iter()
         .enumerate()
-        .map(|(index, entry)| DeviceConfig {
-            id: entry.id.unwrap_or_else(|| default_id(index)),
-            path: entry.path,
-            backend: entry.backend,
-            placement: entry.placement,
+        .map(|(index, entry)| {
+            let id = entry.id.unwrap_or_else(|| default_id(index));
+            let placement = entry.placement.unwrap_or_else(|| {
+                groups
+                    .iter()
+                    .find(|g| g.devices.contains(&id))
+                    .map_or_else(Placement::default, group_placement)
+            });
+            DeviceConfig {
+                id,
+                path: entry.path,
+                backend: entry.backend,
+                placement,
+                clique: entry.clique,
+            }
         })
         .collect()
 }
@@ -360,7 +387,7 @@ pub(super) fn finish(entries: Vec<DeviceEntry>) -> Vec<DeviceConfig> {
 pub(super) fn deserialize_list<'de, D: Deserializer<'de>>(
     deserializer: D,
 ) -> Result<Vec<DeviceConfig>, D::Error> {
-    Vec::<DeviceEntry>::deserialize(deserializer).map(finish)
+    Vec::<DeviceEntry>::deserialize(deserializer).map(|d| finish(d, &[]))
 }
 
 #[cfg(test)]
@@ -376,7 +403,8 @@ mod tests {
             id: id.map(str::to_string),
             path: sysfs(bdf),
             backend: None,
-            placement: Placement::RootPort,
+            placement: Some(Placement::RootPort),
+            clique: None,
         }
     }
 
@@ -421,15 +449,16 @@ mod tests {
                 id: Some("gpu0".into()),
                 path: sysfs("0000:00:03.0"),
                 backend: Some(IommuBackendKind::Legacy),
-                placement: Placement::Root,
+                placement: Some(Placement::Root),
+                clique: None,
             }
         );
         let device = parse_flag("switch=sw0,path=/sys/bus/pci/devices/0000:00:04.0").unwrap();
         assert_eq!(device.id, None);
         assert_eq!(device.backend, None);
-        assert_eq!(device.placement, Placement::Switch("sw0".into()));
+        assert_eq!(device.placement, Some(Placement::Switch("sw0".into())));
         let device = parse_flag("path=00:03.0,placement=Root-Port,backend=IOMMUFD").unwrap();
-        assert_eq!(device.placement, Placement::RootPort);
+        assert_eq!(device.placement, Some(Placement::RootPort));
         assert_eq!(device.backend, Some(IommuBackendKind::Iommufd));
     }
 
@@ -438,7 +467,7 @@ mod tests {
         let err = |spec: &str| parse_flag(spec).unwrap_err();
         assert_eq!(
             err("path=00:03.0,colour=red"),
-            r#"unknown key "colour" (use path, id, backend, placement or switch)"#
+            r#"unknown key "colour" (use path, id, backend, placement or switch, clique)"#
         );
         assert_eq!(
             err("id=gpu0"),
@@ -449,7 +478,7 @@ mod tests {
         assert_eq!(err("path=00:03.0,path=00:04.0"), "key path given twice");
         assert_eq!(
             err("path=00:03.0,"),
-            r#""" is not KEY=VALUE (keys: path, id, backend, placement or switch)"#
+            r#""" is not KEY=VALUE (keys: path, id, backend, placement or switch, clique)"#
         );
         assert_eq!(
             err("path=00:03.0,backend=vfio"),
@@ -481,7 +510,7 @@ mod tests {
             entry(Some("gpu0"), "0000:00:07.0"),
             entry(Some("gpu0"), "0000:00:08.0"), // second flag with one id: kept, a duplicate
         ];
-        let merged = finish(merge(file, cli));
+        let merged = finish(merge(file, cli), &[]);
         let summary: Vec<_> = merged
             .iter()
             .map(|d| (d.id.as_str(), d.path.file_name().unwrap().to_str().unwrap()))
@@ -495,19 +524,6 @@ mod tests {
                 ("gpu0", "0000:00:08.0"),
             ]
         );
-    }
-
-    #[test]
-    fn explicit_backend_is_reported_for_the_vm() {
-        let mut vm: VmConfig = toml::from_str("kernel = \"/k\"").unwrap();
-        assert_eq!(vm.iommu_backend(), None);
-        vm.devices = finish(vec![
-            entry(None, "0000:00:03.0"),
-            entry(None, "0000:00:04.0"),
-        ]);
-        assert_eq!(vm.iommu_backend(), None);
-        vm.devices[1].backend = Some(IommuBackendKind::Legacy);
-        assert_eq!(vm.iommu_backend(), Some(IommuBackendKind::Legacy));
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Checks of the passthrough device list, part of [`super::VmConfig::validate`].
 //!
-//! The rules between devices (ids, paths, one IOMMU backend, switch names)
+//! The rules between devices (ids, paths, switch names)
 //! are pure; only [`check_device_dirs`] looks at the host, and only at the
 //! configured paths, so tests can point devices at a fake sysfs in a temp
 //! dir. Driver binding and IOMMU groups are deliberately not checked here:
@@ -46,36 +46,12 @@ pub(super) fn check_device_rules(devices: &[DeviceConfig]) -> Result<(), ConfigE
                 .map_err(|reason| invalid(device, "switch", format!("{name:?}"), reason))?;
         }
     }
-    check_one_backend(devices)
-}
-
-/// The devices of a VM share one IOMMU address space (that is what lets
-/// them DMA to each other), and one address space lives in one backend.
-fn check_one_backend(devices: &[DeviceConfig]) -> Result<(), ConfigError> {
-    let mut explicit = devices
-        .iter()
-        .filter_map(|device| device.backend.map(|backend| (device, backend)));
-    let Some((first, backend)) = explicit.next() else {
-        return Ok(());
-    };
-    match explicit.find(|&(_, other)| other != backend) {
-        Some((device, other)) => Err(invalid(
-            device,
-            "backend",
-            format!("\"{other}\""),
-            format!(
-                "conflicts with backend = \"{backend}\" of device {}; the devices of a VM \
-                 share one IOMMU address space, so they must use the same backend",
-                first.id
-            ),
-        )),
-        None => Ok(()),
-    }
+    Ok(())
 }
 
 /// Ids and switch names end up in logs, errors and guest-visible names, so
 /// they are kept to a safe alphabet.
-fn check_name(name: &str) -> Result<(), String> {
+pub(super) fn check_name(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("must not be empty".to_string());
     }
@@ -170,6 +146,7 @@ mod tests {
             path: path.into(),
             backend: None,
             placement: Placement::RootPort,
+            clique: None,
         }
     }
 
@@ -256,17 +233,12 @@ mod tests {
     }
 
     #[test]
-    fn mixed_backends_name_both_devices() {
-        let mut devices = vec![device("a", "/a"), device("b", "/b"), device("c", "/c")];
-        devices[1].backend = Some(IommuBackendKind::Iommufd);
-        devices[2].backend = Some(IommuBackendKind::Iommufd);
-        // Unset backends follow the explicit one.
-        assert!(check_device_rules(&devices).is_ok());
+    fn devices_in_different_domains_may_use_different_backends() {
+        let mut devices = vec![device("a", "/a"), device("b", "/b")];
         devices[0].backend = Some(IommuBackendKind::Legacy);
-        assert_eq!(
-            rules_error(&devices),
-            r#"device b: backend = "iommufd": conflicts with backend = "legacy" of device a; the devices of a VM share one IOMMU address space, so they must use the same backend"#
-        );
+        devices[1].backend = Some(IommuBackendKind::Iommufd);
+        // Each ungrouped device is an IOMMU address space of its own.
+        assert!(check_device_rules(&devices).is_ok());
     }
 
     #[test]

@@ -102,6 +102,19 @@ pub enum ConfigError {
         reason: String,
     },
 
+    /// A P2P group (`[[p2p_group]]` or `--p2p-group`) is unusable.
+    #[error("p2p_group {group}: {field} = {value:?}: {reason}")]
+    InvalidGroup {
+        /// The group's name (or, for an ungrouped device, "no group").
+        group: String,
+        /// The group's key, e.g. `devices`.
+        field: &'static str,
+        /// The value, e.g. the device id.
+        value: String,
+        /// What is wrong and, where possible, what would be accepted.
+        reason: String,
+    },
+
     /// Host limits could not be determined.
     #[error("cannot determine host memory from {path}: {reason}")]
     HostProbe {

@@ -221,16 +221,16 @@ mod tests {
                 Some("gpu0"),
                 "0000:00:03.0",
                 Some(IommuBackendKind::Legacy),
-                Placement::Root,
+                Some(Placement::Root),
             ),
-            (None, "0000:00:04.0", None, Placement::RootPort),
+            (None, "0000:00:04.0", None, Some(Placement::RootPort)),
             (
                 None,
                 "0000:3b:00.1",
                 Some(IommuBackendKind::Legacy),
-                Placement::Switch("sw0".into()),
+                Some(Placement::Switch("sw0".into())),
             ),
-            (None, "0000:00:05.0", None, Placement::RootPort),
+            (None, "0000:00:05.0", None, None),
         ];
         assert_eq!(devices.len(), expected.len());
         for (device, (id, bdf, backend, placement)) in devices.iter().zip(expected) {
@@ -253,7 +253,8 @@ mod tests {
             .iter()
             .map(|d| (d.path.as_path(), &d.placement))
             .collect();
-        let sw0 = Placement::Switch("sw0".into());
+        // No placement given: the group's topology (a switch named after the group) decides.
+        let sw0 = Placement::Switch("g0".into());
         assert_eq!(
             devices,
             [

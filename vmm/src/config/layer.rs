@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use super::device::{self, DeviceEntry};
+use super::p2p_group::P2pGroupConfig;
 use super::{ByteSize, ConfigError, SerialConfig, VmConfig};
 
 /// One layer of settings; field meanings are those of [`VmConfig`].
@@ -36,6 +37,9 @@ pub(super) struct PartialConfig {
     /// layers add devices instead of replacing the whole list.
     #[serde(rename = "device", default)]
     pub devices: Vec<DeviceEntry>,
+    /// See [`VmConfig::p2p_groups`]; layers add groups.
+    #[serde(rename = "p2p_group", default)]
+    pub p2p_groups: Vec<P2pGroupConfig>,
 }
 
 impl PartialConfig {
@@ -51,6 +55,7 @@ impl PartialConfig {
             memory: top.memory.or(self.memory),
             serial: top.serial.or(self.serial),
             devices: device::merge(self.devices, top.devices),
+            p2p_groups: self.p2p_groups.into_iter().chain(top.p2p_groups).collect(),
         }
     }
 
@@ -86,7 +91,8 @@ impl PartialConfig {
             cpus: self.cpus.unwrap_or_else(super::default_cpus),
             memory: self.memory.unwrap_or_else(super::default_memory),
             serial: self.serial.unwrap_or_default(),
-            devices: device::finish(self.devices),
+            devices: device::finish(self.devices, &self.p2p_groups),
+            p2p_groups: self.p2p_groups,
         })
     }
 }

@@ -37,6 +37,7 @@ mod device_check;
 mod error;
 mod file;
 mod layer;
+mod p2p_group;
 mod serial;
 mod size;
 mod validate;
@@ -54,6 +55,7 @@ pub use cli::Cli;
 pub use device::IommuBackendKind;
 pub use device::{DeviceConfig, Placement};
 pub use error::ConfigError;
+pub use p2p_group::{DomainPlan, P2pGroupConfig, P2pMode};
 pub use serial::SerialConfig;
 pub use size::ByteSize;
 pub use validate::HostLimits;
@@ -93,6 +95,10 @@ pub struct VmConfig {
         deserialize_with = "device::deserialize_list"
     )]
     pub devices: Vec<DeviceConfig>,
+    /// P2P groups, as `[[p2p_group]]` tables: members reach each other's BARs, nothing else
+    /// reaches any BAR. None by default.
+    #[serde(rename = "p2p_group", default, skip_serializing_if = "Vec::is_empty")]
+    pub p2p_groups: Vec<P2pGroupConfig>,
 }
 
 /// Default vCPU count: one is enough to boot and the least surprising.

@@ -61,6 +61,7 @@ fn valid_config(scratch: &Scratch) -> VmConfig {
         memory: ByteSize(512 * MIB),
         serial: SerialConfig::Stdout,
         devices: Vec::new(),
+        p2p_groups: Vec::new(),
     }
 }
 
@@ -77,6 +78,7 @@ fn defaults_apply_when_only_kernel_is_given() {
             memory: ByteSize(512 * MIB),
             serial: SerialConfig::Stdout,
             devices: Vec::new(),
+            p2p_groups: Vec::new(),
         }
     );
     assert_eq!(loaded.verbosity, 0);
@@ -167,7 +169,7 @@ fn unknown_key_in_file_is_rejected() {
         msg,
         format!(
             "config file {file:?}, line 2: unknown field `cpu`, expected one of \
-             `kernel`, `initramfs`, `cmdline`, `cpus`, `memory`, `serial`, `device`"
+             `kernel`, `initramfs`, `cmdline`, `cpus`, `memory`, `serial`, `device`, `p2p_group`"
         )
     );
 }
@@ -300,6 +302,7 @@ fn vm_config_round_trips_through_toml() {
         memory: ByteSize(3 * GIB / 2),
         serial: SerialConfig::File("/tmp/guest.log".into()),
         devices: Vec::new(),
+        p2p_groups: Vec::new(),
     };
     let text = toml::to_string(&cfg).unwrap();
     assert!(text.contains(r#"memory = "1536M""#), "{text}");
@@ -328,6 +331,7 @@ fn device(id: &str, path: PathBuf, backend: Option<IommuBackendKind>) -> DeviceC
         path,
         backend,
         placement: Placement::RootPort,
+        clique: None,
     }
 }
 
@@ -393,7 +397,6 @@ fn device_flags_are_added_after_file_devices() {
             device("dev2", sysfs("0000:00:05.0"), None),
         ]
     );
-    assert_eq!(merged.iommu_backend(), Some(IommuBackendKind::Legacy));
 
     let cli_only = load_args(&["--kernel", "/k", "--device", "path=00:03.0"])
         .unwrap()
@@ -402,14 +405,13 @@ fn device_flags_are_added_after_file_devices() {
         cli_only.devices,
         [device("dev0", sysfs("0000:00:03.0"), None)]
     );
-    assert_eq!(cli_only.iommu_backend(), None);
 }
 
 #[test]
 fn bad_device_flags_are_one_line_errors() {
     assert_eq!(
         err_text(&["--kernel", "/k", "--device", "path=00:03.0,bus=1"]),
-        r#"invalid --device "path=00:03.0,bus=1": unknown key "bus" (use path, id, backend, placement or switch)"#
+        r#"invalid --device "path=00:03.0,bus=1": unknown key "bus" (use path, id, backend, placement or switch, clique)"#
     );
     assert_eq!(
         err_text(&["--kernel", "/k", "--device", "id=gpu0"]),
@@ -473,9 +475,15 @@ fn devices_are_validated() {
 
     let mut mixed = cfg.clone();
     mixed.devices[1].backend = Some(IommuBackendKind::Legacy);
+    mixed.p2p_groups = vec![crate::config::P2pGroupConfig {
+        name: "g0".into(),
+        devices: vec!["gpu0".into(), "nic0".into()],
+        mode: crate::config::P2pMode::Auto,
+        topology: Default::default(),
+    }];
     assert_eq!(
         mixed.validate(&BIG_HOST).unwrap_err().to_string(),
-        r#"device nic0: backend = "legacy": conflicts with backend = "iommufd" of device gpu0; the devices of a VM share one IOMMU address space, so they must use the same backend"#
+        r#"p2p_group g0: devices = "nic0": asks for a different backend than gpu0: a group is one IOMMU address space, in one backend"#
     );
 
     let mut duplicate = cfg.clone();

@@ -8,6 +8,7 @@ use std::fs::{self, File};
 use std::path::Path;
 
 use super::device_check::{check_device_dirs, check_device_rules};
+use super::p2p_group;
 use super::{ByteSize, ConfigError, VmConfig};
 
 /// Smallest guest RAM accepted: below this a stock kernel plus initramfs
@@ -85,7 +86,9 @@ impl VmConfig {
         check_cmdline(&self.cmdline)?;
         // Rules between devices first: they need no file system access.
         check_device_rules(&self.devices)?;
-        check_device_dirs(&self.devices)
+        p2p_group::check_group_rules(self)?;
+        check_device_dirs(&self.devices)?;
+        p2p_group::check_group_host(self, Path::new("/dev"))
     }
 }
 

@@ -12,12 +12,14 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use devices::pci::regs::COMMAND_MEMORY;
 use devices::pci::{
     BarChange, BarKind, BarObserver, BarRegion, ObserverError, SharedPciDevice, ROM_BAR,
 };
 use devices::{Bus, BusRange};
-use vfio_p2p::{BarKey, DeviceKey, P2pTable, RegionMapping};
+use vfio_p2p::{BarKey, BarPlacement, DeviceKey, P2pTable, RegionMapping};
 
+use super::p2p_report::P2pReporter;
 use crate::slots::{MemorySlots, Slot};
 
 /// A host mapping of part of a passthrough BAR, ready to become a KVM memory slot.
@@ -32,6 +34,9 @@ pub struct PassthroughBars {
     pub key: DeviceKey,
     /// Per BAR index, the areas to map as memory slots.
     pub areas: [Vec<MappedArea>; 6],
+    /// The peer-BAR table of the device's P2P group; `None` outside a group (no peer reaches
+    /// its BARs).
+    pub p2p: Option<Arc<P2pTable>>,
 }
 
 /// A BAR currently decoding in the guest.
@@ -45,7 +50,7 @@ pub struct BarMapper {
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     slots: Arc<MemorySlots>,
-    p2p: Option<Arc<P2pTable>>,
+    reporter: Arc<P2pReporter>,
     passthrough: Mutex<HashMap<usize, PassthroughBars>>,
     live: Mutex<HashMap<(usize, u8), LiveBar>>,
 }
@@ -60,13 +65,13 @@ impl BarMapper {
         pio: Arc<Bus>,
         mmio: Arc<Bus>,
         slots: Arc<MemorySlots>,
-        p2p: Option<Arc<P2pTable>>,
+        reporter: Arc<P2pReporter>,
     ) -> Self {
         Self {
             pio,
             mmio,
             slots,
-            p2p,
+            reporter,
             passthrough: Mutex::new(HashMap::new()),
             live: Mutex::new(HashMap::new()),
         }
@@ -140,12 +145,54 @@ impl BarMapper {
         Ok(live)
     }
 
-    fn passthrough_key(&self, device: &SharedPciDevice) -> Option<DeviceKey> {
+    /// The device's identity and P2P table, when it is a passthrough device in a group.
+    fn p2p_of(&self, device: &SharedPciDevice) -> Option<(DeviceKey, Arc<P2pTable>)> {
         self.passthrough
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&device_id(device))
-            .map(|p| p.key)
+            .and_then(|p| Some((p.key, p.p2p.clone()?)))
+    }
+
+    /// Tells the P2P table where `change` leaves the BAR. The table hears of placement and
+    /// decoding only from here (the one source of truth): a BAR that stops decoding while it
+    /// keeps its address has had its memory decoding turned off.
+    fn update_p2p(&self, device: &SharedPciDevice, change: &BarChange) {
+        let Some((key, p2p)) = self.p2p_of(device) else {
+            return;
+        };
+        let region = u32::from(change.bar);
+        // Sub-page and trapped BARs have no peer areas: nothing to map for them.
+        let has_areas = p2p.keys_of(key).iter().any(|k| k.bar.region == region);
+        if change.kind == BarKind::Io || change.bar == ROM_BAR || !has_areas {
+            return;
+        }
+        let placement = match change.new {
+            Some(range) => BarPlacement::Placed(range.base),
+            None => {
+                let dev = device.lock().unwrap_or_else(|e| e.into_inner());
+                let addressed = dev
+                    .bars()
+                    .get(usize::from(change.bar))
+                    .copied()
+                    .flatten()
+                    .is_some_and(|b| b.address != 0);
+                if addressed && dev.command() & COMMAND_MEMORY == 0 {
+                    BarPlacement::DecodeOff
+                } else {
+                    BarPlacement::Unplaced
+                }
+            }
+        };
+        let bar = BarKey {
+            device: key,
+            region,
+        };
+        // Peer access is best effort: a BAR the IOMMU cannot map still works for the CPU.
+        if let Err(e) = p2p.bar_moved(bar, placement) {
+            log::warn!("{change}: peer-to-peer mapping unavailable: {e}");
+        }
+        self.reporter.changed();
     }
 }
 
@@ -190,21 +237,7 @@ impl BarObserver for BarMapper {
                 }
             }
         }
-        if let (Some(p2p), Some(key)) = (&self.p2p, self.passthrough_key(device)) {
-            let region = u32::from(change.bar);
-            // Sub-page and trapped BARs have no peer areas: nothing to map for them.
-            let has_areas = p2p.keys_of(key).iter().any(|k| k.bar.region == region);
-            if change.kind != BarKind::Io && change.bar != ROM_BAR && has_areas {
-                let bar = BarKey {
-                    device: key,
-                    region,
-                };
-                // Peer access is best effort: a BAR the IOMMU cannot map still works for the CPU.
-                if let Err(e) = p2p.bar_moved(bar, change.new.map(|r| r.base)) {
-                    log::warn!("{change}: peer-to-peer mapping unavailable: {e}");
-                }
-            }
-        }
+        self.update_p2p(device, change);
         Ok(())
     }
 }

@@ -3,6 +3,7 @@
 //! placed on it.
 
 mod bar_mapper;
+mod p2p_report;
 mod vfio;
 
 use std::collections::BTreeSet;
@@ -12,7 +13,7 @@ use devices::interrupt::InterruptController;
 use devices::pci::{PciConfigIo, PciLayout, PciRoot, Placement, TopologyBuilder};
 use devices::{Bus, BusRange};
 use kvm_ioctls::VmFd;
-use vfio_p2p::{IovaRange, P2pTable};
+use vfio_p2p::IovaRange;
 
 use crate::config::{self, VmConfig};
 use crate::kvm_vfio::KvmVfio;
@@ -20,6 +21,7 @@ use crate::layout::{MemoryLayout, MMIO32_SIZE, MMIO32_START, PCI_ECAM_SIZE, PCI_
 use crate::memory::GuestRam;
 use crate::slots::MemorySlots;
 use bar_mapper::BarMapper;
+use p2p_report::P2pReporter;
 pub use vfio::{ram_backing, Passthrough};
 
 /// Port I/O the platform hands to I/O BARs: above the legacy devices.
@@ -29,8 +31,14 @@ const PCI_CONFIG_IO_PORT: u64 = 0xcf8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceManagerError {
-    #[error("opening the IOMMU backend: {0}")]
-    Backend(#[source] vfio_p2p::IommuError),
+    #[error("P2P domain {domain}: {source}")]
+    Domain {
+        domain: String,
+        #[source]
+        source: vfio_p2p::IommuError,
+    },
+    #[error("{0}")]
+    Config(#[source] crate::config::ConfigError),
     #[error("device {id}: {source}")]
     Open {
         id: String,
@@ -120,33 +128,40 @@ impl DeviceManager {
             IovaRange::with_size(pci.mmio32.base, pci.mmio32.len),
             IovaRange::with_size(pci.mmio64.base, pci.mmio64.len),
         ];
+        if let Some(warning) = config.ungrouped_warning() {
+            log::warn!("{warning}");
+        }
         let opened = if config.devices.is_empty() {
             None
         } else {
             let kvm_vfio = KvmVfio::new(platform.vm).map_err(DeviceManagerError::KvmVfioCreate)?;
             let opened = vfio::open(config, kvm_vfio)?;
-            vfio::map_guest_ram(&opened.backend, platform.ram, &windows)?;
+            vfio::map_guest_ram(&opened, platform.ram, &windows)?;
             Some(opened)
         };
-        // The peer-BAR table exists when there are passthrough devices; the mapper keeps it in
-        // step with every BAR the guest places.
-        let p2p = opened
+        // One peer-BAR table per P2P group; the mapper keeps each in step with every BAR the
+        // guest places, and the reporter shows them once changes settle.
+        let tables = opened
             .as_ref()
-            .map(|o| Arc::new(P2pTable::new(o.backend.iommu(), &windows)));
+            .map(|o| vfio::p2p_tables(o, &windows))
+            .unwrap_or_default();
+        let reporter = Arc::new(P2pReporter::new(tables.iter().flatten().cloned().collect()));
         let mapper = Arc::new(BarMapper::new(
             platform.pio.clone(),
             platform.mmio.clone(),
             platform.slots.clone(),
-            p2p.clone(),
+            reporter.clone(),
         ));
-        let passthrough = match (opened, p2p) {
-            (Some(opened), Some(p2p)) => Some(vfio::build(
+        let passthrough = match opened {
+            Some(opened) => Some(vfio::build(
+                config,
                 opened,
-                p2p,
+                tables,
+                reporter,
                 &mapper,
                 platform.interrupts.clone(),
             )?),
-            _ => None,
+            None => None,
         };
 
         let mut builder = TopologyBuilder::new(pci);
@@ -158,11 +173,11 @@ impl DeviceManager {
                 }
             }
         }
-        for (device_config, _, model) in passthrough.iter().flat_map(|p| p.devices.iter()) {
+        for device in passthrough.iter().flat_map(|p| p.devices.iter()) {
             builder.add_device(
-                &device_config.id,
-                placement(&device_config.placement),
-                model.clone(),
+                &device.config.id,
+                placement(&device.config.placement),
+                device.model.clone(),
             );
         }
         let root = builder.build(mapper.clone())?;

@@ -1,41 +1,69 @@
-//! Passthrough devices: one IOMMU backend per VM, each configured host function opened and
-//! attached to it, guest RAM mapped at IOVA = GPA, the peer-BAR table, and the device models.
+//! Passthrough devices in their P2P domains: one IOMMU address space per P2P group plus one per
+//! ungrouped device (an iommufd IOAS on the VM's one `/dev/iommu`, or a type1 container), each
+//! configured host function opened and attached to its domain, guest RAM mapped at IOVA = GPA in
+//! every domain, one peer-BAR table per group, and the device models.
+//!
+//! Isolation is the IOMMU's: a device's DMA is translated only by its own domain, and only a
+//! group's table puts BARs into it, so members of a group reach each other's BARs and nothing
+//! else reaches any BAR.
 
 use std::os::fd::AsFd;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use devices::interrupt::InterruptController;
 use devices::pci::{PciSegment, SharedPciDevice};
-use devices::vfio::VfioPciDevice;
+use devices::vfio::{VfioPciDevice, VfioPciOptions};
 use vfio_p2p::{
-    ranges_cover, BackendKind, Backing, DmaKind, DmaMapRequest, HostPciDevice, IovaRange, P2pTable,
-    VfioBackend,
+    ranges_cover, BackendKind, Backing, DmaKind, DmaMapRequest, DomainOpener, HostPciDevice,
+    IovaRange, P2pTable, VfioBackend,
 };
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 use super::bar_mapper::{BarMapper, MappedArea, PassthroughBars};
+use super::p2p_report::P2pReporter;
 use super::DeviceManagerError;
-use crate::config::{DeviceConfig, IommuBackendKind, VmConfig};
+use crate::config::{DeviceConfig, DomainPlan, IommuBackendKind, P2pMode, VmConfig};
 use crate::kvm_vfio::KvmVfio;
 use crate::memory::{GuestRam, RamBacking};
 
 const PAGE_SIZE: u64 = 4096;
 
+/// Set (to anything) to switch dmabuf export off, as on a kernel without
+/// `CONFIG_VFIO_PCI_DMABUF`: a test and measurement knob, not configuration.
+pub const NO_DMABUF_ENV: &str = "P2PVMM_X_NO_DMABUF";
+
 /// A passthrough device model, shared with the PCI segment and buses.
 pub type SharedVfioDevice = Arc<Mutex<VfioPciDevice>>;
 
-/// The VM's passthrough state, in the order it must be torn down.
-pub struct Passthrough {
-    pub p2p: Arc<P2pTable>,
-    pub devices: Vec<(DeviceConfig, Arc<HostPciDevice>, SharedVfioDevice)>,
-    pub kvm_vfio: KvmVfio,
+/// One IOMMU address space and, for a P2P group, its peer-BAR table.
+pub struct Domain {
+    pub plan: DomainPlan,
     pub backend: VfioBackend,
+    pub p2p: Option<Arc<P2pTable>>,
 }
 
-/// iommufd where the host has it, unless the configuration names a backend.
-fn backend_kind(config: &VmConfig) -> BackendKind {
-    match config.iommu_backend() {
+/// One passthrough function: its configuration, the host device, the guest model, its domain.
+pub struct PassthroughDevice {
+    pub config: DeviceConfig,
+    pub host: Arc<HostPciDevice>,
+    pub model: SharedVfioDevice,
+    pub domain: usize,
+}
+
+/// The VM's passthrough state, in the order it must be torn down.
+pub struct Passthrough {
+    pub devices: Vec<PassthroughDevice>,
+    pub reporter: Arc<P2pReporter>,
+    pub kvm_vfio: KvmVfio,
+    pub domains: Vec<Domain>,
+}
+
+/// The backend a domain asks for (its group's mode or its members' explicit backend), else
+/// iommufd where the host has it.
+fn backend_kind(requested: Option<IommuBackendKind>) -> BackendKind {
+    match requested {
         Some(IommuBackendKind::Iommufd) => BackendKind::Iommufd,
         Some(IommuBackendKind::Legacy) => BackendKind::Type1,
         None if Path::new("/dev/iommu").exists() => BackendKind::Iommufd,
@@ -43,61 +71,157 @@ fn backend_kind(config: &VmConfig) -> BackendKind {
     }
 }
 
-/// What guest RAM should be for the configured devices: anonymous huge pages when they sit on
-/// type1, which pins RAM through the process page tables; a memfd otherwise (iommufd maps it by
-/// file, and a VM without devices keeps the file for them).
+/// What guest RAM should be for the configured devices: a memfd when any domain is iommufd
+/// (it maps RAM by file) or there are no devices (a VM without devices keeps the file); anonymous
+/// huge pages when every domain is type1, which pins RAM through the process page tables.
 pub fn ram_backing(config: &VmConfig) -> RamBacking {
-    if !config.devices.is_empty() && backend_kind(config) == BackendKind::Type1 {
+    let domains = config.domains();
+    let all_type1 = domains
+        .iter()
+        .all(|d| backend_kind(d.backend) == BackendKind::Type1);
+    if !domains.is_empty() && all_type1 {
         RamBacking::AnonymousHuge
     } else {
         RamBacking::Memfd
     }
 }
 
-/// The configured devices, opened on one backend and known to KVM.
+/// The configured devices, opened in their domains and known to KVM.
 pub struct Opened {
-    pub backend: VfioBackend,
+    pub domains: Vec<(DomainPlan, VfioBackend)>,
     pub kvm_vfio: KvmVfio,
-    pub devices: Vec<(DeviceConfig, Arc<HostPciDevice>)>,
+    /// Each device with the index of its domain.
+    pub devices: Vec<(DeviceConfig, Arc<HostPciDevice>, usize)>,
 }
 
-/// Opens every configured device on one backend and registers it with KVM.
+/// Opens one domain per P2P group and per ungrouped device, and every device in its domain.
 pub fn open(config: &VmConfig, kvm_vfio: KvmVfio) -> Result<Opened, DeviceManagerError> {
-    let kind = backend_kind(config);
-    let backend = VfioBackend::open(kind).map_err(DeviceManagerError::Backend)?;
-    let mut opened = Vec::new();
-    for device in &config.devices {
-        let host = HostPciDevice::open(&device.path, &backend).map_err(|source| {
-            DeviceManagerError::Open {
-                id: device.id.clone(),
-                source,
-            }
-        })?;
-        kvm_vfio
-            .add(&host.device_fd())
-            .map_err(|source| DeviceManagerError::KvmVfio {
-                id: device.id.clone(),
+    let opener = DomainOpener::new();
+    let mut domains = Vec::new();
+    let mut devices = Vec::new();
+    for plan in config.domains() {
+        let kind = backend_kind(plan.backend);
+        let backend = opener
+            .open(kind)
+            .map_err(|source| DeviceManagerError::Domain {
+                domain: plan.name.clone(),
                 source,
             })?;
-        log::info!("{}: {} opened on {kind:?}", device.id, host.bdf());
-        opened.push((device.clone(), Arc::new(host)));
+        for id in &plan.devices {
+            let Some(device) = config.devices.iter().find(|d| &d.id == id) else {
+                continue;
+            };
+            let host = HostPciDevice::open(&device.path, &backend).map_err(|source| {
+                DeviceManagerError::Open {
+                    id: device.id.clone(),
+                    source,
+                }
+            })?;
+            kvm_vfio
+                .add(&host.device_fd())
+                .map_err(|source| DeviceManagerError::KvmVfio {
+                    id: device.id.clone(),
+                    source,
+                })?;
+            log::info!(
+                "{}: {} opened on {kind} in P2P domain {}",
+                device.id,
+                host.bdf(),
+                plan.name
+            );
+            devices.push((device.clone(), Arc::new(host), domains.len()));
+        }
+        domains.push((plan, backend));
     }
     Ok(Opened {
-        backend,
+        domains,
         kvm_vfio,
-        devices: opened,
+        devices,
     })
 }
 
-/// Maps guest RAM into the IOMMU at IOVA = GPA, after checking the host IOMMU can translate it
-/// and the MMIO windows peers will DMA into.
+/// Pinned and locked memory of this process (`VmPin`, `VmLck` of /proc/self/status), for the
+/// cost of each domain's RAM mapping.
+fn pinned_kib() -> String {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .filter(|l| l.starts_with("VmPin:") || l.starts_with("VmLck:"))
+        .map(|l| l.split_whitespace().take(2).collect::<Vec<_>>().join(" "))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Maps guest RAM at IOVA = GPA into every domain, after checking the host IOMMU can translate it
+/// and the MMIO windows peers will DMA into. A second iommufd domain gets RAM by
+/// `IOMMU_IOAS_COPY` from the first, sharing its pinned pages.
 pub fn map_guest_ram(
+    opened: &Opened,
+    ram: &GuestRam,
+    windows: &[IovaRange],
+) -> Result<(), DeviceManagerError> {
+    let mut first_iommufd: Option<&VfioBackend> = None;
+    for (plan, backend) in &opened.domains {
+        let started = Instant::now();
+        let copied = match first_iommufd {
+            Some(src) => copy_guest_ram(plan, backend, src, ram)?,
+            None => false,
+        };
+        if !copied {
+            map_domain_ram(plan, backend, ram, windows)?;
+        }
+        log::info!(
+            "P2P domain {}: guest RAM {} into its {} IOMMU in {:?} ({})",
+            plan.name,
+            if copied { "copied" } else { "mapped" },
+            backend.kind(),
+            started.elapsed(),
+            pinned_kib()
+        );
+        if backend.kind() == BackendKind::Iommufd && first_iommufd.is_none() {
+            first_iommufd = Some(backend);
+        }
+    }
+    Ok(())
+}
+
+/// `IOMMU_IOAS_COPY` of every RAM region from `src`; false when the backends cannot share.
+fn copy_guest_ram(
+    plan: &DomainPlan,
+    backend: &VfioBackend,
+    src: &VfioBackend,
+    ram: &GuestRam,
+) -> Result<bool, DeviceManagerError> {
+    for (index, region) in ram.memory.iter().enumerate() {
+        let (gpa, size) = (region.start_addr().0, region.len());
+        let copied = backend
+            .copy_mapping_from(src, gpa, size)
+            .map_err(|source| DeviceManagerError::Domain {
+                domain: plan.name.clone(),
+                source,
+            })?;
+        if !copied {
+            // Only the first region can be "not applicable": the answer depends on the backends.
+            debug_assert_eq!(index, 0);
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Maps guest RAM into one domain from scratch.
+fn map_domain_ram(
+    plan: &DomainPlan,
     backend: &VfioBackend,
     ram: &GuestRam,
     windows: &[IovaRange],
 ) -> Result<(), DeviceManagerError> {
+    let domain_err = |source| DeviceManagerError::Domain {
+        domain: plan.name.clone(),
+        source,
+    };
     let iommu = backend.iommu();
-    let host_ranges = iommu.iova_ranges().map_err(DeviceManagerError::Backend)?;
+    let host_ranges = iommu.iova_ranges().map_err(domain_err)?;
     for region in ram.memory.iter() {
         let gpa = region.start_addr().0;
         let size = region.len();
@@ -130,7 +254,7 @@ pub fn map_guest_ram(
             },
             writable: true,
         };
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         // iommufd pins straight from the file's pages: allocating them first in one call is
         // far cheaper than faulting them in one by one during the map. Type1 pins through the
         // process page tables and faults them in either way.
@@ -142,10 +266,10 @@ pub fn map_guest_ram(
             })?;
         }
         let populated = started.elapsed();
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         // SAFETY: guest RAM stays mapped and backed by this memfd for the VM's lifetime, longer
         // than the IOAS or container (torn down first).
-        unsafe { iommu.map(&request) }.map_err(DeviceManagerError::Backend)?;
+        unsafe { iommu.map(&request) }.map_err(domain_err)?;
         log::info!(
             "guest RAM {gpa:#x}+{size:#x} allocated in {populated:?}, mapped into the IOMMU \
              ({:?}) in {:?}",
@@ -157,8 +281,9 @@ pub fn map_guest_ram(
         let size = window.last - window.start + 1;
         if !ranges_cover(&host_ranges, window.start, size) {
             log::warn!(
-                "MMIO window {:#x}+{size:#x} is outside the host IOMMU's range: peer DMA to BARs \
-                 placed there will fault",
+                "P2P domain {}: MMIO window {:#x}+{size:#x} is outside the host IOMMU's range: \
+                 peer DMA to BARs placed there will fault",
+                plan.name,
                 window.start
             );
         }
@@ -180,6 +305,26 @@ fn populate(file: &std::fs::File, offset: u64, size: u64) -> std::io::Result<()>
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// The peer-BAR table of each domain that is a P2P group with P2P on: `None` for ungrouped
+/// devices and `mode = "off"`, whose domains hold guest RAM only.
+pub fn p2p_tables(opened: &Opened, windows: &[IovaRange]) -> Vec<Option<Arc<P2pTable>>> {
+    let export = std::env::var_os(NO_DMABUF_ENV).is_none();
+    if !export {
+        log::warn!("{NO_DMABUF_ENV} is set: BARs are not exported as dmabufs (test knob)");
+    }
+    opened
+        .domains
+        .iter()
+        .map(|(plan, backend)| {
+            (plan.grouped && plan.mode != P2pMode::Off).then(|| {
+                let mut table = P2pTable::new(&plan.name, backend.iommu(), windows);
+                table.set_dmabuf_export(export);
+                Arc::new(table)
+            })
+        })
+        .collect()
 }
 
 /// Splits `[start, end)` around the (page-rounded) `holes`.
@@ -239,43 +384,52 @@ fn mappable_areas(
     Ok(areas)
 }
 
-/// Builds the P2P table and the device models for the opened devices.
+/// Builds the device models for the opened devices, registering each with its domain's table.
 pub fn build(
+    config: &VmConfig,
     opened: Opened,
-    p2p: Arc<P2pTable>,
+    tables: Vec<Option<Arc<P2pTable>>>,
+    reporter: Arc<P2pReporter>,
     mapper: &BarMapper,
     interrupts: Arc<dyn InterruptController>,
 ) -> Result<Passthrough, DeviceManagerError> {
     let Opened {
-        backend,
+        domains,
         kvm_vfio,
         devices: opened,
     } = opened;
     let mut devices = Vec::new();
-    for (config, host) in opened {
-        let areas = match p2p.add_device(&host) {
-            Ok(keys) => keys.len(),
-            Err(e) => {
-                log::warn!("{}: peer-to-peer unavailable: {e}", config.id);
-                0
+    for (device, host, domain) in opened {
+        let p2p = tables.get(domain).cloned().flatten();
+        if let Some(table) = &p2p {
+            match table.add_device(&host, &device.id) {
+                Ok(keys) => log::info!(
+                    "{}: {} BAR area(s) in P2P group {}",
+                    device.id,
+                    keys.len(),
+                    domains[domain].0.name
+                ),
+                Err(e) => log::warn!("{}: peer-to-peer unavailable: {e}", device.id),
             }
-        };
-        log::info!(
-            "{}: {areas} BAR area(s) registered for peer-to-peer DMA",
-            config.id
-        );
+        }
+        let vendor = std::fs::read_to_string(device.path.join("vendor"))
+            .ok()
+            .and_then(|v| u16::from_str_radix(v.trim().trim_start_matches("0x"), 16).ok());
+        let clique = config
+            .clique_of(&device.id, vendor)
+            .map_err(DeviceManagerError::Config)?;
         let model = VfioPciDevice::new(
-            &config.id,
+            &device.id,
             host.clone(),
             interrupts.clone(),
-            Some(p2p.clone()),
-            Default::default(),
+            p2p.clone(),
+            VfioPciOptions { clique },
         )
         .map_err(|source| DeviceManagerError::Device {
-            id: config.id.clone(),
+            id: device.id.clone(),
             source,
         })?;
-        let areas = mappable_areas(&config.id, &host, &model)?;
+        let areas = mappable_areas(&device.id, &host, &model)?;
         let model = Arc::new(Mutex::new(model));
         let shared: SharedPciDevice = model.clone();
         mapper.add_passthrough(
@@ -283,15 +437,26 @@ pub fn build(
             PassthroughBars {
                 key: host.key(),
                 areas,
+                p2p,
             },
         );
-        devices.push((config, host, model));
+        devices.push(PassthroughDevice {
+            config: device,
+            host,
+            model,
+            domain,
+        });
     }
+    let domains = domains
+        .into_iter()
+        .zip(tables)
+        .map(|((plan, backend), p2p)| Domain { plan, backend, p2p })
+        .collect();
     Ok(Passthrough {
-        p2p,
         devices,
+        reporter,
         kvm_vfio,
-        backend,
+        domains,
     })
 }
 
@@ -299,32 +464,41 @@ impl Passthrough {
     /// Connects each device's INTx to the GSI its place on `segment` routes it to. A device
     /// whose line cannot be connected still works with MSI/MSI-X.
     pub fn connect_intx(&self, segment: &PciSegment) {
-        for (config, _, model) in &self.devices {
-            let shared: SharedPciDevice = model.clone();
+        for device in &self.devices {
+            let shared: SharedPciDevice = device.model.clone();
+            let id = &device.config.id;
             let Some(gsi) = segment.intx_gsi(&shared) else {
-                log::info!("{}: no INTx", config.id);
+                log::info!("{id}: no INTx");
                 continue;
             };
-            let mut model = model.lock().unwrap_or_else(|e| e.into_inner());
+            let mut model = device.model.lock().unwrap_or_else(|e| e.into_inner());
             match model.connect_intx(gsi) {
-                Ok(()) => log::info!("{}: INTx on GSI {gsi}", config.id),
-                Err(e) => log::warn!("{}: INTx on GSI {gsi} unavailable: {e}", config.id),
+                Ok(()) => log::info!("{id}: INTx on GSI {gsi}"),
+                Err(e) => log::warn!("{id}: INTx on GSI {gsi} unavailable: {e}"),
             }
         }
     }
 
     /// Unmaps every peer BAR, detaches the devices from KVM and closes them, in the order the
-    /// kernel needs (table first: its mmaps keep devices busy).
+    /// kernel needs (tables first: their mmaps keep devices busy), then the domains.
     pub fn shut_down(self) {
-        for (config, host, _) in &self.devices {
-            self.p2p.remove_device(host.key());
-            if let Err(e) = self.kvm_vfio.remove(&host.device_fd()) {
-                log::warn!("{}: {e}", config.id);
+        for device in &self.devices {
+            if let Some(p2p) = &self.domains[device.domain].p2p {
+                p2p.remove_device(device.host.key());
+            }
+            if let Err(e) = self.kvm_vfio.remove(&device.host.device_fd()) {
+                log::warn!("{}: {e}", device.config.id);
             }
         }
+        drop(self.reporter);
         drop(self.devices);
-        drop(self.p2p);
-        drop(self.backend);
+        for domain in self.domains {
+            log::debug!(
+                "P2P domain {}: closing its {} IOMMU",
+                domain.plan.name,
+                domain.backend.kind()
+            );
+        }
     }
 }
 
