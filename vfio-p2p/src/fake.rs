@@ -4,13 +4,16 @@
 //! It models the parts of the kernel the P2P table depends on: dmabufs belong to a device and
 //! are revoked while its memory decoding is off (a map then is a caller bug: the table must
 //! not map a revoked dmabuf), revoked areas keep their IOVA until unmapped, mappings never
-//! overlap, and an unmap must name exactly one earlier mapping. It also mirrors each backend's
+//! overlap, and an unmap must name exactly one earlier mapping. One fake is one P2P domain:
+//! mapping a dmabuf of a device not [attached](FakeIommu::attach) to it is a caller bug the
+//! kernel would let through (a device outside the group reaching into it, or the group
+//! reaching an outsider's BAR). It also mirrors each backend's
 //! refusals (type1 needs a host address; iommufd cannot map a BAR by address) and can be told
 //! to fail the next maps, to test the warning paths.
 //!
 //! Built for this crate's tests and, with the `fake` feature, for other crates' tests.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::io;
 use std::os::fd::BorrowedFd;
@@ -61,6 +64,8 @@ struct State {
     dmabufs: HashMap<(u64, u64), DeviceKey>,
     /// Memory decoding per device; off until set, as after power-on.
     decode: HashMap<DeviceKey, bool>,
+    /// The devices of this domain.
+    members: HashSet<DeviceKey>,
     fail_next: Vec<i32>,
 }
 
@@ -99,6 +104,11 @@ impl FakeIommu {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Puts `device` in this domain: only members' dmabufs may be mapped.
+    pub fn attach(&self, device: DeviceKey) {
+        self.lock().members.insert(device);
     }
 
     /// Declares `fd` a dmabuf exported from `owner`'s BAR, so its maps follow `owner`'s
@@ -218,6 +228,11 @@ impl IommuBackend for FakeIommu {
         }
         if let FakeSource::File { dev, ino, .. } = source {
             if let Some(owner) = state.dmabufs.get(&(dev, ino)) {
+                assert!(
+                    state.members.contains(owner),
+                    "map of a dmabuf of {owner} at IOVA {:#x} into a domain it is not attached to",
+                    req.iova
+                );
                 let decoding = state.decode.get(owner).copied().unwrap_or(false);
                 assert!(
                     decoding,
@@ -263,5 +278,91 @@ impl IommuBackend for FakeIommu {
 
     fn iova_ranges(&self) -> Result<Vec<IovaRange>, IommuError> {
         Ok(self.ranges.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::pipe;
+    use std::os::fd::AsFd;
+
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn dev(n: u64) -> DeviceKey {
+        DeviceKey::Cdev { dev: 0x2d, ino: n }
+    }
+
+    #[test]
+    #[should_panic(expected = "memory decoding is off")]
+    fn the_fake_catches_a_map_of_a_revoked_dmabuf() {
+        let fake = FakeIommu::new(BackendKind::Iommufd);
+        let (_reader, writer) = pipe().unwrap();
+        fake.register_dmabuf(writer.as_fd(), dev(1));
+        fake.attach(dev(1));
+        let req = DmaMapRequest {
+            iova: 0xe000_0000,
+            size: MIB,
+            kind: DmaKind::DeviceBar,
+            backing: Backing::File {
+                fd: writer.as_fd(),
+                offset: 0,
+                host_va: None,
+            },
+            writable: true,
+        };
+
+        // SAFETY: the fake maps nothing.
+        let _ = unsafe { fake.map(&req) };
+    }
+
+    #[test]
+    #[should_panic(expected = "overlaps")]
+    fn the_fake_catches_overlapping_maps() {
+        let fake = FakeIommu::new(BackendKind::Type1);
+        let req = |iova| DmaMapRequest {
+            iova,
+            size: MIB,
+            kind: DmaKind::Ram,
+            backing: Backing::HostVa(0x7f00_0000_0000),
+            writable: true,
+        };
+
+        // SAFETY: the fake maps nothing.
+        unsafe {
+            fake.map(&req(0)).unwrap();
+            let _ = fake.map(&req(MIB / 2));
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "not mapped")]
+    fn the_fake_catches_an_unmap_of_nothing() {
+        let _ = FakeIommu::new(BackendKind::Iommufd).unmap(0xe000_0000, MIB);
+    }
+
+    #[test]
+    #[should_panic(expected = "not attached")]
+    fn the_fake_catches_a_map_of_another_domains_bar() {
+        let fake = FakeIommu::new(BackendKind::Iommufd);
+        let (_reader, writer) = pipe().unwrap();
+        fake.register_dmabuf(writer.as_fd(), dev(1));
+        fake.set_decode(dev(1), true);
+        fake.attach(dev(2));
+        let req = DmaMapRequest {
+            iova: 0xe000_0000,
+            size: MIB,
+            kind: DmaKind::DeviceBar,
+            backing: Backing::File {
+                fd: writer.as_fd(),
+                offset: 0,
+                host_va: None,
+            },
+            writable: true,
+        };
+
+        // SAFETY: the fake maps nothing.
+        let _ = unsafe { fake.map(&req) };
     }
 }

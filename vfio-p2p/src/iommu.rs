@@ -1,12 +1,13 @@
 //! The host IOMMU as seen by the VMM: one trait, [`IommuBackend`], with two implementations,
-//! [`Iommufd`](crate::Iommufd) (`/dev/iommu`, one IOAS per VM) and [`Type1`](crate::Type1) (the
-//! legacy `/dev/vfio/vfio` container).
+//! [`Iommufd`](crate::Iommufd) (an IOAS on `/dev/iommu`) and [`Type1`](crate::Type1) (a legacy
+//! `/dev/vfio/vfio` container); each is one address space, a P2P domain.
 //!
 //! Everything that puts guest memory or a peer BAR into the IOMMU goes through the trait, so the
 //! memory map (guest RAM) and the P2P table (BARs) need not know which interface the host has.
-//! [`VfioBackend`] is the concrete handle a VM holds: devices attach to it (so all of a VM's
+//! [`VfioBackend`] is the concrete handle of one domain: devices attach to it (so a group's
 //! devices share one IOAS or one container) and it hands out the trait object.
 
+use std::any::Any;
 use std::fmt;
 use std::io;
 use std::os::fd::BorrowedFd;
@@ -145,12 +146,13 @@ pub fn ranges_cover(ranges: &[IovaRange], iova: u64, size: u64) -> bool {
     false
 }
 
-/// The host IOMMU of one VM: a single IO address space shared by all of its devices.
+/// One IO address space of the host IOMMU (a P2P domain), shared by the devices attached to it.
 ///
 /// Implementations: [`Iommufd`](crate::Iommufd), [`Type1`](crate::Type1) and, for tests,
 /// `fake::FakeIommu`. Callers map only whole ranges and unmap exactly what they mapped (both
-/// kernels refuse to split a mapping).
-pub trait IommuBackend: Send + Sync {
+/// kernels refuse to split a mapping). `Any` lets two domains find out whether they can share
+/// mappings (`copy_mapping_from`, on `dyn IommuBackend`).
+pub trait IommuBackend: Any + Send + Sync {
     fn kind(&self) -> BackendKind;
 
     /// Makes `[req.iova, req.iova + req.size)` reach `req.backing` for every attached device.
@@ -176,6 +178,28 @@ pub trait IommuBackend: Send + Sync {
     /// The IOVA ranges the host IOMMU translates right now. They narrow as devices attach, so
     /// query after opening the VM's devices and before laying out guest RAM and MMIO windows.
     fn iova_ranges(&self) -> Result<Vec<IovaRange>, IommuError>;
+}
+
+impl dyn IommuBackend {
+    /// Gives this domain the mapping `[iova, iova + size)` that `src` has (made by one earlier
+    /// map of exactly that range), sharing `src`'s pinned pages (`IOMMU_IOAS_COPY`) when both
+    /// are IOASes on one `/dev/iommu`. `Ok(false)`: they cannot share (type1, different
+    /// `/dev/iommu`s, fakes), so map it yourself.
+    pub fn copy_mapping_from(
+        &self,
+        src: &dyn IommuBackend,
+        iova: u64,
+        size: u64,
+    ) -> Result<bool, IommuError> {
+        let (dst, src): (&dyn Any, &dyn Any) = (self, src);
+        match (dst.downcast_ref::<Iommufd>(), src.downcast_ref::<Iommufd>()) {
+            (Some(dst), Some(src)) if dst.shares_context(src) => {
+                dst.copy_from(src, iova, size)?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
 }
 
 /// Errors of the IOMMU backends; each names the IOVA range involved.
@@ -271,7 +295,8 @@ pub enum VfioBackend {
 }
 
 impl VfioBackend {
-    /// Opens `/dev/iommu` and allocates the VM's IOAS, or opens the VM's type1 container.
+    /// One domain on its own: opens `/dev/iommu` and allocates an IOAS, or opens a type1
+    /// container. A VM with several domains uses [`DomainOpener`](crate::DomainOpener).
     pub fn open(kind: BackendKind) -> Result<Self, IommuError> {
         Ok(match kind {
             BackendKind::Iommufd => VfioBackend::Iommufd(Arc::new(Iommufd::open()?)),
@@ -286,22 +311,15 @@ impl VfioBackend {
         }
     }
 
-    /// Gives this domain the mapping `[iova, iova + size)` that `src` has (made by one earlier
-    /// map of exactly that range), sharing `src`'s pinned pages (`IOMMU_IOAS_COPY`) when both
-    /// are IOASes on one `/dev/iommu`. `Ok(false)`: they cannot share, map it yourself.
+    /// Guest RAM for a second domain, pinned once: see
+    /// `<dyn IommuBackend>::copy_mapping_from`. `Ok(false)`: map it yourself.
     pub fn copy_mapping_from(
         &self,
         src: &VfioBackend,
         iova: u64,
         size: u64,
     ) -> Result<bool, IommuError> {
-        match (self, src) {
-            (VfioBackend::Iommufd(dst), VfioBackend::Iommufd(src)) if dst.shares_context(src) => {
-                dst.copy_from(src, iova, size)?;
-                Ok(true)
-            }
-            _ => Ok(false),
-        }
+        self.iommu().copy_mapping_from(&*src.iommu(), iova, size)
     }
 
     /// The mapping interface, for the memory map (guest RAM) and the P2P table (BARs).
@@ -374,6 +392,22 @@ mod tests {
                 start: 0x1000,
                 last: 0x1fff
             }
+        );
+    }
+
+    #[test]
+    fn domains_that_cannot_share_pages_say_so_instead_of_copying() {
+        use crate::fake::FakeIommu;
+        let iommufd = FakeIommu::new(BackendKind::Iommufd);
+        let type1 = FakeIommu::new(BackendKind::Type1);
+        let (a, b): (&dyn IommuBackend, &dyn IommuBackend) = (&iommufd, &type1);
+
+        assert!(!a.copy_mapping_from(b, 0, 1 << 30).unwrap());
+        assert!(!b.copy_mapping_from(a, 0, 1 << 30).unwrap());
+        assert!(!a.copy_mapping_from(a, 0, 1 << 30).unwrap());
+        assert!(
+            iommufd.events().is_empty(),
+            "nothing mapped behind the caller's back"
         );
     }
 

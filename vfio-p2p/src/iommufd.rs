@@ -1,11 +1,12 @@
 //! The iommufd backend: one `/dev/iommu` per VM and one IOAS per P2P domain on it.
 //!
-//! Built on vfio-ioctls' `VfioIommufd` (which owns the `IommuFd` and the `IommufdIoas`, and is
-//! what `VfioDevice` binds and attaches device cdevs to), so every device of the VM lands in the
-//! same IOAS. Mapping by file (`IOMMU_IOAS_MAP_FILE`) is the point of this backend: guest RAM
-//! goes in from its memfd, and peer BARs from VFIO dmabufs, which is the only way to get a BAR
-//! into an IOAS (mapping a BAR's mmap by address fails with `EFAULT`). The IOVA-range query is
-//! not wrapped by the crates, so it is a raw ioctl here.
+//! Built on vfio-ioctls' `VfioIommufd` (which holds the shared `IommuFd` and one `IommufdIoas`,
+//! and is what `VfioDevice` binds and attaches device cdevs to), so every device opened against
+//! a domain lands in its IOAS. Mapping by file (`IOMMU_IOAS_MAP_FILE`) is the point of this
+//! backend: guest RAM goes in from its memfd, and peer BARs from VFIO dmabufs, which is the only
+//! way to get a BAR into an IOAS (mapping a BAR's mmap by address fails with `EFAULT`). The
+//! IOVA-range query and `IOMMU_IOAS_COPY` are not wrapped by the crates, so they are raw ioctls
+//! here.
 
 use std::io;
 use std::mem::size_of;
@@ -32,7 +33,7 @@ vmm_sys_util::ioctl_io_nr!(
 );
 vmm_sys_util::ioctl_io_nr!(IOMMU_IOAS_COPY, IOMMUFD_TYPE as u32, IOMMUFD_CMD_IOAS_COPY);
 
-/// A VM's iommufd context and its single IOAS.
+/// One IOAS (a P2P domain) and the `/dev/iommu` it lives on, possibly shared with others.
 pub struct Iommufd {
     vfio: Arc<VfioIommufd>,
 }
@@ -64,6 +65,9 @@ impl Iommufd {
     /// range) into this IOAS at the same IOVA: `IOMMU_IOAS_COPY`, which shares the pages `src`
     /// already pinned instead of pinning them again. Both must share the context.
     pub fn copy_from(&self, src: &Iommufd, iova: u64, size: u64) -> Result<(), IommuError> {
+        if size == 0 || iova.checked_add(size - 1).is_none() {
+            return Err(IommuError::InvalidRange { iova, size });
+        }
         let mut copy = iommu_ioas_copy {
             size: size_of::<iommu_ioas_copy>() as u32,
             flags: map_flags(true),

@@ -36,12 +36,17 @@
 //! assert!(mmio.iter().all(|w| ranges_cover(&host, w.start, w.last - w.start + 1)));
 //!
 //! // 4. Guest RAM, GPA = IOVA: each region from the memfd, with its host address for type1.
-//! //    (A second iommufd domain can take it with `copy_mapping_from`, pinned once.)
 //! for &(gpa, size, file_offset, host_va) in ram {
 //!     let backing = Backing::File { fd: memfd.as_fd(), offset: file_offset, host_va: Some(host_va) };
 //!     let req = DmaMapRequest { iova: gpa, size, kind: DmaKind::Ram, backing, writable: true };
 //!     // SAFETY: guest RAM stays mapped, unchanged, until the IOAS/container is gone.
 //!     unsafe { iommu.map(&req)? };
+//! }
+//! // Every other domain takes guest RAM from the first, its pages pinned once (`Ok(false)`, as
+//! // on type1: map it as above instead).
+//! let other = opener.open(BackendKind::Iommufd)?;
+//! for &(gpa, size, ..) in ram {
+//!     let _shared = other.copy_mapping_from(&backend, gpa, size)?;
 //! }
 //!
 //! // 5. P2P within the group: register the BAR areas once; then report where the BAR observer

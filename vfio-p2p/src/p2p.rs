@@ -4,8 +4,8 @@
 //! guest gave them (guest bus address = guest physical = IOVA). Entries are keyed by device
 //! identity, BAR and area offset, never by guest address: the guest moves BARs and toggles
 //! memory decoding, and each entry keeps its dmabuf (exported once) across all of that. The
-//! table holds the desired state (BAR base, decode on/off) and reconciles the IOMMU with it,
-//! doing the lookup and the map/unmap ioctls under one lock, so a BAR move is always "unmap
+//! table holds the desired state (each BAR's [`BarPlacement`]) and reconciles the IOMMU with
+//! it, doing the lookup and the map/unmap ioctls under one lock, so a BAR move is always "unmap
 //! old, map new" and never a double map.
 //!
 //! A table belongs to one P2P domain (a group's IOMMU address space): only its members'
@@ -19,9 +19,10 @@
 //! closes.
 //!
 //! P2P is best effort: a BAR area that cannot be mapped (kernel without dmabuf export, BAR
-//! outside the host IOMMU's range, guest placing two BARs on top of each other) is logged and
-//! left out, and the VM runs without P2P to it. Guest RAM is mapped by the VMM directly through
-//! [`IommuBackend`], where a failure is an error.
+//! outside the host IOMMU's range, guest placing two BARs on top of each other) is logged once,
+//! stays in the table unmapped with the reason ([`P2pTable::rows`]), and the VM runs without P2P
+//! to it. Guest RAM is mapped by the VMM directly through [`IommuBackend`], where a failure is an
+//! error.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -32,9 +33,9 @@ use std::time::Instant;
 use log::{debug, error, warn};
 
 use crate::bdf::Bdf;
-use crate::device::{DeviceKey, HostPciDevice};
+use crate::device::{BarArea, DeviceError, DeviceKey, HostPciDevice};
 use crate::iommu::{
-    ranges_cover, BackendKind, Backing, DmaKind, DmaMapRequest, IommuBackend, IovaRange,
+    ranges_cover, BackendKind, Backing, DmaKind, DmaMapRequest, IommuBackend, IommuError, IovaRange,
 };
 use crate::page_size;
 use crate::region::RegionMapping;
@@ -123,9 +124,16 @@ pub enum P2pError {
     UnknownDevice { device: DeviceKey },
 }
 
+/// Why an area of an iommufd table has no dmabuf when export is switched off.
+pub(crate) const EXPORT_DISABLED: &str = "dmabuf export disabled";
+/// Why an area has no dmabuf when the kernel cannot export one.
+pub(crate) const NO_EXPORT: &str = "no dmabuf export (needs Linux 6.19+, CONFIG_VFIO_PCI_DMABUF)";
+
 /// Why an entry that should be mapped is not.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Failure {
+    /// The area could not be exported or mmapped: it can never be mapped.
+    Unbacked(String),
     Unaligned,
     OutsideWindows,
     /// Another P2P area is mapped there; retried whenever the table changes.
@@ -148,10 +156,40 @@ pub(crate) struct Entry {
 }
 
 /// Who a device is, for the visible table.
-#[derive(Default)]
 pub(crate) struct DeviceState {
     pub(crate) id: String,
-    pub(crate) bdf: Option<Bdf>,
+    pub(crate) bdf: Bdf,
+}
+
+/// What [`P2pTable::add_device`] needs of a device, so tests can stand in for one.
+pub(crate) trait AreaSource {
+    fn key(&self) -> DeviceKey;
+    fn bdf(&self) -> Bdf;
+    fn p2p_areas(&self) -> Vec<BarArea>;
+    fn export_dmabuf(&self, area: &BarArea) -> Result<Option<OwnedFd>, DeviceError>;
+    fn mmap(&self, area: &BarArea) -> Result<RegionMapping, DeviceError>;
+}
+
+impl AreaSource for HostPciDevice {
+    fn key(&self) -> DeviceKey {
+        HostPciDevice::key(self)
+    }
+
+    fn bdf(&self) -> Bdf {
+        HostPciDevice::bdf(self)
+    }
+
+    fn p2p_areas(&self) -> Vec<BarArea> {
+        HostPciDevice::p2p_areas(self)
+    }
+
+    fn export_dmabuf(&self, area: &BarArea) -> Result<Option<OwnedFd>, DeviceError> {
+        HostPciDevice::export_dmabuf(self, area.region, area.offset, area.size)
+    }
+
+    fn mmap(&self, area: &BarArea) -> Result<RegionMapping, DeviceError> {
+        self.mmap_region(area.region, area.offset, area.size)
+    }
 }
 
 #[derive(Default)]
@@ -226,8 +264,9 @@ impl P2pTable {
         }
     }
 
-    /// Switches dmabuf export off (on iommufd, BAR areas are then left out, as on a kernel
-    /// without `CONFIG_VFIO_PCI_DMABUF`): for measuring that case. Before any device is added.
+    /// Switches dmabuf export off: on iommufd, areas added afterwards get no dmabuf and show as
+    /// failed ("dmabuf export disabled"), as on a kernel without `CONFIG_VFIO_PCI_DMABUF`; for
+    /// measuring that case. No effect on type1, which maps BAR mmaps by address.
     pub fn set_dmabuf_export(&mut self, enabled: bool) {
         self.dmabuf_export = enabled;
     }
@@ -250,19 +289,26 @@ impl P2pTable {
     /// that cannot be exported or mapped are logged and kept unmappable, with the reason in
     /// [`rows`](Self::rows). The device starts with no BAR placed.
     pub fn add_device(&self, dev: &HostPciDevice, id: &str) -> Result<Vec<P2pKey>, P2pError> {
+        self.add_from(dev, id)
+    }
+
+    /// [`add_device`](Self::add_device) for anything that has areas; all or nothing.
+    pub(crate) fn add_from(
+        &self,
+        dev: &impl AreaSource,
+        id: &str,
+    ) -> Result<Vec<P2pKey>, P2pError> {
         let device = dev.key();
-        {
-            let mut inner = self.lock();
-            if inner.devices.contains_key(&device) {
-                return Err(P2pError::DeviceExists { device });
-            }
-            let state = DeviceState {
-                id: id.to_owned(),
-                bdf: Some(dev.bdf()),
-            };
-            inner.devices.insert(device, state);
+        self.register_device(device, id, dev.bdf())?;
+        let added = self.add_areas(dev, id);
+        if added.is_err() {
+            self.remove_device(device);
         }
-        let bdf = dev.bdf();
+        added
+    }
+
+    fn add_areas(&self, dev: &impl AreaSource, id: &str) -> Result<Vec<P2pKey>, P2pError> {
+        let device = dev.key();
         let mut keys = Vec::new();
         for area in dev.p2p_areas() {
             let key = P2pKey {
@@ -272,30 +318,16 @@ impl P2pTable {
                 },
                 area_offset: area.offset,
             };
-            let backing = match self.iommu.kind() {
-                BackendKind::Iommufd if !self.dmabuf_export => Err("dmabuf export disabled".into()),
-                BackendKind::Iommufd => {
-                    match dev.export_dmabuf(area.region, area.offset, area.size) {
-                        Ok(Some(fd)) => Ok(BarBacking::Dmabuf(fd)),
-                        Ok(None) => Err("no dmabuf export (needs Linux 6.19+ with \
-                                         CONFIG_VFIO_PCI_DMABUF)"
-                            .to_string()),
-                        Err(e) => Err(e.to_string()),
-                    }
-                }
-                BackendKind::Type1 => dev
-                    .mmap_region(area.region, area.offset, area.size)
-                    .map(|m| BarBacking::Mmap(Arc::new(m)))
-                    .map_err(|e| e.to_string()),
-            };
-            match backing {
+            match self.backing(dev, &area) {
                 Ok(backing) => self.register(key, backing, area.size)?,
                 Err(why) => {
                     warn!(
-                        "{bdf} BAR{} +{:#x} ({id}): {why}; peers cannot DMA to it",
-                        area.region, area.offset
+                        "{} BAR{} +{:#x} ({id}): {why}; peers cannot DMA to it",
+                        dev.bdf(),
+                        area.region,
+                        area.offset
                     );
-                    self.register_failed(key, area.size, why)?;
+                    self.insert(key, None, area.size, Some((0, Failure::Unbacked(why))))?;
                 }
             }
             keys.push(key);
@@ -303,8 +335,43 @@ impl P2pTable {
         Ok(keys)
     }
 
-    /// Adds one BAR area with its backing. Lower-level than [`add_device`](Self::add_device),
-    /// which calls it; the area is unmapped until its BAR is placed and decoding is on.
+    /// What puts `area` into this table's IOMMU, or why nothing can.
+    fn backing(&self, dev: &impl AreaSource, area: &BarArea) -> Result<BarBacking, String> {
+        match self.iommu.kind() {
+            BackendKind::Iommufd if !self.dmabuf_export => Err(EXPORT_DISABLED.into()),
+            BackendKind::Iommufd => match dev.export_dmabuf(area) {
+                Ok(Some(fd)) => Ok(BarBacking::Dmabuf(fd)),
+                Ok(None) => Err(NO_EXPORT.into()),
+                Err(DeviceError::Dmabuf { source, .. }) => Err(format!("dmabuf export: {source}")),
+                Err(e) => Err(e.to_string()),
+            },
+            BackendKind::Type1 => match dev.mmap(area) {
+                Ok(m) => Ok(BarBacking::Mmap(Arc::new(m))),
+                Err(DeviceError::Mmap { source, .. }) => Err(format!("BAR mmap: {source}")),
+                Err(e) => Err(e.to_string()),
+            },
+        }
+    }
+
+    /// Names a device for the visible table: its id in the VM and host address. Lower-level
+    /// than [`add_device`](Self::add_device), which calls it; needed before
+    /// [`register`](Self::register).
+    pub fn register_device(&self, device: DeviceKey, id: &str, bdf: Bdf) -> Result<(), P2pError> {
+        let mut inner = self.lock();
+        if inner.devices.contains_key(&device) {
+            return Err(P2pError::DeviceExists { device });
+        }
+        let state = DeviceState {
+            id: id.to_owned(),
+            bdf,
+        };
+        inner.devices.insert(device, state);
+        Ok(())
+    }
+
+    /// Adds one BAR area of a [registered](Self::register_device) device with its backing.
+    /// Lower-level than [`add_device`](Self::add_device), which calls it; the area is unmapped
+    /// until its BAR is placed.
     pub fn register(&self, key: P2pKey, backing: BarBacking, size: u64) -> Result<(), P2pError> {
         if size == 0 || !size.is_multiple_of(page_size()) {
             return Err(P2pError::InvalidSize { key, size });
@@ -337,11 +404,6 @@ impl P2pTable {
         self.insert(key, Some(backing), size, None)
     }
 
-    /// Adds an area that cannot be mapped (no backing), so the table can show why.
-    fn register_failed(&self, key: P2pKey, size: u64, why: String) -> Result<(), P2pError> {
-        self.insert(key, None, size, Some((0, Failure::Iommu(why))))
-    }
-
     fn insert(
         &self,
         key: P2pKey,
@@ -350,10 +412,14 @@ impl P2pTable {
         failure: Option<(u64, Failure)>,
     ) -> Result<(), P2pError> {
         let mut inner = self.lock();
+        if !inner.devices.contains_key(&key.bar.device) {
+            return Err(P2pError::UnknownDevice {
+                device: key.bar.device,
+            });
+        }
         if inner.entries.contains_key(&key) {
             return Err(P2pError::DuplicateKey { key });
         }
-        inner.devices.entry(key.bar.device).or_default();
         let entry = Entry {
             backing,
             size,
@@ -389,7 +455,7 @@ impl P2pTable {
     }
 
     /// Runs `reset` (e.g. `|| dev.reset()`) with every area of `device` out of the IOMMU, then
-    /// maps them again per the decode state. VFIO revokes the dmabufs across a reset and iommufd
+    /// maps again those whose BAR is placed. VFIO revokes the dmabufs across a reset and iommufd
     /// does not restore them. Use it after a guest-initiated FLR too (with a no-op closure): the
     /// kernel already revoked the mappings, and this replaces them. `reset` runs under the
     /// table's lock and must not call back into the table.
@@ -548,10 +614,13 @@ impl P2pTable {
             match unsafe { self.iommu.map(&req) } {
                 Ok(()) => None,
                 Err(e) => {
-                    let failure = if e.errno() == Some(libc::ENODEV) {
-                        Failure::Revoked
-                    } else {
-                        Failure::Iommu(e.to_string())
+                    // The row names the area and the IOVA already: only the errno is news.
+                    let failure = match e {
+                        _ if e.errno() == Some(libc::ENODEV) => Failure::Revoked,
+                        IommuError::Map { ref source, .. } => {
+                            Failure::Iommu(format!("IOMMU map: {source}"))
+                        }
+                        _ => Failure::Iommu(e.to_string()),
                     };
                     if entry.failure.as_ref().map(|f| &f.1) != Some(&failure) {
                         warn!("{key}: {e}; peers cannot DMA to this BAR area");
@@ -599,7 +668,7 @@ impl fmt::Display for Failure {
             Failure::Unaligned => f.write_str("not page-aligned"),
             Failure::OutsideWindows => f.write_str("outside the guest MMIO windows"),
             Failure::Overlap => f.write_str("another BAR is mapped there"),
-            Failure::Iommu(why) => f.write_str(why),
+            Failure::Unbacked(why) | Failure::Iommu(why) => f.write_str(why),
             Failure::Revoked => f.write_str("dmabuf revoked"),
         }
     }

@@ -49,7 +49,7 @@ pub struct P2pRow {
     /// The P2P group (domain) name.
     pub domain: String,
     pub device_id: String,
-    pub host_bdf: Option<Bdf>,
+    pub host_bdf: Bdf,
     pub bar: u32,
     pub area_offset: u64,
     pub size: u64,
@@ -70,8 +70,9 @@ impl P2pTable {
         inner
             .entries
             .iter()
-            .map(|(key, e)| {
-                let device = inner.devices.get(&key.bar.device);
+            // Every entry has its device (`insert` checks); `?` rather than a panic all the same.
+            .filter_map(|(key, e)| {
+                let device = inner.devices.get(&key.bar.device)?;
                 let guest = match e.placement {
                     BarPlacement::Placed(base) => base
                         .checked_add(key.area_offset)
@@ -91,17 +92,17 @@ impl P2pTable {
                     (_, None, BarPlacement::DecodeOff) => P2pAreaState::DecodeOff,
                     (_, None, _) => P2pAreaState::Unplaced,
                 };
-                P2pRow {
+                Some(P2pRow {
                     domain: self.domain.clone(),
-                    device_id: device.map(|d| d.id.clone()).unwrap_or_default(),
-                    host_bdf: device.and_then(|d| d.bdf),
+                    device_id: device.id.clone(),
+                    host_bdf: device.bdf,
                     bar: key.bar.region,
                     area_offset: key.area_offset,
                     size: e.size,
                     guest,
                     mechanism,
                     state,
-                }
+                })
             })
             .collect()
     }
@@ -138,7 +139,7 @@ pub fn format_p2p_table(rows: &[P2pRow]) -> String {
             [
                 r.domain.clone(),
                 r.device_id.clone(),
-                r.host_bdf.map_or("-".into(), |b| b.to_string()),
+                r.host_bdf.to_string(),
                 bar,
                 human_size(r.size),
                 r.guest
@@ -188,7 +189,7 @@ mod tests {
         P2pRow {
             domain: "g0".into(),
             device_id: "shm".into(),
-            host_bdf: "0000:00:02.0".parse().ok(),
+            host_bdf: "0000:00:02.0".parse().unwrap(),
             bar: 2,
             area_offset: 0,
             size: 64 << 20,

@@ -11,6 +11,9 @@ use crate::fake::{FakeEvent, FakeIommu, FakeSource};
 use crate::iommu::IovaRange;
 use crate::p2p_rows::{P2pAreaState, P2pMechanism};
 
+#[path = "p2p_rows_test.rs"]
+mod rows;
+
 const MIB: u64 = 1 << 20;
 /// The guest's 32-bit MMIO hole and a 64-bit MMIO window, as the VMM would pass them.
 const WINDOWS: [IovaRange; 2] = [
@@ -66,8 +69,13 @@ impl Vm {
     }
 
     fn with_fake(fake: FakeIommu) -> Self {
+        Self::named("g0", fake)
+    }
+
+    /// The table of P2P domain `domain` on `fake`.
+    fn named(domain: &str, fake: FakeIommu) -> Self {
         let fake = Arc::new(fake);
-        let table = P2pTable::new("g0", fake.clone(), &WINDOWS);
+        let table = P2pTable::new(domain, fake.clone(), &WINDOWS);
         Self {
             fake,
             table,
@@ -97,11 +105,22 @@ impl Vm {
     fn add_dmabuf(&self, key: P2pKey, size: u64) -> PipeReader {
         let (reader, writer) = pipe().unwrap();
         let fd = OwnedFd::from(writer);
+        self.join(key.bar.device);
         self.fake.register_dmabuf(fd.as_fd(), key.bar.device);
         self.table
             .register(key, BarBacking::Dmabuf(fd), size)
             .unwrap();
         reader
+    }
+
+    /// Makes `device` a member of this domain, in the table and in the fake.
+    fn join(&self, device: DeviceKey) {
+        self.fake.attach(device);
+        let bdf = "0000:00:02.0".parse().unwrap();
+        match self.table.register_device(device, "dev", bdf) {
+            Ok(()) | Err(P2pError::DeviceExists { .. }) => {}
+            Err(e) => panic!("{e}"),
+        }
     }
 
     /// The guest sets PCI_COMMAND.MEM: the write reaches the device, then the observer tells
@@ -335,6 +354,9 @@ fn a_bar_outside_the_host_iommu_range_is_left_unmapped() {
     let (_reader, writer) = pipe().unwrap();
     let fd = OwnedFd::from(writer);
     vm.fake.register_dmabuf(fd.as_fd(), dev(1));
+    vm.fake.attach(dev(1));
+    let bdf = "0000:00:02.0".parse().unwrap();
+    high.register_device(dev(1), "shm", bdf).unwrap();
     high.register(a, BarBacking::Dmabuf(fd), MIB).unwrap();
     vm.fake.set_decode(dev(1), true);
 
@@ -413,6 +435,7 @@ fn type1_maps_the_bar_mmap_by_address_and_releases_it_on_removal() {
         0,
     );
     let mapping = Arc::new(RegionMapping::anonymous(MIB).unwrap());
+    vm.join(a.bar.device);
     vm.table
         .register(a, BarBacking::Mmap(mapping.clone()), MIB)
         .unwrap();
@@ -431,6 +454,7 @@ fn type1_maps_the_bar_mmap_by_address_and_releases_it_on_removal() {
 fn a_backing_the_backend_cannot_map_is_rejected() {
     let vm = Vm::new(BackendKind::Type1);
     let (_reader, writer) = pipe().unwrap();
+    vm.join(dev(1));
 
     let err = vm
         .table
@@ -458,59 +482,18 @@ fn bookkeeping_errors_name_the_entry() {
         .register(a, BarBacking::Dmabuf(writer.into()), MIB)
         .unwrap_err();
     let unknown = vm.place(bar(dev(1), 4), Some(0xe000_0000)).unwrap_err();
+    let (_reader, writer) = pipe().unwrap();
+    let stranger = vm
+        .table
+        .register(area(dev(9), 2, 0), BarBacking::Dmabuf(writer.into()), MIB)
+        .unwrap_err();
 
     assert!(matches!(dup, P2pError::DuplicateKey { .. }));
+    assert!(matches!(stranger, P2pError::UnknownDevice { .. }));
     assert_eq!(
         unknown.to_string(),
         "vfio cdev 0x2d:1 BAR4 has no P2P areas in the table"
     );
-}
-
-#[test]
-#[should_panic(expected = "memory decoding is off")]
-fn the_fake_catches_a_map_of_a_revoked_dmabuf() {
-    let fake = FakeIommu::new(BackendKind::Iommufd);
-    let (_reader, writer) = pipe().unwrap();
-    fake.register_dmabuf(writer.as_fd(), dev(1));
-    let req = DmaMapRequest {
-        iova: 0xe000_0000,
-        size: MIB,
-        kind: DmaKind::DeviceBar,
-        backing: Backing::File {
-            fd: writer.as_fd(),
-            offset: 0,
-            host_va: None,
-        },
-        writable: true,
-    };
-
-    // SAFETY: the fake maps nothing.
-    let _ = unsafe { fake.map(&req) };
-}
-
-#[test]
-#[should_panic(expected = "overlaps")]
-fn the_fake_catches_overlapping_maps() {
-    let fake = FakeIommu::new(BackendKind::Type1);
-    let req = |iova| DmaMapRequest {
-        iova,
-        size: MIB,
-        kind: DmaKind::Ram,
-        backing: Backing::HostVa(0x7f00_0000_0000),
-        writable: true,
-    };
-
-    // SAFETY: the fake maps nothing.
-    unsafe {
-        fake.map(&req(0)).unwrap();
-        let _ = fake.map(&req(MIB / 2));
-    }
-}
-
-#[test]
-#[should_panic(expected = "not mapped")]
-fn the_fake_catches_an_unmap_of_nothing() {
-    let _ = FakeIommu::new(BackendKind::Iommufd).unmap(0xe000_0000, MIB);
 }
 
 #[test]
@@ -537,25 +520,76 @@ fn two_domains_map_only_their_own_members() {
 }
 
 #[test]
-fn rows_show_each_area_state_and_why() {
+fn a_group_reaches_its_members_and_nothing_of_another_group() {
+    let g0 = Vm::named("g0", FakeIommu::new(BackendKind::Iommufd));
+    let g1 = Vm::named("g1", FakeIommu::new(BackendKind::Iommufd));
+    let members = [area(dev(1), 2, 0), area(dev(2), 0, 0)];
+    let outsider = area(dev(3), 2, 0);
+    let _bufs: Vec<_> = members.iter().map(|&k| g0.add_dmabuf(k, MIB)).collect();
+    let _out = g1.add_dmabuf(outsider, MIB);
+    for (i, key) in members.iter().enumerate() {
+        g0.decode(key.bar.device, true);
+        g0.place(key.bar, Some(0xe000_0000 + i as u64 * MIB))
+            .unwrap();
+    }
+    g1.decode(dev(3), true);
+    g1.place(outsider.bar, Some(0xe800_0000)).unwrap();
+
+    // The fakes panic on a map of a non-member's dmabuf; here, check what each domain holds.
+    let iovas = |vm: &Vm| vm.fake.live().iter().map(|m| m.iova).collect::<Vec<_>>();
+    assert_eq!(iovas(&g0), vec![0xe000_0000, 0xe010_0000]);
+    assert_eq!(iovas(&g1), vec![0xe800_0000]);
+
+    g0.table.remove_device(dev(1));
+    assert_eq!(iovas(&g0), vec![0xe010_0000]);
+    assert_eq!(iovas(&g1), vec![0xe800_0000], "another domain is untouched");
+}
+
+#[test]
+fn each_placement_change_maps_or_unmaps_as_the_observer_says() {
     let vm = Vm::new(BackendKind::Iommufd);
     let a = area(dev(1), 2, 0);
-    let _a = vm.add_dmabuf(a, MIB);
-    let state = |vm: &Vm| vm.table.rows()[0].state.clone();
-    assert_eq!(state(&vm), P2pAreaState::Unplaced);
-    vm.place(a.bar, Some(0xe000_0000)).unwrap();
-    assert_eq!(state(&vm), P2pAreaState::DecodeOff);
-    vm.decode(dev(1), true);
-    assert_eq!(state(&vm), P2pAreaState::Mapped);
+    let _buf = vm.add_dmabuf(a, MIB);
+    let tell = |placement| vm.table.bar_moved(a.bar, placement).unwrap();
+    vm.fake.set_decode(dev(1), true);
+
+    tell(BarPlacement::Placed(0xe000_0000));
+    assert_eq!(vm.fake.take_events(), vec![map(0xe000_0000, MIB)]);
+    vm.fake.set_decode(dev(1), false);
+    tell(BarPlacement::DecodeOff);
+    assert_eq!(vm.fake.take_events(), vec![unmap(0xe000_0000, MIB)]);
+    vm.fake.set_decode(dev(1), true);
+    tell(BarPlacement::Placed(0xe000_0000));
+    assert_eq!(vm.fake.take_events(), vec![map(0xe000_0000, MIB)]);
+    tell(BarPlacement::Placed(0xe100_0000));
     assert_eq!(
-        vm.table.rows()[0].guest,
-        Some((0xe000_0000, 0xe000_0000 + MIB - 1))
+        vm.fake.take_events(),
+        vec![unmap(0xe000_0000, MIB), map(0xe100_0000, MIB)]
     );
-    vm.place(a.bar, Some(0x1000_0000)).unwrap(); // guest RAM, outside the MMIO windows
-    assert_eq!(
-        state(&vm),
-        P2pAreaState::Failed("outside the guest MMIO windows".into())
-    );
-    assert_eq!(vm.table.rows()[0].domain, "g0");
-    assert_eq!(vm.table.rows()[0].mechanism, P2pMechanism::Dmabuf);
+    // The guest sizes the BAR: no address while it does.
+    tell(BarPlacement::Unplaced);
+    assert_eq!(vm.fake.take_events(), vec![unmap(0xe100_0000, MIB)]);
+    tell(BarPlacement::DecodeOff);
+    assert!(vm.fake.take_events().is_empty());
+    assert!(vm.fake.live().is_empty());
+}
+
+#[test]
+fn removing_every_device_leaves_nothing_mapped_or_listed() {
+    let vm = Vm::new(BackendKind::Iommufd);
+    let keys = [area(dev(1), 0, 0), area(dev(1), 2, 0), area(dev(2), 2, 0)];
+    let _bufs: Vec<_> = keys.iter().map(|&k| vm.add_dmabuf(k, MIB)).collect();
+    for (i, key) in keys.iter().enumerate() {
+        vm.decode(key.bar.device, true);
+        vm.place(key.bar, Some(0xe000_0000 + i as u64 * MIB))
+            .unwrap();
+    }
+    assert_eq!(vm.fake.live().len(), 3);
+
+    vm.table.remove_device(dev(1));
+    vm.table.remove_device(dev(2));
+
+    assert!(vm.fake.live().is_empty());
+    assert!(vm.table.rows().is_empty());
+    vm.join(dev(1)); // its name is free again
 }
