@@ -89,10 +89,10 @@ for e in $edus; do
     fi
 done
 for r in edu:$edu edu2:$edu2 shm:$shm shm2:$shm2; do
-    echo "P2P-TOPO ${r%%:*} $(readlink -f /sys/bus/pci/devices/${r#*:})"
+    [ -n "${r#*:}" ] && echo "P2P-TOPO ${r%%:*} $(readlink -f /sys/bus/pci/devices/${r#*:})"
 done
 echo "P2P-CLIQUE edu $(clique $edu)"
-echo "P2P-CLIQUE edu2 $(clique $edu2)"
+[ -n "$edu2" ] && echo "P2P-CLIQUE edu2 $(clique $edu2)"
 cfg=/sys/bus/pci/devices/$shm/config
 # Writes a little-endian dword into shm's config space.
 wcfg() {
@@ -108,10 +108,13 @@ if [ "$mode" = groups ]; then
     step cross-g0-to-g1 $edu --peer-bar "$shm2:2" --peer-check "$shm2:2"
     old=$(sed -n 3p /sys/bus/pci/devices/$shm/resource | cut -d' ' -f1)
     step initial $edu --peer-bar "$shm:2"
-    set -- $(sed -n 16p "$(port $shm)/resource")
-    wstart=$1 wend=$2
+    # The downstream port's prefetchable window, from its config space (as p2pvmm emulates it).
+    pcfg=$(port $shm)/config
+    rd() { echo $(( $(od -An -tu$2 -j $(($1)) -N$2 "$pcfg") )); }
+    wstart=$(( (($(rd 0x24 2) & 0xfff0) << 16) | ($(rd 0x28 4) << 32) ))
+    wend=$(( (($(rd 0x26 2) & 0xfff0) << 16) | 0xfffff | ($(rd 0x2c 4) << 32) ))
     new=$((old == wstart ? old + (64 << 20) : wstart))
-    echo "P2P-WINDOW $wstart $wend BAR2 $old -> $(printf '0x%x' $new)"
+    echo "P2P-WINDOW $(printf '0x%x 0x%x' $wstart $wend) BAR2 $old -> $(printf '0x%x' $new)"
     [ $((new + (64 << 20) - 1)) -le $((wend)) ] && echo "P2P-MOVE-INSIDE yes" || echo "P2P-MOVE-INSIDE no"
     wcfg 4 0
     wcfg 24 $((new & 0xffffffff))
@@ -159,10 +162,12 @@ fn run_lab() -> Result<Console, String> {
             devices(backend)
         )
     };
+    // edu2 and shm2 share a host IOMMU group: without a group they cannot be isolated, so
+    // they stay out (bad-split-iommu-group shows p2pvmm refusing that).
     let nogroup = |backend: &str| {
         format!(
-            "{VMM} --cmdline '{L2_CMDLINE} lab.mode=nogroup' {}",
-            devices(backend)
+            "{VMM} --cmdline '{L2_CMDLINE} lab.mode=nogroup' \
+             --device path=$EDU,id=edu,backend={backend} --device path=$SHM,id=shm,backend={backend}"
         )
     };
     // Each must fail before anything starts; no L2 boots.

@@ -309,17 +309,23 @@ pub(super) fn check_group_host(vm: &VmConfig, dev_root: &Path) -> Result<(), Con
                     .filter(|d| d.grouped)
                     .map_or("no group".to_string(), |d| format!("group {}", d.name))
             };
-            return Err(group_error(
-                &domain(&device.id),
-                "devices",
-                &device.id,
-                format!(
-                    "shares host IOMMU group {host_group} with {} ({}): the host IOMMU cannot \
-                     isolate them, put both in the same P2P group",
-                    other.id,
-                    domain(&other.id)
-                ),
-            ));
+            let reason = format!(
+                "shares host IOMMU group {host_group} with {} ({}): the host IOMMU cannot \
+                 isolate them, put both in the same P2P group",
+                other.id,
+                domain(&other.id)
+            );
+            let grouped = domain_of(&device.id).is_some_and(|i| domains[i].grouped);
+            return Err(if grouped {
+                group_error(&domain(&device.id)[6..], "devices", &device.id, reason)
+            } else {
+                ConfigError::InvalidDevice {
+                    device: format!("device {}", device.id),
+                    field: "path",
+                    value: format!("{:?}", device.path),
+                    reason: format!("in no P2P group, {reason}"),
+                }
+            });
         }
         seen.push((host_group, device));
     }
