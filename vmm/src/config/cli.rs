@@ -1,7 +1,7 @@
 //! Command-line flags, cloud-hypervisor style (`--kernel`, `--memory 2G`).
 //!
 //! Value flags that need domain parsing (`--cpus`, `--memory`, `--serial`,
-//! `--device`) are taken as raw strings and converted here rather than by
+//! `--device`, `--p2p-group`) are taken as raw strings and converted here rather than by
 //! clap, so that a bad value produces the same one-line
 //! `invalid --memory "12Q": ...` error as every other configuration problem
 //! instead of clap's usage dump.
@@ -56,21 +56,30 @@ pub struct Cli {
     /// Host PCI device to pass through with VFIO; repeatable. Keys:
     /// path=/sys/bus/pci/devices/BDF or a bare BDF such as 0000:00:03.0 or
     /// 00:03.0 (required); id=NAME (letters, digits, _ and -) [default:
-    /// dev<N>, N = position from 0]; backend=iommufd|legacy, the same for
-    /// all devices [default: iommufd if /dev/iommu exists, else legacy];
-    /// placement=root-port|root [default: root-port]; switch=NAME puts the
-    /// device behind that PCIe switch instead. Added after the config
-    /// file's devices; one with a file device's id replaces it.
+    /// dev<N>, N = position from 0]; backend=iommufd|legacy, the backend of
+    /// the device's P2P domain, so members of one group must agree [default:
+    /// iommufd if /dev/iommu exists, else legacy]; placement=root-port|root
+    /// [default: the P2P group's topology, else root-port]; switch=NAME puts
+    /// the device behind that PCIe switch instead; clique=0-15 sets the NVIDIA
+    /// GPUDirect P2P clique id the guest sees [default: for an NVIDIA device
+    /// in a group with P2P on, the group's number among such groups; allowed
+    /// on other vendors with a warning]. Added after the config file's
+    /// devices; one with a file device's id replaces it.
     #[arg(long = "device", value_name = "KEY=VALUE,...")]
     pub devices: Vec<String>,
 
-    /// P2P group, repeatable: name=NAME,devices=ID:ID[,mode=auto|dmabuf|legacy|off]
-    /// [,topology=switch|root-ports|flat]. Members reach each other's BARs; a device in no
-    /// group reaches no BAR. Each group is its own IOMMU address space; topology switch (the
-    /// default) puts the members behind one PCIe switch named NAME (a member's own placement
-    /// wins); mode dmabuf needs iommufd, legacy gives the group a type1 container. Devices also
-    /// take clique=0-15 (NVIDIA GPUDirect P2P clique capability; NVIDIA members default to their
-    /// group's index).
+    /// P2P group, repeatable:
+    /// name=NAME,devices=ID:ID[,mode=auto|dmabuf|legacy|off][,topology=switch|root-ports|flat].
+    /// Members reach each other's BARs; a device in no group reaches no BAR (its DMA still
+    /// reaches guest RAM). Keys: name=NAME (required; letters, digits, _ and -; unique) names
+    /// the group and its switch; devices=ID:ID lists member device ids, each in at most one
+    /// group (may be empty); mode=auto (default: dmabuf on iommufd, by address on type1),
+    /// dmabuf (needs iommufd), legacy (a type1 container of the group's own) or off (the
+    /// topology without P2P); topology=switch (default: behind one PCIe switch named NAME),
+    /// root-ports (a root port each) or flat (on the root bus); a member's own placement or
+    /// switch wins. Each group is its own IOMMU address space, so functions of one host IOMMU
+    /// group must be in the same P2P group. Added after the config file's [[p2p_group]]
+    /// tables.
     #[arg(long = "p2p-group", value_name = "KEY=VALUE,...")]
     pub p2p_groups: Vec<String>,
 

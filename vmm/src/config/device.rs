@@ -5,9 +5,10 @@
 //! same thing in either source and is checked by the same code: the path is
 //! normalised (a bare PCI address becomes its sysfs directory) and the
 //! `placement`/`switch` pair is resolved into one [`Placement`]. Ids may be
-//! left out; they default to `dev<N>` by position in the merged list, which
-//! is why entries stay [`DeviceEntry`] (id optional) until
-//! [`super::layer::PartialConfig::finish`].
+//! left out; they default to `dev<N>` by position in the merged list, and a
+//! placement left out comes from the device's P2P group, which only the merged
+//! config knows: that is why entries stay [`DeviceEntry`] (id and placement
+//! optional) until [`super::layer::PartialConfig::finish`].
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -24,6 +25,9 @@ pub const SYSFS_PCI_DEVICES: &str = "/sys/bus/pci/devices";
 /// The keys of a `--device` flag (and of a `[[device]]` table), in the
 /// order the help text lists them.
 const KEYS: &str = "path, id, backend, placement or switch, clique";
+
+/// Largest GPUDirect P2P clique id: the capability has 4 bits for it.
+pub(super) const MAX_CLIQUE: u8 = 15;
 
 /// Kernel interface through which the VMM maps guest memory for device DMA.
 ///
@@ -142,7 +146,9 @@ pub(super) struct DeviceEntry {
 /// id = "gpu0"                                # default dev<N>, N = position from 0
 /// path = "/sys/bus/pci/devices/0000:00:03.0" # or just "0000:00:03.0"
 /// backend = "iommufd"                        # or "legacy"; default: iommufd if /dev/iommu exists
-/// placement = "root-port"                    # or "root"; or switch = "sw0" instead
+/// placement = "root-port"                    # or "root"; or switch = "sw0" instead;
+///                                            # default: the P2P group's topology, else root-port
+/// clique = 0                                 # GPUDirect P2P clique id, 0-15
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 #[serde(into = "RawDevice")]
@@ -154,14 +160,16 @@ pub struct DeviceConfig {
     /// The function's sysfs directory, `/sys/bus/pci/devices/<BDF>`. A bare
     /// PCI address (`0000:00:03.0` or `00:03.0`) is normalised to it.
     pub path: PathBuf,
-    /// IOMMU interface, if chosen explicitly. All devices of a VM use the
-    /// same one within a P2P group (its IOMMU address space).
+    /// IOMMU interface, if chosen explicitly. It is the backend of the
+    /// device's P2P domain (its group, or the device alone), so the members of
+    /// one group must agree; devices in different domains may differ.
     pub backend: Option<IommuBackendKind>,
     /// Position in the guest's PCI hierarchy: as given, else as the device's P2P group's
     /// topology says, else root-port.
     pub placement: Placement,
-    /// NVIDIA GPUDirect P2P clique id (0-15) the guest sees in a vendor capability; see
-    /// [`VmConfig::clique_of`] for the default.
+    /// NVIDIA GPUDirect P2P clique id (0-15) the guest sees in a vendor
+    /// capability, if given explicitly; see [`super::VmConfig::clique_of`] for
+    /// the default.
     pub clique: Option<u8>,
 }
 
@@ -184,8 +192,10 @@ struct RawDevice {
     placement: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     switch: Option<String>,
+    /// Wider than the u8 it becomes, so 300 or -1 get the same range error
+    /// as 16 rather than serde's "expected u8".
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    clique: Option<u8>,
+    clique: Option<i64>,
 }
 
 impl TryFrom<RawDevice> for DeviceEntry {
@@ -195,7 +205,7 @@ impl TryFrom<RawDevice> for DeviceEntry {
         Ok(DeviceEntry {
             path: device_path(&raw.path)?,
             placement: placement(raw.placement.as_deref(), raw.switch)?,
-            clique: clique(raw.clique)?,
+            clique: clique(raw.id.as_deref(), raw.clique)?,
             id: raw.id,
             backend: raw.backend,
         })
@@ -215,17 +225,25 @@ impl From<DeviceConfig> for RawDevice {
             backend: device.backend,
             placement,
             switch,
-            clique: device.clique,
+            clique: device.clique.map(i64::from),
         }
     }
 }
 
-/// The GPUDirect clique id: 4 bits in the capability.
-fn clique(clique: Option<u8>) -> Result<Option<u8>, String> {
-    match clique {
-        Some(c) if c > 15 => Err(format!("clique {c} is out of range (use 0 to 15)")),
-        c => Ok(c),
-    }
+/// The GPUDirect clique id: 4 bits in the capability. The error names the
+/// device when it has an id, since a TOML error only points at its table.
+fn clique(id: Option<&str>, clique: Option<i64>) -> Result<Option<u8>, String> {
+    let Some(value) = clique else {
+        return Ok(None);
+    };
+    u8::try_from(value)
+        .ok()
+        .filter(|c| *c <= MAX_CLIQUE)
+        .map(Some)
+        .ok_or_else(|| {
+            let device = id.map_or_else(String::new, |id| format!("device {id}: "));
+            format!("{device}clique = {value}: out of range (use 0 to {MAX_CLIQUE})")
+        })
 }
 
 /// Resolves the `placement` and `switch` keys into one [`Placement`], `None` if neither.
@@ -322,8 +340,8 @@ pub(super) fn parse_flag(spec: &str) -> Result<DeviceEntry, String> {
         .into();
     raw.clique = clique
         .map(|c: String| {
-            c.parse::<u8>()
-                .map_err(|_| format!("clique {c:?} is not 0 to 15"))
+            c.parse::<i64>()
+                .map_err(|_| format!("clique {c:?} is not a number (use 0 to {MAX_CLIQUE})"))
         })
         .transpose()?;
     raw.backend = backend
@@ -380,14 +398,6 @@ pub(super) fn finish(entries: Vec<DeviceEntry>, groups: &[P2pGroupConfig]) -> Ve
             }
         })
         .collect()
-}
-
-/// `deserialize_with` for [`VmConfig::devices`]: same schema and defaults
-/// as the `--config` file.
-pub(super) fn deserialize_list<'de, D: Deserializer<'de>>(
-    deserializer: D,
-) -> Result<Vec<DeviceConfig>, D::Error> {
-    Vec::<DeviceEntry>::deserialize(deserializer).map(|d| finish(d, &[]))
 }
 
 #[cfg(test)]

@@ -9,6 +9,8 @@
 use std::io;
 use std::path::PathBuf;
 
+use super::{IommuBackendKind, P2pMode};
+
 /// Anything that can go wrong while building or checking a [`super::VmConfig`].
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -102,17 +104,151 @@ pub enum ConfigError {
         reason: String,
     },
 
-    /// A P2P group (`[[p2p_group]]` or `--p2p-group`) is unusable.
+    /// A P2P group (`[[p2p_group]]` or `--p2p-group`) has a bad name.
     #[error("p2p_group {group}: {field} = {value:?}: {reason}")]
     InvalidGroup {
-        /// The group's name (or, for an ungrouped device, "no group").
+        /// The group's name as given.
         group: String,
-        /// The group's key, e.g. `devices`.
+        /// The group's key, e.g. `name`.
         field: &'static str,
-        /// The value, e.g. the device id.
+        /// The rejected value.
         value: String,
         /// What is wrong and, where possible, what would be accepted.
         reason: String,
+    },
+
+    /// Two groups have one name (the name is the group's switch and its table label).
+    #[error("p2p_group {group}: name = {group:?}: another group has this name")]
+    DuplicateGroup {
+        /// The repeated name.
+        group: String,
+    },
+
+    /// A group lists a device id that no `--device` / `[[device]]` has.
+    #[error(
+        "p2p_group {group}: devices = {device:?}: no such device (give it with --device ...,id={device})"
+    )]
+    GroupUnknownDevice {
+        /// The group.
+        group: String,
+        /// The unknown id.
+        device: String,
+    },
+
+    /// A group lists one device twice.
+    #[error("p2p_group {group}: devices = {device:?}: listed twice")]
+    GroupRepeatedDevice {
+        /// The group.
+        group: String,
+        /// The repeated id.
+        device: String,
+    },
+
+    /// A device is in two groups: it can be in one IOMMU address space only.
+    #[error(
+        "p2p_group {group}: devices = {device:?}: already in group {first} (a device is in at most one group)"
+    )]
+    DeviceInTwoGroups {
+        /// The later group.
+        group: String,
+        /// The device.
+        device: String,
+        /// The group that listed it first.
+        first: String,
+    },
+
+    /// A device outside the group sits behind a switch named like the group: one name, one
+    /// switch, so the two topologies would silently merge.
+    #[error(
+        "p2p_group {group}: name = {group:?}: device {device} is not a member but has switch={group}, which would put it behind the group's switch (rename the group or that switch)"
+    )]
+    GroupSwitchClash {
+        /// The group.
+        group: String,
+        /// The outsider.
+        device: String,
+    },
+
+    /// A group's mode demands a backend one of its members refuses.
+    #[error(
+        "p2p_group {group}: mode = {:?}: needs the {needs} backend, but device {device} has backend={backend}",
+        mode.to_string()
+    )]
+    GroupModeBackend {
+        /// The group.
+        group: String,
+        /// Its mode.
+        mode: P2pMode,
+        /// The backend the mode needs.
+        needs: IommuBackendKind,
+        /// The member that asks for another one.
+        device: String,
+        /// What it asks for.
+        backend: IommuBackendKind,
+    },
+
+    /// A group's mode needs a host interface this host does not have.
+    #[error(
+        "p2p_group {group}: mode = {:?}: needs {needs}, which this host does not have",
+        mode.to_string()
+    )]
+    GroupModeUnsupported {
+        /// The group.
+        group: String,
+        /// Its mode.
+        mode: P2pMode,
+        /// The missing interface, e.g. `iommufd (/dev/iommu)`.
+        needs: &'static str,
+    },
+
+    /// Two members of one group ask for different backends: a group is one IOMMU address
+    /// space, and an address space lives in one backend.
+    #[error(
+        "p2p_group {group}: devices = {device:?}: backend={backend} conflicts with backend={other_backend} of device {other} (a group is one IOMMU address space, in one backend)"
+    )]
+    GroupBackendConflict {
+        /// The group.
+        group: String,
+        /// The later member.
+        device: String,
+        /// Its backend.
+        backend: IommuBackendKind,
+        /// The earlier member.
+        other: String,
+        /// Its backend.
+        other_backend: IommuBackendKind,
+    },
+
+    /// Two functions of one host IOMMU group are in different P2P domains. The host IOMMU
+    /// cannot tell them apart, so the isolation between the domains would be a fiction (and
+    /// VFIO refuses to split a group across containers anyway).
+    #[error(
+        "device {device} ({}) and device {other} ({}) share host IOMMU group {host_group}: the host IOMMU cannot isolate them from each other, put both in the same P2P group",
+        in_group(.group.as_deref()),
+        in_group(.other_group.as_deref())
+    )]
+    IommuGroupSplit {
+        /// The later device.
+        device: String,
+        /// Its P2P group, `None` if it is in none.
+        group: Option<String>,
+        /// The earlier device of the same host IOMMU group.
+        other: String,
+        /// Its P2P group, `None` if it is in none.
+        other_group: Option<String>,
+        /// The host IOMMU group number (`/sys/kernel/iommu_groups/N`).
+        host_group: String,
+    },
+
+    /// More groups with NVIDIA members than GPUDirect clique ids (4 bits).
+    #[error(
+        "p2p_group {group}: clique = {clique}: beyond 15, this is group number {clique} (from 0) with NVIDIA members; give its NVIDIA devices clique=N"
+    )]
+    TooManyCliques {
+        /// The first group without an id.
+        group: String,
+        /// The id it would get.
+        clique: usize,
     },
 
     /// Host limits could not be determined.
@@ -123,6 +259,11 @@ pub enum ConfigError {
         /// What went wrong.
         reason: String,
     },
+}
+
+/// `group g0` or `no group`, for errors about a device's P2P domain.
+fn in_group(group: Option<&str>) -> String {
+    group.map_or_else(|| "no group".to_string(), |g| format!("group {g}"))
 }
 
 /// First line of a clap error without its `error: ` prefix; the rest is

@@ -82,7 +82,8 @@ impl PartialConfig {
         }
     }
 
-    /// Fills in defaults (device ids included); only the kernel has none.
+    /// Fills in defaults (device ids, and placements from the devices' P2P
+    /// groups, included); only the kernel has none.
     pub fn finish(self) -> Result<VmConfig, ConfigError> {
         Ok(VmConfig {
             kernel: self.kernel.ok_or(ConfigError::MissingKernel)?,

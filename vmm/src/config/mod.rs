@@ -26,10 +26,23 @@
 //! id = "nvme0"
 //! path = "00:04.0"
 //! switch = "sw0"                # behind PCIe switch sw0, instead of placement
+//!
+//! [[device]]
+//! id = "gpu1"
+//! path = "00:05.0"
+//! clique = 3                    # GPUDirect P2P clique id 0-15; default: the group's
+//!
+//! [[p2p_group]]                 # who may DMA into whose BARs; repeat per group
+//! name = "g0"                   # also the name of the group's switch
+//! devices = ["gpu1"]            # device ids, each in at most one group; may be []
+//! mode = "auto"                 # or "dmabuf" (needs iommufd), "legacy" (type1), "off"
+//! topology = "switch"           # or "root-ports", "flat"; a member's placement wins
 //! ```
 //!
 //! `--device path=...,id=...` flags add devices after the file's; one with
-//! the id of a file device replaces it.
+//! the id of a file device replaces it. `--p2p-group` flags add groups after
+//! the file's. A device in no group is an IOMMU address space of its own and
+//! reaches no BAR ([`VmConfig::domains`]).
 
 mod cli;
 mod device;
@@ -49,56 +62,69 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 
 use clap::Parser;
-use serde::{Deserialize, Serialize};
+use serde::{de, Deserialize, Deserializer, Serialize};
 
 pub use cli::Cli;
 pub use device::IommuBackendKind;
 pub use device::{DeviceConfig, Placement};
+pub use device_check::host_vendor;
 pub use error::ConfigError;
 pub use p2p_group::{DomainPlan, P2pGroupConfig, P2pMode};
+#[allow(
+    unused_imports,
+    reason = "public API: the type of P2pGroupConfig::topology"
+)]
+pub use p2p_group::{GroupTopology, NVIDIA_VENDOR};
 pub use serial::SerialConfig;
 pub use size::ByteSize;
 pub use validate::HostLimits;
 
 /// Everything needed to build and boot one VM.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+///
+/// Serialized as the `--config` file's schema; deserialized through that same
+/// schema and its defaults (see the `Deserialize` impl), so a VmConfig read
+/// directly means what the file would.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct VmConfig {
     /// Guest kernel image to boot (bzImage or ELF vmlinux).
     pub kernel: PathBuf,
     /// Optional initial ramdisk, loaded into guest memory and passed to the
     /// kernel through the boot parameters.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub initramfs: Option<PathBuf>,
     /// Kernel command line, e.g. "console=ttyS0 reboot=k panic=1"; at most
     /// 2047 bytes, no NUL. Empty by default.
-    #[serde(default)]
     pub cmdline: String,
     /// Number of vCPUs, from 1 to the host's KVM limit. Default 1.
-    #[serde(default = "default_cpus")]
     pub cpus: u8,
     /// Guest RAM size ("512M", "4G" or bytes): at least 64M, a multiple of
     /// 4K, and no more than host RAM. Default 512M.
-    #[serde(default = "default_memory")]
     pub memory: ByteSize,
     /// Where the guest's serial console goes: "stdout", "off" or
     /// "file=PATH". Default stdout.
-    #[serde(default)]
     pub serial: SerialConfig,
-    /// Host PCI functions passed through with VFIO, as `[[device]]` tables;
-    /// all share one IOMMU address space so they can DMA to each other.
-    /// None by default.
-    #[serde(
-        rename = "device",
-        default,
-        skip_serializing_if = "Vec::is_empty",
-        deserialize_with = "device::deserialize_list"
-    )]
+    /// Host PCI functions passed through with VFIO, as `[[device]]` tables
+    /// (file devices first, then `--device` flags). Placements are the
+    /// effective ones (a device's own, else its group's topology). None by
+    /// default.
+    #[serde(rename = "device", skip_serializing_if = "Vec::is_empty")]
     pub devices: Vec<DeviceConfig>,
-    /// P2P groups, as `[[p2p_group]]` tables: members reach each other's BARs, nothing else
-    /// reaches any BAR. None by default.
-    #[serde(rename = "p2p_group", default, skip_serializing_if = "Vec::is_empty")]
+    /// P2P groups, as `[[p2p_group]]` tables (file groups first, then
+    /// `--p2p-group` flags): members reach each other's BARs, and a device in
+    /// no group reaches no BAR. None by default.
+    #[serde(rename = "p2p_group", skip_serializing_if = "Vec::is_empty")]
     pub p2p_groups: Vec<P2pGroupConfig>,
+}
+
+impl<'de> Deserialize<'de> for VmConfig {
+    /// Reads the `--config` file's schema (unknown keys rejected) and fills
+    /// in its defaults, group topologies included, exactly as [`load`] does
+    /// for the file; paths are taken as written.
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        layer::PartialConfig::deserialize(deserializer)?
+            .finish()
+            .map_err(de::Error::custom)
+    }
 }
 
 /// Default vCPU count: one is enough to boot and the least surprising.

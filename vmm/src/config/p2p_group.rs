@@ -4,29 +4,41 @@
 //! A group is the unit of peer-to-peer DMA: its members reach each other's BARs and nothing
 //! else reaches them. Each group is one IOMMU address space (a "domain"), and so is each device
 //! in no group ([`VmConfig::domains`]), so isolation is the host IOMMU's, not a promise of ours.
+//! That is also why the backend rule is per domain: one address space lives in one backend,
+//! but two address spaces need not share one.
+//!
+//! The rules here need no host; the ones that look at `/dev` and sysfs (a mode's interface
+//! exists, no host IOMMU group split across domains, clique ids left) are in
+//! [`super::device_check`], next to the other sysfs checks.
 
 use std::fmt;
-use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use super::device::MAX_CLIQUE;
+use super::device_check::check_name;
 use super::{ConfigError, DeviceConfig, IommuBackendKind, Placement, VmConfig};
 
-/// The keys of a `--p2p-group` flag and a `[[p2p_group]]` table.
+/// The keys of a `--p2p-group` flag and a `[[p2p_group]]` table, for "unknown key" errors.
 const KEYS: &str = "name, devices, mode, topology";
+
+/// NVIDIA's PCI vendor id: its devices in a group get the group's clique id without asking,
+/// since NVIDIA's driver only does P2P between GPUs that report one clique.
+pub const NVIDIA_VENDOR: u16 = 0x10de;
 
 /// How a group's members reach each other's BARs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum P2pMode {
-    /// dmabuf export + `IOMMU_IOAS_MAP_FILE` on iommufd, mapping by address on type1.
+    /// dmabuf export + `IOMMU_IOAS_MAP_FILE` on iommufd, mapping by address on type1: whatever
+    /// the domain's backend does.
     #[default]
     Auto,
-    /// Demand dmabufs: the group needs iommufd.
+    /// Demand dmabufs: the group needs iommufd (fails at start rather than degrade silently).
     Dmabuf,
     /// Demand mapping by address: the group gets a type1 container of its own.
     Legacy,
-    /// The group's topology without P2P.
+    /// The group's topology (and its own address space) without P2P.
     Off,
 }
 
@@ -35,7 +47,7 @@ pub enum P2pMode {
 #[serde(rename_all = "kebab-case")]
 pub enum GroupTopology {
     /// Behind one emulated PCIe switch named after the group: what drivers (NVIDIA, NCCL) read
-    /// as "P2P-capable".
+    /// as "P2P-capable", so the default.
     #[default]
     Switch,
     /// Each member on a root port of its own.
@@ -48,27 +60,34 @@ pub enum GroupTopology {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct P2pGroupConfig {
-    /// Unique among groups; also the name of the group's switch.
+    /// Unique among groups, same alphabet as device ids: it is also the name of the group's
+    /// switch and its label in the P2P table.
     pub name: String,
-    /// Device ids; may be empty.
+    /// Member device ids; may be empty (a group to fill later).
     #[serde(default)]
     pub devices: Vec<String>,
+    /// How members reach each other's BARs. Default auto.
     #[serde(default)]
     pub mode: P2pMode,
+    /// Where members without a placement of their own go. Default switch.
     #[serde(default)]
     pub topology: GroupTopology,
 }
 
-/// One IOMMU address space of the VM: a group, or a device in no group.
+/// One IOMMU address space of the VM: a group, or a device in no group. The device manager
+/// opens one backend domain per plan.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DomainPlan {
     /// The group's name, or the ungrouped device's id.
     pub name: String,
+    /// Member device ids, in the group's order.
     pub devices: Vec<String>,
-    /// [`P2pMode::Off`] for an ungrouped device.
+    /// The group's mode; [`P2pMode::Off`] for an ungrouped device (it reaches no BAR).
     pub mode: P2pMode,
+    /// Whether this is a P2P group (false: a lone ungrouped device).
     pub grouped: bool,
-    /// The backend the domain needs: from the mode, else from its members' explicit choice.
+    /// The backend the domain needs: dmabuf → iommufd, legacy → legacy, else the first
+    /// explicit `backend` of its members; `None`: the host's default.
     pub backend: Option<IommuBackendKind>,
 }
 
@@ -80,6 +99,27 @@ impl fmt::Display for P2pMode {
             P2pMode::Legacy => "legacy",
             P2pMode::Off => "off",
         })
+    }
+}
+
+impl fmt::Display for GroupTopology {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            GroupTopology::Switch => "switch",
+            GroupTopology::RootPorts => "root-ports",
+            GroupTopology::Flat => "flat",
+        })
+    }
+}
+
+impl P2pMode {
+    /// The backend this mode demands, if it demands one.
+    pub fn backend(self) -> Option<IommuBackendKind> {
+        match self {
+            P2pMode::Dmabuf => Some(IommuBackendKind::Iommufd),
+            P2pMode::Legacy => Some(IommuBackendKind::Legacy),
+            P2pMode::Auto | P2pMode::Off => None,
+        }
     }
 }
 
@@ -107,6 +147,7 @@ fn parse_topology(v: &str) -> Result<GroupTopology, String> {
 }
 
 /// Parses one `--p2p-group` value; the error is the reason only (the caller adds the flag).
+/// `devices=` may be empty (an empty group, like `devices = []`), but not have empty ids.
 pub(super) fn parse_flag(spec: &str) -> Result<P2pGroupConfig, String> {
     let (mut name, mut devices, mut mode, mut topology) = (None, None, None, None);
     for item in spec.split(',') {
@@ -120,21 +161,28 @@ pub(super) fn parse_flag(spec: &str) -> Result<P2pGroupConfig, String> {
             "topology" => &mut topology,
             _ => return Err(format!("unknown key {key:?} (use {KEYS})")),
         };
+        if value.is_empty() && key != "devices" {
+            return Err(format!("empty value for key {key}"));
+        }
         if slot.replace(value.to_string()).is_some() {
             return Err(format!("key {key} given twice"));
         }
     }
     let name = name.ok_or("missing key name (e.g. name=g0)")?;
+    let devices = match devices.as_deref() {
+        None | Some("") => Vec::new(),
+        Some(list) => list
+            .split(':')
+            .map(|id| {
+                (!id.is_empty()).then(|| id.to_string()).ok_or_else(|| {
+                    format!("devices {list:?} has an empty id (separate ids with one ':')")
+                })
+            })
+            .collect::<Result<_, _>>()?,
+    };
     Ok(P2pGroupConfig {
         name,
-        devices: devices
-            .map(|d| {
-                d.split(':')
-                    .filter(|s| !s.is_empty())
-                    .map(str::to_string)
-                    .collect()
-            })
-            .unwrap_or_default(),
+        devices,
         mode: mode
             .as_deref()
             .map(parse_mode)
@@ -157,240 +205,179 @@ pub(super) fn group_placement(group: &P2pGroupConfig) -> Placement {
     }
 }
 
-fn group_error(group: &str, field: &'static str, value: &str, reason: String) -> ConfigError {
-    ConfigError::InvalidGroup {
-        group: group.to_string(),
-        field,
-        value: value.to_string(),
-        reason,
-    }
-}
-
-/// The rules that need no host: names, members, one group per device, per-domain backends.
+/// The rules that need no host: names, members, one group per device, no switch shared with
+/// outsiders, one backend per group that its mode can live with.
 pub(super) fn check_group_rules(vm: &VmConfig) -> Result<(), ConfigError> {
     for (index, group) in vm.p2p_groups.iter().enumerate() {
         let name = &group.name;
-        super::device_check::check_name(name)
-            .map_err(|reason| group_error(name, "name", name, reason))?;
-        if vm.p2p_groups[..index].iter().any(|g| &g.name == name) {
-            return Err(group_error(
-                name,
-                "name",
-                name,
-                "another group has it".into(),
-            ));
-        }
-        for (i, id) in group.devices.iter().enumerate() {
-            if !vm.devices.iter().any(|d| &d.id == id) {
-                return Err(group_error(
-                    name,
-                    "devices",
-                    id,
-                    "no such device (give it with --device ...,id=ID)".into(),
-                ));
-            }
-            if group.devices[..i].contains(id) {
-                return Err(group_error(name, "devices", id, "listed twice".into()));
-            }
-            if let Some(other) = vm.p2p_groups[..index]
-                .iter()
-                .find(|g| g.devices.contains(id))
-            {
-                return Err(group_error(
-                    name,
-                    "devices",
-                    id,
-                    format!(
-                        "already in group {}: a device is in at most one group",
-                        other.name
-                    ),
-                ));
-            }
-        }
-        // A device outside the group behind a switch of the group's name would share its switch.
-        if let Some(outsider) = vm.devices.iter().find(|d| {
-            d.placement == Placement::Switch(name.clone()) && !group.devices.contains(&d.id)
-        }) {
-            return Err(group_error(
-                name,
-                "name",
-                name,
-                format!(
-                    "device {} (not a member) is behind a switch of that name",
-                    outsider.id
-                ),
-            ));
-        }
-        let members: Vec<&DeviceConfig> = vm
-            .devices
-            .iter()
-            .filter(|d| group.devices.contains(&d.id))
-            .collect();
-        let wanted = match group.mode {
-            P2pMode::Dmabuf => Some(IommuBackendKind::Iommufd),
-            P2pMode::Legacy => Some(IommuBackendKind::Legacy),
-            P2pMode::Auto | P2pMode::Off => None,
-        };
-        for member in &members {
-            let Some(backend) = member.backend else {
-                continue;
-            };
-            if let Some(wanted) = wanted.filter(|w| *w != backend) {
-                return Err(group_error(
-                    name,
-                    "mode",
-                    &group.mode.to_string(),
-                    format!(
-                        "needs the {wanted} backend, but device {} asks for backend={backend}",
-                        member.id
-                    ),
-                ));
-            }
-            if let Some(other) = members
-                .iter()
-                .find(|m| m.backend.is_some_and(|b| b != backend))
-            {
-                return Err(group_error(
-                    name,
-                    "devices",
-                    &other.id,
-                    format!(
-                        "asks for a different backend than {}: a group is one IOMMU address \
-                         space, in one backend",
-                        member.id
-                    ),
-                ));
-            }
-        }
-    }
-    Ok(())
-}
-
-/// The checks that look at the host: the mechanism a mode demands exists, and no host IOMMU
-/// group is split across domains (the host IOMMU cannot isolate its functions from each other).
-pub(super) fn check_group_host(vm: &VmConfig, dev_root: &Path) -> Result<(), ConfigError> {
-    for group in &vm.p2p_groups {
-        let (needs, what) = match group.mode {
-            P2pMode::Dmabuf => ("iommu", "iommufd (/dev/iommu, CONFIG_IOMMUFD)"),
-            P2pMode::Legacy => ("vfio/vfio", "the VFIO type1 container (/dev/vfio/vfio)"),
-            P2pMode::Auto | P2pMode::Off => continue,
-        };
-        if !dev_root.join(needs).exists() {
-            return Err(group_error(
-                &group.name,
-                "mode",
-                &group.mode.to_string(),
-                format!("needs {what}, which this host does not have"),
-            ));
-        }
-    }
-    let domains = vm.domains();
-    let domain_of = |id: &str| {
-        domains
-            .iter()
-            .position(|d| d.devices.iter().any(|m| m == id))
-    };
-    let mut seen: Vec<(String, &DeviceConfig)> = Vec::new();
-    for device in &vm.devices {
-        let Ok(link) = std::fs::read_link(device.path.join("iommu_group")) else {
-            continue;
-        };
-        let host_group = link
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        if let Some((_, other)) = seen
-            .iter()
-            .find(|(g, other)| *g == host_group && domain_of(&other.id) != domain_of(&device.id))
-        {
-            let domain = |id: &str| {
-                domain_of(id)
-                    .and_then(|i| domains.get(i))
-                    .filter(|d| d.grouped)
-                    .map_or("no group".to_string(), |d| format!("group {}", d.name))
-            };
-            let reason = format!(
-                "shares host IOMMU group {host_group} with {} ({}): the host IOMMU cannot \
-                 isolate them, put both in the same P2P group",
-                other.id,
-                domain(&other.id)
-            );
-            let grouped = domain_of(&device.id).is_some_and(|i| domains[i].grouped);
-            return Err(if grouped {
-                group_error(&domain(&device.id)[6..], "devices", &device.id, reason)
-            } else {
-                ConfigError::InvalidDevice {
-                    device: format!("device {}", device.id),
-                    field: "path",
-                    value: format!("{:?}", device.path),
-                    reason: format!("in no P2P group, {reason}"),
-                }
+        check_name(name).map_err(|reason| ConfigError::InvalidGroup {
+            group: name.clone(),
+            field: "name",
+            value: name.clone(),
+            reason,
+        })?;
+        let earlier = &vm.p2p_groups[..index];
+        if earlier.iter().any(|g| &g.name == name) {
+            return Err(ConfigError::DuplicateGroup {
+                group: name.clone(),
             });
         }
-        seen.push((host_group, device));
-    }
-    Ok(())
-}
-
-/// NVIDIA's PCI vendor id: its members get the group's clique id without asking.
-const NVIDIA: u16 = 0x10de;
-
-impl VmConfig {
-    /// One domain per group (in order), then one per device in no group.
-    pub fn domains(&self) -> Vec<DomainPlan> {
-        let mut domains: Vec<DomainPlan> = self
-            .p2p_groups
-            .iter()
-            .map(|g| DomainPlan {
-                name: g.name.clone(),
-                devices: g.devices.clone(),
-                mode: g.mode,
-                grouped: true,
-                backend: match g.mode {
-                    P2pMode::Dmabuf => Some(IommuBackendKind::Iommufd),
-                    P2pMode::Legacy => Some(IommuBackendKind::Legacy),
-                    P2pMode::Auto | P2pMode::Off => self
-                        .devices
-                        .iter()
-                        .filter(|d| g.devices.contains(&d.id))
-                        .find_map(|d| d.backend),
-                },
-            })
-            .collect();
-        for device in &self.devices {
-            if !self
-                .p2p_groups
-                .iter()
-                .any(|g| g.devices.contains(&device.id))
-            {
-                domains.push(DomainPlan {
-                    name: device.id.clone(),
-                    devices: vec![device.id.clone()],
-                    mode: P2pMode::Off,
-                    grouped: false,
-                    backend: device.backend,
+        for (i, id) in group.devices.iter().enumerate() {
+            let (group_name, device) = (name.clone(), id.clone());
+            if !vm.devices.iter().any(|d| &d.id == id) {
+                return Err(ConfigError::GroupUnknownDevice {
+                    group: group_name,
+                    device,
+                });
+            }
+            if group.devices[..i].contains(id) {
+                return Err(ConfigError::GroupRepeatedDevice {
+                    group: group_name,
+                    device,
+                });
+            }
+            if let Some(first) = earlier.iter().find(|g| g.devices.contains(id)) {
+                return Err(ConfigError::DeviceInTwoGroups {
+                    group: group_name,
+                    device,
+                    first: first.name.clone(),
                 });
             }
         }
-        domains
+        // Switches are made by name, so an outsider behind a switch of the group's name
+        // would silently join the group's topology.
+        let switch = Placement::Switch(name.clone());
+        if let Some(outsider) = vm
+            .devices
+            .iter()
+            .find(|d| d.placement == switch && !group.devices.contains(&d.id))
+        {
+            return Err(ConfigError::GroupSwitchClash {
+                group: name.clone(),
+                device: outsider.id.clone(),
+            });
+        }
+        check_group_backends(vm, group)?;
+    }
+    Ok(())
+}
+
+/// A group is one IOMMU address space, in one backend: its members must not disagree, and
+/// none may refuse the backend its mode demands.
+fn check_group_backends(vm: &VmConfig, group: &P2pGroupConfig) -> Result<(), ConfigError> {
+    let mut first: Option<(&str, IommuBackendKind)> = None;
+    for member in vm.members(group) {
+        let Some(backend) = member.backend else {
+            continue;
+        };
+        if let Some(needs) = group.mode.backend().filter(|needs| *needs != backend) {
+            return Err(ConfigError::GroupModeBackend {
+                group: group.name.clone(),
+                mode: group.mode,
+                needs,
+                device: member.id.clone(),
+                backend,
+            });
+        }
+        match first {
+            Some((other, other_backend)) if other_backend != backend => {
+                return Err(ConfigError::GroupBackendConflict {
+                    group: group.name.clone(),
+                    device: member.id.clone(),
+                    backend,
+                    other: other.to_string(),
+                    other_backend,
+                });
+            }
+            Some(_) => {}
+            None => first = Some((&member.id, backend)),
+        }
+    }
+    Ok(())
+}
+
+impl VmConfig {
+    /// The configured devices of `group`, in the group's order (unknown ids skipped: that is
+    /// a validation error, reported by [`VmConfig::validate`]).
+    pub(super) fn members<'a>(
+        &'a self,
+        group: &'a P2pGroupConfig,
+    ) -> impl Iterator<Item = &'a DeviceConfig> + 'a {
+        group
+            .devices
+            .iter()
+            .filter_map(|id| self.devices.iter().find(|d| &d.id == id))
     }
 
-    /// The GPUDirect clique id of device `id`: its own `clique`, else the index of its group
-    /// when the host function is NVIDIA's (`vendor`, from sysfs). A clique set on another
-    /// vendor's device is allowed (the lab tests it) with a warning.
-    pub fn clique_of(&self, id: &str, vendor: Option<u16>) -> Result<Option<u8>, ConfigError> {
-        let device = self.devices.iter().find(|d| d.id == id);
-        if let Some(clique) = device.and_then(|d| d.clique) {
-            if vendor != Some(NVIDIA) {
+    /// The P2P group device `id` is in, if any.
+    pub fn group_of(&self, id: &str) -> Option<&P2pGroupConfig> {
+        self.p2p_groups
+            .iter()
+            .find(|g| g.devices.iter().any(|d| d == id))
+    }
+
+    /// The VM's IOMMU address spaces: one per group (in config order), then one per device in
+    /// no group (in device order). Each is opened as its own backend domain, which is what
+    /// keeps a domain's BARs out of reach of every other domain's devices.
+    pub fn domains(&self) -> Vec<DomainPlan> {
+        let groups = self.p2p_groups.iter().map(|g| DomainPlan {
+            name: g.name.clone(),
+            devices: g.devices.clone(),
+            mode: g.mode,
+            grouped: true,
+            backend: g
+                .mode
+                .backend()
+                .or_else(|| self.members(g).find_map(|d| d.backend)),
+        });
+        let ungrouped = self
+            .devices
+            .iter()
+            .filter(|d| self.group_of(&d.id).is_none())
+            .map(|d| DomainPlan {
+                name: d.id.clone(),
+                devices: vec![d.id.clone()],
+                mode: P2pMode::Off,
+                grouped: false,
+                backend: d.backend,
+            });
+        groups.chain(ungrouped).collect()
+    }
+
+    /// The VM's default IOMMU backend: the first one a device asks for explicitly. Backends
+    /// are chosen per domain now ([`DomainPlan::backend`]); this stays for callers that want
+    /// one answer for the whole VM, e.g. a default for domains that ask for nothing.
+    #[allow(dead_code, reason = "API kept for device-manager callers")]
+    pub fn iommu_backend(&self) -> Option<IommuBackendKind> {
+        self.devices.iter().find_map(|d| d.backend)
+    }
+
+    /// The GPUDirect P2P clique id device `id` shows the guest, `None` for no capability.
+    ///
+    /// Its own `clique` wins; a clique on a device that is not NVIDIA's is allowed (so the
+    /// lab can test the capability) with a warning. Otherwise an NVIDIA device (`vendor` says
+    /// which: [`super::host_vendor`] reads sysfs) in a group gets the group's id, see
+    /// [`VmConfig::group_cliques`]. Errors if more groups need ids than there are.
+    pub fn clique_of(
+        &self,
+        id: &str,
+        vendor: impl Fn(&DeviceConfig) -> Option<u16>,
+    ) -> Result<Option<u8>, ConfigError> {
+        let Some(device) = self.devices.iter().find(|d| d.id == id) else {
+            return Ok(None);
+        };
+        let own_vendor = vendor(device);
+        if let Some(clique) = device.clique {
+            if own_vendor != Some(NVIDIA_VENDOR) {
+                let vendor = own_vendor.map_or("unknown".to_string(), |v| format!("{v:#06x}"));
                 log::warn!(
-                    "device {id}: clique={clique} on a non-NVIDIA device (vendor {:04x}); \
-                     only NVIDIA's driver reads it",
-                    vendor.unwrap_or(0)
+                    "device {id}: clique={clique} on a non-NVIDIA device (vendor {vendor}): \
+                     allowed so the lab can test it; only NVIDIA's driver reads it"
                 );
             }
             return Ok(Some(clique));
         }
-        if vendor != Some(NVIDIA) {
+        if own_vendor != Some(NVIDIA_VENDOR) {
             return Ok(None);
         }
         let Some(index) = self
@@ -400,22 +387,41 @@ impl VmConfig {
         else {
             return Ok(None);
         };
-        let group = &self.p2p_groups[index].name;
-        u8::try_from(index)
-            .ok()
-            .filter(|i| *i <= 15)
-            .map(Some)
-            .ok_or_else(|| {
-                group_error(
-                    group,
-                    "devices",
-                    id,
-                    format!("the clique id would be {index}, beyond 15: give the device clique=N"),
-                )
-            })
+        Ok(self.group_cliques(&vendor)?[index])
     }
 
-    /// The warning for a VM whose devices cannot reach each other's BARs for want of a group.
+    /// The clique id of each group, by group index: groups with an NVIDIA member and P2P on
+    /// (mode not off: a clique would tell the driver P2P works) are numbered from 0 in config
+    /// order, others get none. Only 16 ids exist (4 bits), so a 17th such group is an error.
+    pub(super) fn group_cliques(
+        &self,
+        vendor: &dyn Fn(&DeviceConfig) -> Option<u16>,
+    ) -> Result<Vec<Option<u8>>, ConfigError> {
+        let mut next = 0usize;
+        self.p2p_groups
+            .iter()
+            .map(|g| {
+                let nvidia = g.mode != P2pMode::Off
+                    && self.members(g).any(|d| vendor(d) == Some(NVIDIA_VENDOR));
+                if !nvidia {
+                    return Ok(None);
+                }
+                let clique = next;
+                next += 1;
+                u8::try_from(clique)
+                    .ok()
+                    .filter(|c| *c <= MAX_CLIQUE)
+                    .map(Some)
+                    .ok_or_else(|| ConfigError::TooManyCliques {
+                        group: g.name.clone(),
+                        clique,
+                    })
+            })
+            .collect()
+    }
+
+    /// The warning for a VM whose devices cannot reach each other's BARs for want of a group
+    /// (the secure default, but likely a surprise to whoever passed two GPUs through).
     pub fn ungrouped_warning(&self) -> Option<String> {
         (self.devices.len() >= 2 && self.p2p_groups.is_empty()).then(|| {
             format!(

@@ -7,7 +7,7 @@
 use std::fs::{self, File};
 use std::path::Path;
 
-use super::device_check::{check_device_dirs, check_device_rules};
+use super::device_check::{check_device_dirs, check_device_rules, check_p2p_host, DEV};
 use super::p2p_group;
 use super::{ByteSize, ConfigError, VmConfig};
 
@@ -73,9 +73,12 @@ fn parse_mem_total(meminfo: &str) -> Option<u64> {
 
 impl VmConfig {
     /// Checks that the kernel (and initramfs) can be read, that vCPU
-    /// count, memory size and command line are usable on `host`, and that
-    /// the passthrough devices are distinct PCI functions that agree on one
-    /// IOMMU backend. Returns the first problem found.
+    /// count, memory size and command line are usable on `host`, that the
+    /// passthrough devices are distinct PCI functions, and that the P2P
+    /// groups are consistent (members exist, each in one group, one backend
+    /// per group that its mode can use) and fit the host (the mode's kernel
+    /// interface exists, host IOMMU groups are not split across domains,
+    /// clique ids suffice). Returns the first problem found.
     pub fn validate(&self, host: &HostLimits) -> Result<(), ConfigError> {
         check_readable_file("kernel", &self.kernel)?;
         if let Some(initramfs) = &self.initramfs {
@@ -88,7 +91,7 @@ impl VmConfig {
         check_device_rules(&self.devices)?;
         p2p_group::check_group_rules(self)?;
         check_device_dirs(&self.devices)?;
-        p2p_group::check_group_host(self, Path::new("/dev"))
+        check_p2p_host(self, Path::new(DEV))
     }
 }
 

@@ -412,11 +412,8 @@ pub fn build(
                 Err(e) => log::warn!("{}: peer-to-peer unavailable: {e}", device.id),
             }
         }
-        let vendor = std::fs::read_to_string(device.path.join("vendor"))
-            .ok()
-            .and_then(|v| u16::from_str_radix(v.trim().trim_start_matches("0x"), 16).ok());
         let clique = config
-            .clique_of(&device.id, vendor)
+            .clique_of(&device.id, crate::config::host_vendor)
             .map_err(DeviceManagerError::Config)?;
         let model = VfioPciDevice::new(
             &device.id,
