@@ -131,7 +131,7 @@ fi
 ((rc == 0)) || { log "FAIL: run-l1.sh exited with status $rc"; ok=0; }
 if ((ok)); then
     sed 's/\x1b\[[0-9;]*m//g' <<<"$text" |
-        grep -aoE 'DEMO-L[12]: .*|p2pvmm::device_manager.*(opened on|peer-to-peer|guest address|P2P table|no --p2p-group).*|^(GROUP|g0) .*|edu-dma: peer .*|EDU-DMA(-PEER)?: .*' |
+        grep -aoE 'DEMO-L[12]: .*|p2pvmm::device_manager.*(opened on|peer-to-peer|guest address|P2P table|no --p2p-group).*|^ *(GROUP|g0) .*|edu-dma: peer .*|EDU-DMA(-PEER)?: .*' |
         sed 's/^p2pvmm::device_manager[^ ]* /p2pvmm: /; s/^/demo: /' >&2
     log "PASS: in group g0, edu DMA'd into ivshmem's BAR at its L2 address and back (bytes checked in the BAR); without a group the same DMA did not land"
     exit 0
