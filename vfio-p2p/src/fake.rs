@@ -294,6 +294,21 @@ mod tests {
         DeviceKey::Cdev { dev: 0x2d, ino: n }
     }
 
+    /// A 1 MiB peer-BAR map of dmabuf `fd` at 0xe0000000.
+    fn bar_request(fd: BorrowedFd<'_>) -> DmaMapRequest<'_> {
+        DmaMapRequest {
+            iova: 0xe000_0000,
+            size: MIB,
+            kind: DmaKind::DeviceBar,
+            backing: Backing::File {
+                fd,
+                offset: 0,
+                host_va: None,
+            },
+            writable: true,
+        }
+    }
+
     #[test]
     #[should_panic(expected = "memory decoding is off")]
     fn the_fake_catches_a_map_of_a_revoked_dmabuf() {
@@ -301,20 +316,8 @@ mod tests {
         let (_reader, writer) = pipe().unwrap();
         fake.register_dmabuf(writer.as_fd(), dev(1));
         fake.attach(dev(1));
-        let req = DmaMapRequest {
-            iova: 0xe000_0000,
-            size: MIB,
-            kind: DmaKind::DeviceBar,
-            backing: Backing::File {
-                fd: writer.as_fd(),
-                offset: 0,
-                host_va: None,
-            },
-            writable: true,
-        };
-
         // SAFETY: the fake maps nothing.
-        let _ = unsafe { fake.map(&req) };
+        let _ = unsafe { fake.map(&bar_request(writer.as_fd())) };
     }
 
     #[test]
@@ -350,19 +353,7 @@ mod tests {
         fake.register_dmabuf(writer.as_fd(), dev(1));
         fake.set_decode(dev(1), true);
         fake.attach(dev(2));
-        let req = DmaMapRequest {
-            iova: 0xe000_0000,
-            size: MIB,
-            kind: DmaKind::DeviceBar,
-            backing: Backing::File {
-                fd: writer.as_fd(),
-                offset: 0,
-                host_va: None,
-            },
-            writable: true,
-        };
-
         // SAFETY: the fake maps nothing.
-        let _ = unsafe { fake.map(&req) };
+        let _ = unsafe { fake.map(&bar_request(writer.as_fd())) };
     }
 }
