@@ -23,6 +23,35 @@ pub struct L2Report {
     pub memtotal_kb: u64,
 }
 
+/// Lines of the console a failure message shows: CI keeps only so much of a failed test's
+/// output, so the scenario summary comes first and then the end of the console.
+const TAIL_LINES: usize = 160;
+
+/// A failure's view of the console: each scenario's exit status (`-` when it never ended), then
+/// the last [`TAIL_LINES`] lines (the whole text is in `target/lab-work/*/l1-console.log`).
+impl std::fmt::Display for Console {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for s in self.scenarios() {
+            let rc = s.rc.map_or("-".to_owned(), |rc| rc.to_string());
+            writeln!(
+                f,
+                "[scenario {} rc={rc}, {} lines]",
+                s.name,
+                s.output.lines().count()
+            )?;
+        }
+        let lines: Vec<&str> = self.text.lines().collect();
+        let skip = lines.len().saturating_sub(TAIL_LINES);
+        if skip > 0 {
+            writeln!(f, "[... {skip} earlier lines ...]")?;
+        }
+        for line in &lines[skip..] {
+            writeln!(f, "{line}")?;
+        }
+        Ok(())
+    }
+}
+
 impl Console {
     /// Whether L1 ran its script to the end (`P2PVMM-L1: done`).
     pub fn l1_finished(&self) -> bool {
@@ -71,13 +100,21 @@ pub fn run_retrying_lab_failure(
     booting: &[&str],
     run: impl Fn() -> Result<Console, String>,
 ) -> Result<Console, String> {
-    let first = match run() {
-        Err(e) if e.starts_with(crate::l1::L1_TIMED_OUT) => {
-            eprintln!("lab failure in the first run; retrying once: {e}");
-            return run();
+    // A frozen L1 (killed by its silence watchdog) says nothing about p2pvmm: up to two more
+    // runs for that.
+    let mut frozen = 0;
+    let first = loop {
+        match run() {
+            Err(e) if e.starts_with(crate::l1::L1_TIMED_OUT) && frozen < 2 => {
+                frozen += 1;
+                eprintln!("lab failure (L1 timed out), run {frozen}; retrying: {e}");
+            }
+            other => break other?,
         }
-        other => other?,
     };
+    if frozen > 0 {
+        return Ok(first);
+    }
     let silent = booting.iter().any(|name| {
         first
             .scenario(name)
@@ -109,10 +146,7 @@ pub fn expect_scenario<'a>(
     };
     match console.scenario(name) {
         Some(s) => (s, console),
-        None => panic!(
-            "scenario {name} never started; L1 console:\n{}",
-            console.text
-        ),
+        None => panic!("scenario {name} never started; L1 console:\n{}", console),
     }
 }
 
@@ -132,7 +166,7 @@ impl Scenario {
         self.result_after(marker, prefix).unwrap_or_else(|| {
             panic!(
                 "{}: {what} printed no result; console:\n{}",
-                self.name, console.text
+                self.name, console
             )
         })
     }
@@ -144,7 +178,7 @@ impl Scenario {
             Some(status),
             "{}: p2pvmm exit status; console:\n{}",
             self.name,
-            console.text
+            console
         );
     }
 

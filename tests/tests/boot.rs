@@ -104,25 +104,25 @@ fn scenario(name: &str) -> (Scenario, &'static Console) {
 fn assert_boots(name: &str, cpus: u32, memory: u64) {
     let (s, console) = scenario(name);
     let Some(report) = s.l2_report() else {
-        panic!("{name}: L2 never reported; console:\n{}", console.text);
+        panic!("{name}: L2 never reported; console:\n{}", console);
     };
     assert_eq!(
         report.cpus, cpus,
         "{name}: L2 CPU count; console:\n{}",
-        console.text
+        console
     );
     let total = report.memtotal_kb * 1024;
     // MemTotal is RAM minus what the kernel reserves for itself (image, page structs, ~1-3%).
     assert!(
         total <= memory && total >= memory - memory / 10 - 32 * MIB,
         "{name}: MemTotal {total} bytes does not match {memory} bytes of guest RAM; console:\n{}",
-        console.text
+        console
     );
     assert_eq!(
         s.rc,
         Some(0),
         "{name}: p2pvmm exit status after poweroff; console:\n{}",
-        console.text
+        console
     );
 }
 
@@ -154,14 +154,9 @@ fn l2_reboot_ends_p2pvmm_with_status_3() {
     assert!(
         s.l2_report().is_some(),
         "reboot: L2 never reported; console:\n{}",
-        console.text
+        console
     );
-    assert_eq!(
-        s.rc,
-        Some(3),
-        "reboot: exit status; console:\n{}",
-        console.text
-    );
+    assert_eq!(s.rc, Some(3), "reboot: exit status; console:\n{}", console);
 }
 
 #[test]
@@ -170,12 +165,12 @@ fn sigterm_stops_the_vm_in_order_with_status_143() {
     assert!(
         s.output.contains("L2-HOLDING") && s.output.contains("L1: sending SIGTERM"),
         "sigterm: L2 never got to hold; console:\n{}",
-        console.text
+        console
     );
     assert!(
         s.output.contains("p2pvmm: stopped by SIGTERM"),
         "sigterm: no orderly stop; console:\n{}",
-        console.text
+        console
     );
     s.assert_exit(console, 128 + 15);
 }
@@ -187,12 +182,12 @@ fn bad_kernel_path_fails_with_a_clear_error() {
         s.rc,
         Some(1),
         "bad-kernel: exit status; console:\n{}",
-        console.text
+        console
     );
     assert!(
         s.output
             .contains("p2pvmm: error: kernel \"/nonexistent/bzImage\": No such file or directory"),
         "bad-kernel: error message; console:\n{}",
-        console.text
+        console
     );
 }

@@ -93,7 +93,7 @@ fn assert_big_bar_reachable(name: &str) {
     let Some(bar) = bar else {
         panic!(
             "{name}: L2 did not report the big BAR; console:\n{}",
-            console.text
+            console
         );
     };
     let bounds: Vec<u64> = bar
@@ -117,7 +117,7 @@ fn assert_big_bar_reachable(name: &str) {
         assert!(
             result.starts_with("ok ") && result.contains("wrong=0"),
             "{name}: step {step}: {result}; console:\n{}",
-            console.text
+            console
         );
     }
     s.assert_exit(console, 0);

@@ -74,7 +74,7 @@ fn probe_ok(name: &str) -> (String, &'static Console) {
     assert!(
         result.starts_with("ok "),
         "{name}: {result}; console:\n{}",
-        console.text
+        console
     );
     s.assert_exit(console, 0);
     (result, console)
@@ -87,13 +87,13 @@ fn assert_vectors(name: &str) {
         field(&result, "vectors"),
         Some("5"),
         "{name}: {result}; console:\n{}",
-        console.text
+        console
     );
     assert_eq!(
         field(&result, "fired"),
         Some("2,2,2,2,2"),
         "{name}: {result}; console:\n{}",
-        console.text
+        console
     );
 }
 
@@ -107,14 +107,14 @@ fn assert_masking(name: &str) {
             field(&result, key),
             Some("ok"),
             "{name}: {key}: {result}; console:\n{}",
-            console.text
+            console
         );
     }
     let vfio_mask = field(&result, "vfio_mask").unwrap_or_default();
     assert!(
         vfio_mask == "ok" || vfio_mask.starts_with("unsupported("),
         "{name}: {result}; console:\n{}",
-        console.text
+        console
     );
 }
 

@@ -271,7 +271,7 @@ fn assert_steps(s: &Scenario, console: &Console, expect: &[(&str, bool)]) {
             "{}: step {step} should {}work; console:\n{}",
             s.name,
             if works { "" } else { "not " },
-            console.text
+            console
         );
     }
 }
@@ -322,7 +322,7 @@ fn assert_groups(name: &str, g1_depth: usize) {
     assert!(
         !peer_bytes_present(&s, console, "cross-g0-to-g1"),
         "{name}: edu's bytes reached the other group's BAR; console:\n{}",
-        console.text
+        console
     );
     let inside = s.expect_result(console, "", "P2P-MOVE-INSIDE ", "the L2 script");
     assert_eq!(inside, "yes", "{name}: the move left the port window");
@@ -355,7 +355,7 @@ fn assert_groups(name: &str, g1_depth: usize) {
             .lines()
             .any(|l| l.contains("g0") && l.contains("shm") && l.contains("mapped")),
         "{name}: no P2P table row for shm; console:\n{}",
-        console.text
+        console
     );
     s.assert_exit(console, 0);
 }
@@ -365,7 +365,7 @@ fn assert_nogroup(name: &str) {
     assert!(
         s.output.contains("--p2p-group"),
         "{name}: no warning naming --p2p-group; console:\n{}",
-        console.text
+        console
     );
     assert_steps(&s, console, &[("ram", true), ("isolated", false)]);
     assert!(
@@ -406,7 +406,7 @@ fn without_dmabuf_export_iommufd_loses_p2p_and_a_legacy_group_keeps_it() {
             .lines()
             .any(|l| l.contains("g0") && l.contains("shm") && l.contains("dmabuf export disabled")),
         "iommufd-nodmabuf: the P2P table does not say why shm is unreachable; console:\n{}",
-        console.text
+        console
     );
     s.assert_exit(console, 0);
 }
@@ -420,13 +420,13 @@ fn bad_group_configurations_fail_naming_the_problem() {
             matches!(s.rc, Some(1) | Some(2)),
             "{name}: exit status {:?}; console:\n{}",
             s.rc,
-            console.text
+            console
         );
         let line = s
             .output
             .lines()
             .find(|l| l.contains("error"))
-            .unwrap_or_else(|| panic!("{name}: no error line; console:\n{}", console.text));
+            .unwrap_or_else(|| panic!("{name}: no error line; console:\n{}", console));
         for word in words {
             assert!(line.contains(word), "{name}: {line:?} does not name {word}");
         }

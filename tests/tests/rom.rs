@@ -145,7 +145,7 @@ fn scenario(name: &str) -> (Scenario, &'static Lab) {
         Some(s) => (s, lab),
         None => panic!(
             "scenario {name} never started; L1 console:\n{}",
-            lab.console.text
+            lab.console
         ),
     }
 }
@@ -159,7 +159,7 @@ fn field<'a>(s: &'a Scenario, key: &str) -> Option<&'a str> {
 
 fn assert_rom_read(name: &str) {
     let (s, lab) = scenario(name);
-    let console = &lab.console.text;
+    let console = &lab.console;
     assert_eq!(
         field(&s, "ROM-SIZE "),
         Some(ROM_LEN.to_string().as_str()),

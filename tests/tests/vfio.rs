@@ -116,7 +116,7 @@ fn assert_edu_dma(name: &str, counter: &str) {
     assert!(
         result.starts_with("ok ") && result.contains("wrong=0"),
         "{name}: {result}; console:\n{}",
-        console.text
+        console
     );
     let key = format!("{counter}=");
     let irqs: u32 = result
@@ -127,7 +127,7 @@ fn assert_edu_dma(name: &str, counter: &str) {
     assert!(
         irqs >= 2,
         "{name}: {counter}={irqs} for 2 rounds; console:\n{}",
-        console.text
+        console
     );
     s.assert_exit(console, 0);
 }
@@ -135,13 +135,13 @@ fn assert_edu_dma(name: &str, counter: &str) {
 fn assert_placement(name: &str, ids: &str, bridges: usize) {
     let (s, console) = scenario(name);
     let Some(path) = l2_path(&s, ids) else {
-        panic!("{name}: L2 does not see {ids}; console:\n{}", console.text);
+        panic!("{name}: L2 does not see {ids}; console:\n{}", console);
     };
     assert_eq!(
         bridges_above(path),
         bridges,
         "{name}: {ids} at {path}; console:\n{}",
-        console.text
+        console
     );
 }
 
@@ -169,7 +169,7 @@ fn intx_arrives_on_the_swizzled_ioapic_pin_level_triggered() {
     assert!(
         s.output.contains("edu: INTx on GSI 18"),
         "p2pvmm wired edu's INTx elsewhere; console:\n{}",
-        console.text
+        console
     );
     let line = s
         .output
@@ -179,7 +179,7 @@ fn intx_arrives_on_the_swizzled_ioapic_pin_level_triggered() {
     assert!(
         line.contains("IO-APIC 18-fasteoi"),
         "L2's edu interrupt: {line:?}; console:\n{}",
-        console.text
+        console
     );
     assert_placement("intx", EDU, 3);
 }
@@ -203,12 +203,7 @@ fn placement_root_bus() {
 
 fn assert_clean_failure(name: &str, needles: &[&str]) {
     let (s, console) = scenario(name);
-    assert_eq!(
-        s.rc,
-        Some(1),
-        "{name}: exit status; console:\n{}",
-        console.text
-    );
+    assert_eq!(s.rc, Some(1), "{name}: exit status; console:\n{}", console);
     let error = s
         .output
         .lines()
@@ -218,7 +213,7 @@ fn assert_clean_failure(name: &str, needles: &[&str]) {
         assert!(
             error.contains(needle),
             "{name}: error line {error:?} lacks {needle:?}; console:\n{}",
-            console.text
+            console
         );
     }
 }
