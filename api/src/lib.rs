@@ -6,6 +6,27 @@
 //! forwards them as [`ApiRequest`]s over [`channel`] to the VMM thread, which owns the VM,
 //! answers through a [`Responder`] and is woken by [`ApiChannel::eventfd`]. [`Client`] and the
 //! `p2pvmm remote` CLI ([`cli`]) talk to it.
+//!
+//! Wiring it into a VMM:
+//!
+//! ```no_run
+//! use api::{ApiReply, ApiRequest, ApiServer, ApiFailure};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let (sender, channel) = api::channel()?;
+//! ApiServer::bind("/run/p2pvmm.sock".as_ref())?.spawn(sender)?;
+//! // Register channel.eventfd() in the event loop; when it is readable:
+//! for (request, responder) in channel.drain() {
+//!     responder.send(match request {
+//!         ApiRequest::VmBoot => Ok(ApiReply::Empty),
+//!         _ => Err(ApiFailure::not_found("no VM")),
+//!     });
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! Errors are answered as `{"error": "<message naming the field or cause>"}` with the status
+//! the VMM chose (400, 404, 409, 500) or the server's own (400, 403, 404, 405, 411, 413, 431,
+//! 503).
 
 pub mod cli;
 pub mod client;

@@ -496,3 +496,7 @@ impl P2pGroupConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+#[path = "types_tests.rs"]
+mod tests;

@@ -464,3 +464,25 @@ fn remote_cli_exits_0_on_success_and_1_on_failure() {
         format!("{:?}", std::process::ExitCode::FAILURE)
     );
 }
+
+#[test]
+fn connections_over_the_limit_are_503_and_others_still_served() {
+    let setup = start();
+    let idle: Vec<UnixStream> = (0..api::MAX_CONNECTIONS)
+        .map(|_| UnixStream::connect(&setup.socket).unwrap())
+        .collect();
+
+    let over = raw(&setup.socket, b"GET /api/v1/vmm.ping HTTP/1.1\r\n\r\n");
+    drop(idle);
+    // The idle connections' threads see EOF and free their slots shortly after.
+    let after = (0..50)
+        .map(|_| {
+            thread::sleep(Duration::from_millis(100));
+            setup.client().request("GET", "vmm.ping", None).unwrap().0
+        })
+        .find(|status| *status == 200)
+        .unwrap_or(503);
+
+    assert!(over.starts_with("HTTP/1.1 503 \r\n"), "{over}");
+    assert_eq!(after, 200);
+}
