@@ -25,7 +25,7 @@
 //! ```
 //!
 //! Errors are answered as `{"error": "<message naming the field or cause>"}` with the status
-//! the VMM chose (400, 404, 409, 500) or the server's own (400, 403, 404, 405, 411, 413, 431,
+//! the VMM chose (400, 404, 409, 500) or the server's own (400, 403, 404, 405, 408, 411, 413, 431,
 //! 503).
 
 pub mod cli;

@@ -233,6 +233,14 @@ fn serve_connection(mut stream: UnixStream, sender: &ApiSender, reply_timeout: D
             response
         }
         Err(ReadError::Closed) => return,
+        Err(ReadError::Io(e))
+            if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
+        {
+            Response::error(
+                408,
+                format!("the request did not arrive within {IO_TIMEOUT:?}"),
+            )
+        }
         Err(ReadError::Io(e)) => {
             log::debug!("API: reading a request failed: {e}");
             return;

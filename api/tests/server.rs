@@ -486,3 +486,23 @@ fn connections_over_the_limit_are_503_and_others_still_served() {
     assert!(over.starts_with("HTTP/1.1 503 \r\n"), "{over}");
     assert_eq!(after, 200);
 }
+
+#[test]
+fn a_slow_client_does_not_block_others_and_gets_408() {
+    let setup = start();
+    let mut slow = UnixStream::connect(&setup.socket).unwrap();
+    slow.write_all(b"GET /api/v1/vmm.ping HTTP/1.1\r\n")
+        .unwrap();
+
+    let started = std::time::Instant::now();
+    let (other, _) = setup.client().request("GET", "vmm.ping", None).unwrap();
+    let other_took = started.elapsed();
+    let mut answer = String::new();
+    slow.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let _ = slow.read_to_string(&mut answer);
+
+    assert_eq!(other, 200);
+    assert!(other_took < api::IO_TIMEOUT, "{other_took:?}");
+    assert!(answer.starts_with("HTTP/1.1 408 \r\n"), "{answer}");
+}
