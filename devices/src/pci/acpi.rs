@@ -3,9 +3,9 @@
 //! `\_SB.PCI0` is a PCI Express host bridge (PNP0A08, compatible PNP0A03) for segment 0
 //! starting at bus 0. Its `_CRS` lists what it forwards: the bus numbers ECAM covers, the
 //! 0xCF8 config ports (consumed), the I/O window, and the two MMIO windows; Linux only assigns
-//! and accepts BARs inside these. Its `_OSC` grants the OS everything it asks for (native PCIe
-//! hotplug, PME, AER, capability structure control), since there is no firmware that wants to
-//! keep any of it. Its `_PRT` routes every root-bus device's INTA..INTD to a GSI of the IOAPIC
+//! and accepts BARs inside these. Its `_OSC` grants the OS everything it asks for (PME, AER,
+//! capability structure control, ...) except native PCIe hotplug: slots are hotplugged through
+//! ACPI (`acpi_hotplug.rs`), and `pciehp` must not claim their ports. Its `_PRT` routes every root-bus device's INTA..INTD to a GSI of the IOAPIC
 //! ([`super::intx`] has the scheme); functions below bridges reach it through the standard
 //! swizzle, which the OS applies itself. A separate PNP0C02 device reserves the ECAM range: Linux
 //! refuses MMCONFIG from MCFG unless the range is reserved in ACPI or the E820 map.
@@ -16,12 +16,13 @@
 //! the ISA IRQs 0-15).
 
 use acpi_tables::aml::{
-    AddressSpace, AddressSpaceCacheable, Arg, CreateDWordField, Device, EISAName, Equal, If,
-    Memory32Fixed, Method, Name, Or, PackageBuilder, Path, ResourceTemplate, Return, Uuid, IO,
-    ZERO,
+    AddressSpace, AddressSpaceCacheable, And, Arg, CreateDWordField, Device, EISAName, Equal,
+    GreaterEqual, If, Memory32Fixed, Method, Name, Or, PackageBuilder, Path, ResourceTemplate,
+    Return, Uuid, IO, ZERO,
 };
 use acpi_tables::{Aml, AmlSink};
 
+use super::acpi_hotplug;
 use super::intx::root_bus_routes;
 use super::topology::{PciLayout, PciRoot};
 
@@ -29,11 +30,19 @@ use super::topology::{PciLayout, PciRoot};
 const PCI_HOST_BRIDGE_OSC_UUID: &str = "33DB4D5B-1FF7-401C-9657-7441C03DD766";
 /// `_OSC` status bit: the UUID is not recognised.
 const OSC_UNRECOGNIZED_UUID: u8 = 1 << 2;
+/// `_OSC` status bit: some requested control bits were cleared.
+const OSC_CAPABILITIES_MASKED: u8 = 1 << 4;
+/// `_OSC` control bit: native PCI Express hotplug, never granted (hotplug is ACPI's).
+const OSC_NATIVE_PCIE_HOTPLUG: u32 = 1 << 0;
 
 impl PciRoot {
-    /// The DSDT objects describing this root complex (append to the DSDT body).
+    /// The DSDT objects describing this root complex (append to the DSDT body): the host
+    /// bridge, the ECAM reservation, and the hotplug objects of `acpi_hotplug.rs` (the port
+    /// hierarchy with its slots, the hotplug controller, the GED and the power button).
     pub fn dsdt_aml(&self) -> Vec<u8> {
-        dsdt_aml(self.layout())
+        let mut aml = dsdt_aml(self.layout());
+        aml.extend(acpi_hotplug::dsdt_aml(self.acpi_ports()));
+        aml
     }
 }
 
@@ -120,7 +129,7 @@ fn prt() -> PackageBuilder {
 }
 
 /// Already-encoded AML, so a helper can build a subtree whose operands borrow its locals.
-struct RawAml(Vec<u8>);
+pub(super) struct RawAml(pub(super) Vec<u8>);
 
 impl Aml for RawAml {
     fn to_aml_bytes(&self, sink: &mut dyn AmlSink) {
@@ -128,19 +137,34 @@ impl Aml for RawAml {
     }
 }
 
-/// `_OSC(UUID, Revision, Count, Capabilities)`: for the PCI host bridge UUID, return the
-/// capabilities buffer unchanged, which grants every control bit the OS requested; for any
-/// other UUID, flag it as unrecognised.
+/// `_OSC(UUID, Revision, Count, Capabilities)`: for the PCI host bridge UUID, grant every
+/// control bit the OS requested except native PCIe hotplug (hotplug slots are ACPI's, so
+/// `pciehp` must never claim a port), flagging "capabilities masked" when that bit was asked
+/// for, as the PCI Firmware Specification wants; for any other UUID, flag it as unrecognised.
+/// Linux queries first and then requests what the query granted, so the masked flag only ever
+/// reaches the query.
 fn osc_method() -> RawAml {
-    let (arg0, arg3) = (Arg(0), Arg(3));
-    let cdw1 = Path::new("CDW1");
+    let (arg0, arg2, arg3) = (Arg(0), Arg(2), Arg(3));
+    let (cdw1, cdw3) = (Path::new("CDW1"), Path::new("CDW3"));
     let uuid = Uuid::new(PCI_HOST_BRIDGE_OSC_UUID);
     let is_pci = Equal::new(&arg0, &uuid);
     let ret = Return::new(&arg3);
     let create = CreateDWordField::new(&cdw1, &arg3, &ZERO);
-    let matched = If::new(&is_pci, vec![&ret]);
+    // The control dword exists when Count >= 3 (Linux always passes 3 or more).
+    let three = 3u8;
+    let has_control = GreaterEqual::new(&arg2, &three);
+    let eight = 8u8;
+    let create3 = CreateDWordField::new(&cdw3, &arg3, &eight);
+    let hotplug = OSC_NATIVE_PCIE_HOTPLUG;
+    let asks_hotplug = And::new(&ZERO, &cdw3, &hotplug);
+    let not_hotplug = !OSC_NATIVE_PCIE_HOTPLUG;
+    let clear = And::new(&cdw3, &cdw3, &not_hotplug);
+    let masked = Or::new(&cdw1, &cdw1, &OSC_CAPABILITIES_MASKED);
+    let mask = If::new(&asks_hotplug, vec![&clear, &masked]);
+    let control = If::new(&has_control, vec![&create3, &mask]);
+    let matched = If::new(&is_pci, vec![&control, &ret]);
     let flag = Or::new(&cdw1, &cdw1, &OSC_UNRECOGNIZED_UUID);
-    // Serialized: the method creates a named field, which must not race another caller.
+    // Serialized: the method creates named fields, which must not race another caller.
     let method = Method::new("_OSC".into(), 4, true, vec![&create, &matched, &flag, &ret]);
     let mut bytes = Vec::new();
     method.to_aml_bytes(&mut bytes);

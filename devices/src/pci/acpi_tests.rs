@@ -129,7 +129,10 @@ fn osc_is_a_serialized_four_argument_method_checking_the_pci_uuid() {
         .windows(4)
         .position(|w| w == b"_OSC")
         .expect("_OSC present");
-    assert_eq!(pci0[osc - 2], 0x14, "MethodOp");
+    // MethodOp, then a PkgLength of 1 or 2 bytes, then the name.
+    let op = (osc - 3..osc - 1)
+        .find(|&p| pci0[p] == 0x14 && p + 1 + pkg_length(&pci0[p + 1..]).1 == osc);
+    assert!(op.is_some(), "MethodOp");
     assert_eq!(pci0[osc + 4], 0x0c, "4 arguments, serialized");
     // The UUID 33DB4D5B-1FF7-401C-9657-7441C03DD766 in buffer byte order.
     let uuid = [
@@ -138,6 +141,18 @@ fn osc_is_a_serialized_four_argument_method_checking_the_pci_uuid() {
     ];
     assert!(contains(pci0, &uuid));
     assert!(contains(pci0, b"CDW1"));
+}
+
+#[test]
+fn osc_never_grants_native_pcie_hotplug() {
+    let aml = dsdt_aml(&layout());
+    let pci0 = devices(&aml)[0].1;
+    // CreateDWordField(Arg3, 8, CDW3), then And(CDW3, 0xFFFFFFFE, CDW3) and
+    // Or(CDW1, 0x10, CDW1) (capabilities masked) when bit 0 was requested.
+    assert!(contains(pci0, b"\x8a\x6b\x0a\x08CDW3"));
+    assert!(contains(pci0, b"\x7bCDW3\x0c\xfe\xff\xff\xffCDW3"));
+    assert!(contains(pci0, b"\x7bCDW3\x01\x00"), "tests bit 0");
+    assert!(contains(pci0, b"\x7dCDW1\x0a\x10CDW1"));
 }
 
 #[test]

@@ -17,16 +17,20 @@
 //! - [`port`], [`root_port`], [`switch`], [`host_bridge`]: the emulated functions.
 //! - [`topology`]: does the firmware's job (bus numbers, BARs, bridge windows) up front.
 //! - [`acpi`]: the root complex's DSDT fragment, with the INTx routing table.
+//! - [`hotplug`] / [`acpi_hotplug`]: ACPI PCI hotplug: the controller's registers and GED
+//!   interrupt, and the DSDT objects the guest's `acpiphp` drives them with.
 //! - [`intx`]: which IOAPIC input each function's INTx pin drives (root-bus table + swizzle).
 //! - [`msi`] / [`msix`]: interrupt capability state machines for passthrough devices.
 //! - [`fake`]: test doubles that check their own invariants.
 
 pub mod acpi;
+pub mod acpi_hotplug;
 pub mod bar;
 pub mod caps;
 pub mod config;
 pub mod fake;
 pub mod host_bridge;
+pub mod hotplug;
 pub mod intx;
 pub mod msi;
 pub mod msix;
@@ -48,6 +52,10 @@ pub use bar::{
 };
 pub use config::{BarDef, ConfigError, ConfigRegs, ConfigSpace, PciIds, Type0Config, Type1Config};
 pub use host_bridge::HostBridge;
+pub use hotplug::{
+    AcpiHotplug, EjectHandler, HotplugError, GED_PCI_HOTPLUG, GED_POWER_BUTTON, HOTPLUG_GED_GSI,
+    HOTPLUG_IO_BASE, HOTPLUG_IO_LEN,
+};
 pub use msi::{MsiCap, MsiConfig, MsiMessage, MsiSink};
 pub use msix::{Msix, MsixConfig};
 pub use pcie_cap::{LinkConfig, LinkSpeed, PcieCap, PcieDeviceType, SlotConfig};
@@ -55,7 +63,10 @@ pub use port::PciePort;
 pub use resources::WindowKind;
 pub use segment::{PciConfigIo, PciEcam, PciSegment, SegmentError};
 pub use switch::PcieSwitch;
-pub use topology::{HotplugReserve, PciLayout, PciRoot, Placement, TopologyBuilder, TopologyError};
+pub use topology::{
+    HotplugReserve, HotplugSlotInfo, PciLayout, PciRoot, Placement, TopologyBuilder, TopologyError,
+    MAX_HOTPLUG_SLOTS,
+};
 
 /// A function's address on the segment (the segment itself is always 0).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

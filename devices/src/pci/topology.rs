@@ -10,11 +10,17 @@
 //!   upstream port sits behind its own root port. Devices on one switch can do peer-to-peer
 //!   DMA without crossing the root complex.
 //!
+//! Hotplug slots ([`TopologyBuilder::add_hotplug_slots`], [`TopologyBuilder::add_empty_root_port`])
+//! are empty downstream or root ports the guest learns about through ACPI (`acpiphp`, see
+//! `acpi_hotplug.rs`); devices arrive in them at run time through [`PciRoot::plug`]
+//! (`topology_slots.rs`).
+//!
 //! Every port window gets headroom: at least twice what the port holds, rounded up to a power
 //! of two, so the guest can move a BAR inside it (resource reassignment, resizable BAR); ports
-//! above grow so everything nests, and root ports add the [`HotplugReserve`] on top. Where a
-//! host window cannot hold that, its window kind falls back to plain doubling, then to none
-//! (`resources::Headroom`), with a warning.
+//! above grow so everything nests, and root ports add the [`HotplugReserve`] on top, hotplug
+//! slots their own (larger) one. Where a host window cannot hold that, its window kind falls
+//! back to plain doubling, then to none (`resources::Headroom`), then to halving the slot
+//! reserves, with a warning each time.
 //!
 //! All programming goes through [`PciSegment::config_write`], the same path guest writes take,
 //! so the observer learns the initial BAR layout exactly as it will learn later moves.
@@ -22,6 +28,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 
+use super::acpi_hotplug::AcpiPort;
 use super::config::ConfigError;
 use super::host_bridge::HostBridge;
 use super::pcie_cap::{LinkConfig, SlotConfig};
@@ -31,7 +38,13 @@ use super::segment::{PciConfigIo, PciEcam, PciSegment, SegmentError};
 use super::switch::{PcieSwitch, SwitchError, MAX_DOWNSTREAM_PORTS};
 use super::{root_port, BarObserver, Bdf, SharedPciDevice};
 use crate::bus::BusRange;
-use firmware::{assign, attach, clear_assignment, number_buses, program, Ctx, Node, Placed};
+use firmware::{
+    assign, attach, clear_assignment, describe, number_buses, program, Ctx, Node, Placed, SlotPlan,
+};
+pub use slots::HotplugSlotInfo;
+
+/// Hotplug slots are numbered 1..=this (bit `n` of the hotplug controller's 32-bit registers).
+pub const MAX_HOTPLUG_SLOTS: usize = 31;
 
 const MIB: u64 = 1 << 20;
 
@@ -110,6 +123,24 @@ impl Default for HotplugReserve {
     }
 }
 
+impl HotplugReserve {
+    /// The default window of a hotplug slot: room for one large GPU-like device.
+    pub const SLOT: HotplugReserve = HotplugReserve {
+        buses: 0,
+        mem32: 4 * MIB,
+        pref64: 8 << 30,
+    };
+
+    /// The larger of each field.
+    pub fn max(self, other: Self) -> Self {
+        Self {
+            buses: self.buses.max(other.buses),
+            mem32: self.mem32.max(other.mem32),
+            pref64: self.pref64.max(other.pref64),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum TopologyError {
     #[error("port construction: {0}")]
@@ -136,12 +167,22 @@ pub enum TopologyError {
     },
     #[error(transparent)]
     Segment(#[from] SegmentError),
+    #[error("hotplug slot {0:?} is empty")]
+    SlotEmpty(String),
+    #[error("hotplug slot {0:?} is occupied")]
+    SlotOccupied(String),
     #[error(transparent)]
     Switch(#[from] SwitchError),
-    #[error("switch {switch:?} has {devices} devices, more than {MAX_DOWNSTREAM_PORTS} ports")]
+    #[error(
+        "switch {switch:?} has {devices} devices and slots, more than {MAX_DOWNSTREAM_PORTS} ports"
+    )]
     SwitchFull { switch: String, devices: usize },
     #[error("the topology needs {needed} buses but ECAM covers buses 0..={end_bus}")]
     TooManyBuses { needed: usize, end_bus: u8 },
+    #[error("{count} hotplug slots, more than {MAX_HOTPLUG_SLOTS}")]
+    TooManyHotplugSlots { count: usize },
+    #[error("unknown hotplug slot {0:?}")]
+    UnknownSlot(String),
     #[error("{id}: unknown switch {switch:?}")]
     UnknownSwitch { id: String, switch: String },
 }
@@ -158,10 +199,13 @@ enum Slot {
 pub struct TopologyBuilder {
     layout: PciLayout,
     reserve: HotplugReserve,
+    slot_reserve: HotplugReserve,
     link: LinkConfig,
     slots: Vec<Slot>,
     /// Devices per switch, in placement order.
     switch_devices: Vec<(String, SharedPciDevice, String)>,
+    /// Hotplug slots per switch, in declaration order.
+    switch_slots: Vec<(String, u8)>,
 }
 
 impl TopologyBuilder {
@@ -169,10 +213,50 @@ impl TopologyBuilder {
         Self {
             layout,
             reserve: HotplugReserve::default(),
+            slot_reserve: HotplugReserve::SLOT,
             link: LinkConfig::default(),
             slots: Vec::new(),
             switch_devices: Vec::new(),
+            switch_slots: Vec::new(),
         }
+    }
+
+    /// The windows (and extra buses) every hotplug slot keeps free; default
+    /// [`HotplugReserve::SLOT`]. An empty root port gets the larger of this and the root-port
+    /// reserve.
+    pub fn hotplug_slot_reserve(&mut self, reserve: HotplugReserve) -> &mut Self {
+        self.slot_reserve = reserve;
+        self
+    }
+
+    /// Adds `n` empty downstream ports to switch `switch_name` as hotplug slots named
+    /// `<switch>-slot<i>` (`i` counting from 0 across calls), after the ports of its devices.
+    /// A switch with slots may have no devices.
+    pub fn add_hotplug_slots(&mut self, switch_name: &str, n: u8) -> &mut Self {
+        self.switch_slots.push((switch_name.to_string(), n));
+        self
+    }
+
+    fn slots_of(&self, switch: &str) -> usize {
+        self.switch_slots
+            .iter()
+            .filter(|(s, _)| s == switch)
+            .map(|(_, n)| usize::from(*n))
+            .sum()
+    }
+
+    fn hotplug_slot_count(&self) -> usize {
+        let roots = self
+            .slots
+            .iter()
+            .filter(|s| matches!(s, Slot::EmptyRootPort(_)))
+            .count();
+        roots
+            + self
+                .switch_slots
+                .iter()
+                .map(|(_, n)| usize::from(*n))
+                .sum::<usize>()
     }
 
     pub fn hotplug_reserve(&mut self, reserve: HotplugReserve) -> &mut Self {
@@ -208,7 +292,7 @@ impl TopologyBuilder {
         self
     }
 
-    /// A root port with nothing behind it yet, for hotplug.
+    /// A root port with nothing behind it yet: a hotplug slot named `id`.
     pub fn add_empty_root_port(&mut self, id: &str) -> &mut Self {
         self.slots.push(Slot::EmptyRootPort(id.to_string()));
         self
@@ -227,8 +311,12 @@ impl TopologyBuilder {
                 available,
             });
         }
+        let count = self.hotplug_slot_count();
+        if count > MAX_HOTPLUG_SLOTS {
+            return Err(TopologyError::TooManyHotplugSlots { count });
+        }
         let mut tree = self.plan()?;
-        let last_bus = number_buses(&mut tree, 0, self.reserve.buses);
+        let last_bus = number_buses(&mut tree, 0);
         if last_bus > usize::from(self.layout.end_bus()) {
             return Err(TopologyError::TooManyBuses {
                 needed: last_bus + 1,
@@ -241,9 +329,9 @@ impl TopologyBuilder {
             attach(&segment, None, node)?;
         }
         let mut ctx = Ctx {
-            reserve: self.reserve,
             io: self.layout.io.is_some(),
             headroom: [Headroom::Pow2Double; 3],
+            slot_shift: [0; 3],
         };
         // Headroom is a preference: a window kind whose host window cannot hold the tree with
         // it is assigned again with less, down to none (exactly the layout before headroom).
@@ -263,6 +351,18 @@ impl TopologyBuilder {
                     *headroom = less;
                     clear_assignment(&mut tree);
                 }
+                Err(TopologyError::OutOfSpace { window, .. })
+                    if self.slot_reserve_left(window, ctx.slot_shift[window as usize] + 1) =>
+                {
+                    let shift = &mut ctx.slot_shift[window as usize];
+                    *shift += 1;
+                    log::warn!(
+                        "{window:?} window: no room for the hotplug slot reserves, halving them \
+                         (1/{})",
+                        1u64 << *shift
+                    );
+                    clear_assignment(&mut tree);
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -270,12 +370,26 @@ impl TopologyBuilder {
         for node in &tree {
             program(&segment, 0, node, &mut placed)?;
         }
+        placed.slots.sort_by_key(|s| s.number);
         Ok(PciRoot {
             segment,
             layout: self.layout,
             bdfs: placed.bdfs,
             ports: placed.ports,
+            slots: placed.slots,
+            acpi_ports: describe(&tree),
         })
+    }
+
+    /// Whether slot reserves of `window` shifted right by `shift` still leave at least one
+    /// window granule (below that, a slot could hold nothing).
+    fn slot_reserve_left(&self, window: WindowKind, shift: u32) -> bool {
+        let size = match window {
+            WindowKind::Io => 0,
+            WindowKind::Mem32 => self.slot_reserve.mem32,
+            WindowKind::Pref64 => self.slot_reserve.pref64,
+        };
+        self.hotplug_slot_count() > 0 && shift < 64 && (size >> shift) >= window.granularity()
     }
 
     fn validate_names(&self) -> Result<(), TopologyError> {
@@ -288,12 +402,27 @@ impl TopologyBuilder {
                 name
             }
         });
-        let names: Vec<_> = names
+        let mut names: Vec<_> = names
             .chain(self.switch_devices.iter().map(|d| &d.0))
+            .cloned()
             .collect();
-        for name in names {
+        let mut declared = HashSet::new();
+        for (switch, _) in &self.switch_slots {
+            if declared.insert(switch) {
+                names.extend((0..self.slots_of(switch)).map(|i| format!("{switch}-slot{i}")));
+            }
+        }
+        for name in &names {
             if !seen.insert(name) {
                 return Err(TopologyError::DuplicateId(name.clone()));
+            }
+        }
+        for (switch, _) in &self.switch_slots {
+            if !switches.contains(switch) {
+                return Err(TopologyError::UnknownSwitch {
+                    id: format!("{switch}-slot0"),
+                    switch: switch.clone(),
+                });
             }
         }
         for (id, _, switch) in &self.switch_devices {
@@ -307,9 +436,12 @@ impl TopologyBuilder {
         Ok(())
     }
 
-    /// The tree below bus 0, with ports created and device numbers chosen.
+    /// The tree below bus 0, with ports created and device numbers chosen. Hotplug slots take
+    /// physical slot numbers 1..=N in declaration order (the numbers the hotplug controller's
+    /// bitmaps and `_SUN` use), the other ports the numbers after them.
     fn plan(&self) -> Result<Vec<Node>, TopologyError> {
-        let mut next_slot = 1u16;
+        let hotplug = self.hotplug_slot_count() as u16;
+        let mut next_slot = hotplug + 1;
         let mut slot = || {
             let s = SlotConfig {
                 physical_slot: next_slot,
@@ -318,6 +450,18 @@ impl TopologyBuilder {
             next_slot += 1;
             s
         };
+        let mut next_hotplug = 1u16;
+        // ACPI hotplug, not pciehp: the slot capability does not advertise hotplug.
+        let mut hotplug_slot = || {
+            let s = SlotConfig {
+                physical_slot: next_hotplug,
+                hotplug: false,
+            };
+            next_hotplug += 1;
+            s
+        };
+        let root_reserve = Some(self.reserve);
+        let slot_reserve = Some(self.slot_reserve);
         let mut nodes = Vec::new();
         for (i, entry) in self.slots.iter().enumerate() {
             let devfn = ((i + 1) as u8) << 3;
@@ -337,47 +481,60 @@ impl TopologyBuilder {
                 Slot::Device(id, dev) => Node::endpoint(id, devfn, dev.clone()),
                 Slot::RootPort(id, dev) => {
                     let port = new_root_port(&format!("rp-{id}"), slot())?;
-                    Node::port(&format!("rp-{id}"), devfn, port, true)
+                    Node::port(&format!("rp-{id}"), devfn, port, root_reserve)
                         .with_children(vec![Node::endpoint(id, 0, dev.clone())])
                 }
-                Slot::EmptyRootPort(id) => Node::port(id, devfn, new_root_port(id, slot())?, true),
+                Slot::EmptyRootPort(id) => {
+                    let config = hotplug_slot();
+                    let reserve = Some(self.reserve.max(self.slot_reserve));
+                    Node::port(id, devfn, new_root_port(id, config)?, reserve).with_slot(SlotPlan {
+                        name: id.clone(),
+                        number: u32::from(config.physical_slot),
+                        switch: None,
+                    })
+                }
                 Slot::Switch(name) => {
                     let members: Vec<_> = self
                         .switch_devices
                         .iter()
                         .filter(|d| &d.2 == name)
                         .collect();
-                    if members.is_empty() {
+                    let spare = self.slots_of(name);
+                    if members.is_empty() && spare == 0 {
                         return Err(TopologyError::EmptySwitch(name.clone()));
                     }
-                    if members.len() > MAX_DOWNSTREAM_PORTS {
+                    if members.len() + spare > MAX_DOWNSTREAM_PORTS {
                         return Err(TopologyError::SwitchFull {
                             switch: name.clone(),
-                            devices: members.len(),
+                            devices: members.len() + spare,
                         });
                     }
-                    let slots: Vec<_> = members.iter().map(|_| slot()).collect();
-                    let switch = PcieSwitch::new(name, self.link, &slots)?;
-                    let downstream =
-                        switch
-                            .downstream
-                            .iter()
-                            .zip(&members)
-                            .enumerate()
-                            .map(|(i, (dp, (id, dev, _)))| {
-                                Node::port(
-                                    &format!("{name}-down{i}"),
-                                    (i as u8) << 3,
-                                    dp.clone(),
-                                    false,
-                                )
-                                .with_children(vec![Node::endpoint(id, 0, dev.clone())])
-                            })
-                            .collect();
-                    let upstream = Node::port(&format!("{name}-up"), 0, switch.upstream, false)
+                    let mut configs: Vec<_> = members.iter().map(|_| slot()).collect();
+                    configs.extend((0..spare).map(|_| hotplug_slot()));
+                    let switch = PcieSwitch::new(name, self.link, &configs)?;
+                    let mut downstream = Vec::new();
+                    for (i, dp) in switch.downstream.iter().enumerate() {
+                        let port_name = format!("{name}-down{i}");
+                        let node = match members.get(i) {
+                            Some((id, dev, _)) => {
+                                Node::port(&port_name, (i as u8) << 3, dp.clone(), None)
+                                    .with_children(vec![Node::endpoint(id, 0, dev.clone())])
+                            }
+                            None => {
+                                Node::port(&port_name, (i as u8) << 3, dp.clone(), slot_reserve)
+                                    .with_slot(SlotPlan {
+                                        name: format!("{name}-slot{}", i - members.len()),
+                                        number: u32::from(configs[i].physical_slot),
+                                        switch: Some(name.clone()),
+                                    })
+                            }
+                        };
+                        downstream.push(node);
+                    }
+                    let upstream = Node::port(&format!("{name}-up"), 0, switch.upstream, None)
                         .with_children(downstream);
                     let port = new_root_port(&format!("rp-{name}"), slot())?;
-                    Node::port(&format!("rp-{name}"), devfn, port, true)
+                    Node::port(&format!("rp-{name}"), devfn, port, root_reserve)
                         .with_children(vec![upstream])
                 }
             };
@@ -393,6 +550,10 @@ pub struct PciRoot {
     layout: PciLayout,
     bdfs: BTreeMap<String, Bdf>,
     ports: BTreeMap<String, Arc<Mutex<PciePort>>>,
+    /// Hotplug slots by number.
+    slots: Vec<HotplugSlotInfo>,
+    /// The port tree the DSDT mirrors.
+    acpi_ports: Vec<AcpiPort>,
 }
 
 impl PciRoot {
@@ -420,6 +581,11 @@ impl PciRoot {
         self.ports.get(name)
     }
 
+    /// The port tree as the DSDT mirrors it.
+    pub(crate) fn acpi_ports(&self) -> &[AcpiPort] {
+        &self.acpi_ports
+    }
+
     /// The bus device to register over `layout().ecam` on the MMIO bus.
     pub fn ecam(&self) -> PciEcam {
         PciEcam::new(self.segment.clone())
@@ -433,6 +599,9 @@ impl PciRoot {
 
 #[path = "topology_firmware.rs"]
 mod firmware;
+
+#[path = "topology_slots.rs"]
+mod slots;
 
 #[cfg(test)]
 #[path = "topology_tests.rs"]

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
+use super::super::acpi_hotplug::AcpiPort;
 use super::super::bar::{bars_and_rom, BarInfo, BarKind, DECODE_SLOTS, ROM_BAR};
 use super::super::port::PciePort;
 use super::super::regs::*;
@@ -14,7 +15,7 @@ use super::super::resources::{
 };
 use super::super::segment::PciSegment;
 use super::super::{lock, Bdf, SharedPciDevice};
-use super::{HotplugReserve, TopologyError};
+use super::{HotplugReserve, HotplugSlotInfo, TopologyError};
 use crate::bus::BusRange;
 
 /// A function in the plan, with what the builder decided for it.
@@ -22,8 +23,7 @@ pub(super) struct Node {
     name: String,
     devfn: u8,
     device: SharedPciDevice,
-    /// For ports: the port, whether it is a root port (gets the hotplug reserve), bus numbers
-    /// and windows, indexed like [`WindowKind::ALL`].
+    /// For ports: the port, its reserve, hotplug slot, bus numbers and windows.
     port: Option<PortPlan>,
     children: Vec<Node>,
     /// For endpoints: assigned BAR addresses, the expansion ROM's at [`ROM_BAR`].
@@ -32,9 +32,21 @@ pub(super) struct Node {
 
 pub(super) struct PortPlan {
     port: Arc<Mutex<PciePort>>,
-    root: bool,
+    /// Room kept free below the port: the root-port reserve, or a hotplug slot's.
+    reserve: Option<HotplugReserve>,
+    /// Set for hotplug slots.
+    slot: Option<SlotPlan>,
     buses: (u8, u8),
+    /// Indexed like [`WindowKind::ALL`].
     windows: [Option<BusRange>; 3],
+}
+
+/// A hotplug slot as planned: its name, number (1..=[`super::MAX_HOTPLUG_SLOTS`]) and the
+/// switch it belongs to, if any.
+pub(super) struct SlotPlan {
+    pub(super) name: String,
+    pub(super) number: u32,
+    pub(super) switch: Option<String>,
 }
 
 impl Node {
@@ -49,14 +61,20 @@ impl Node {
         }
     }
 
-    pub(super) fn port(name: &str, devfn: u8, port: Arc<Mutex<PciePort>>, root: bool) -> Self {
+    pub(super) fn port(
+        name: &str,
+        devfn: u8,
+        port: Arc<Mutex<PciePort>>,
+        reserve: Option<HotplugReserve>,
+    ) -> Self {
         Self {
             name: name.to_string(),
             devfn,
             device: port.clone(),
             port: Some(PortPlan {
                 port,
-                root,
+                reserve,
+                slot: None,
                 buses: (0, 0),
                 windows: [None; 3],
             }),
@@ -69,21 +87,29 @@ impl Node {
         self.children = children;
         self
     }
+
+    /// Marks a port as a hotplug slot.
+    pub(super) fn with_slot(mut self, slot: SlotPlan) -> Self {
+        if let Some(plan) = &mut self.port {
+            plan.slot = Some(slot);
+        }
+        self
+    }
 }
 
 /// Depth-first bus numbering below `bus`; returns the last bus used. Counts past 255 so the
 /// caller can say how many buses the topology needs; bus numbers beyond 255 are stored
 /// saturated and never programmed because the caller rejects the topology first.
-pub(super) fn number_buses(nodes: &mut [Node], bus: usize, reserve: u8) -> usize {
+pub(super) fn number_buses(nodes: &mut [Node], bus: usize) -> usize {
     let mut last = bus;
     for node in nodes.iter_mut() {
         let Some(plan) = node.port.as_mut() else {
             continue;
         };
         let secondary = last + 1;
-        let mut subordinate = number_buses(&mut node.children, secondary, reserve);
-        if plan.root {
-            subordinate += usize::from(reserve);
+        let mut subordinate = number_buses(&mut node.children, secondary);
+        if let Some(reserve) = plan.reserve {
+            subordinate += usize::from(reserve.buses);
         }
         let saturate = |b: usize| u8::try_from(b).unwrap_or(u8::MAX);
         plan.buses = (saturate(secondary), saturate(subordinate));
@@ -111,12 +137,14 @@ pub(super) fn attach(
 
 /// Settings resource assignment needs everywhere in the tree.
 pub(super) struct Ctx {
-    pub(super) reserve: HotplugReserve,
     /// Whether there is an I/O window at all; without one I/O BARs stay unassigned, as
     /// firmware leaves them when I/O space runs out (drivers of modern devices do not use them).
     pub(super) io: bool,
     /// Headroom of port windows, per window kind (indexed like [`WindowKind::ALL`]).
     pub(super) headroom: [Headroom; 3],
+    /// Hotplug slot reserves are shifted right by this, per window kind: the last fallback
+    /// when a host window cannot hold them even without headroom.
+    pub(super) slot_shift: [u32; 3],
 }
 
 /// One thing `node` needs from its parent's windows.
@@ -136,8 +164,8 @@ struct Want {
 ///
 /// A port's window is its children packed (their windows already grown), grown by the
 /// headroom of its kind relative to what the subtree holds without headroom, then packed with
-/// the hotplug reserve for root ports: the reserve is room for another device, the headroom
-/// room for the devices already there to move.
+/// the port's reserve (root ports, hotplug slots): the reserve is room for another device, the
+/// headroom room for the devices already there to move.
 fn requests(node: &Node, ctx: &Ctx) -> Result<Vec<Want>, TopologyError> {
     let Some(plan) = &node.port else {
         let bars = bars_and_rom(&*lock(&node.device));
@@ -175,15 +203,18 @@ fn requests(node: &Node, ctx: &Ctx) -> Result<Vec<Want>, TopologyError> {
         let of_kind = below.iter().filter(|w| w.kind == kind);
         let children: Vec<_> = of_kind.clone().map(|w| w.request).collect();
         let held: Vec<_> = of_kind.map(|w| w.held).collect();
-        let reserve = if plan.root {
+        let reserve = plan.reserve.and_then(|r| {
+            let shift = if plan.slot.is_some() {
+                ctx.slot_shift[kind as usize]
+            } else {
+                0
+            };
             match kind {
                 WindowKind::Io => None,
-                WindowKind::Mem32 => reserve_request(kind, ctx.reserve.mem32),
-                WindowKind::Pref64 => reserve_request(kind, ctx.reserve.pref64),
+                WindowKind::Mem32 => reserve_request(kind, r.mem32 >> shift),
+                WindowKind::Pref64 => reserve_request(kind, r.pref64 >> shift),
             }
-        } else {
-            None
-        };
+        });
         let grown = window_request(kind, &children)
             .zip(pack(&held))
             .map(|(children, held)| ctx.headroom[kind as usize].apply(kind, children, held));
@@ -191,8 +222,10 @@ fn requests(node: &Node, ctx: &Ctx) -> Result<Vec<Want>, TopologyError> {
             kind,
             &[grown, reserve].into_iter().flatten().collect::<Vec<_>>(),
         );
-        let held = pack(&held.into_iter().chain(reserve).collect::<Vec<_>>());
-        if let Some((request, held)) = request.zip(held) {
+        // The reserve is room for devices that are not there yet, so the ports above do not
+        // grow their headroom for it (they still contain it: `request` includes it).
+        let held = pack(&held).unwrap_or(Request { size: 0, align: 1 });
+        if let Some(request) = request {
             out.push(Want {
                 kind,
                 request,
@@ -274,6 +307,7 @@ fn write(segment: &PciSegment, bdf: Bdf, offset: u16, data: &[u8]) -> Result<(),
 pub(super) struct Placed {
     pub(super) bdfs: BTreeMap<String, Bdf>,
     pub(super) ports: BTreeMap<String, Arc<Mutex<PciePort>>>,
+    pub(super) slots: Vec<HotplugSlotInfo>,
 }
 
 /// Programs `node` (on `bus`) and everything below it, parents first so routing reaches the
@@ -324,6 +358,15 @@ pub(super) fn program(
     };
     placed.ports.insert(node.name.clone(), plan.port.clone());
     let (secondary, subordinate) = plan.buses;
+    if let Some(slot) = &plan.slot {
+        placed.slots.push(HotplugSlotInfo {
+            name: slot.name.clone(),
+            number: slot.number,
+            port: plan.port.clone(),
+            bdf: Bdf::new(secondary, 0, 0),
+            switch: slot.switch.clone(),
+        });
+    }
     write(segment, bdf, PRIMARY_BUS, &[bus, secondary, subordinate])?;
     let [io, mem, pref] = plan.windows;
     let mut command = COMMAND_MEMORY | COMMAND_MASTER;
@@ -364,4 +407,19 @@ pub(super) fn program(
         program(segment, secondary, child, placed)?;
     }
     Ok(())
+}
+
+/// The ports of the tree as the DSDT mirrors them: every port with its devfn, slots marked.
+pub(super) fn describe(nodes: &[Node]) -> Vec<AcpiPort> {
+    nodes
+        .iter()
+        .filter_map(|node| {
+            let plan = node.port.as_ref()?;
+            Some(AcpiPort {
+                devfn: node.devfn,
+                slot: plan.slot.as_ref().map(|s| s.number),
+                children: describe(&node.children),
+            })
+        })
+        .collect()
 }

@@ -240,14 +240,15 @@ fn every_placement_gets_the_swizzled_intx_gsi() {
 }
 
 #[test]
-fn an_empty_root_port_gets_only_the_hotplug_reserve() {
+fn an_empty_root_port_gets_only_the_slot_reserve() {
     let mut b = TopologyBuilder::new(layout());
     b.add_empty_root_port("hp0");
     let (root, _) = build(&b);
     let hp = lock(root.port("hp0").unwrap());
-    assert_eq!(hp.mem_window().unwrap().len, 2 * MIB);
-    assert_eq!(hp.pref_window().unwrap().len, 256 * MIB);
-    assert_eq!(hp.pref_window().unwrap().base % (256 * MIB), 0);
+    // The larger of the root-port reserve (2 MiB, 256 MiB) and the slot's (4 MiB, 8 GiB).
+    assert_eq!(hp.mem_window().unwrap().len, 4 * MIB);
+    assert_eq!(hp.pref_window().unwrap().len, 8 * GIB);
+    assert_eq!(hp.pref_window().unwrap().base % (8 * GIB), 0);
     assert_eq!(hp.io_window(), None);
     assert!(!hp.link_active());
 }
