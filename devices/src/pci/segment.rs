@@ -141,6 +141,9 @@ impl PciSegment {
     /// Detaches the function at `devfn` below `parent` (which must have nothing below it),
     /// withdrawing the BAR ranges it decodes from the observer.
     pub fn remove(&self, parent: Parent, devfn: u8) -> Result<SharedPciDevice, SegmentError> {
+        // Serialized with config writes: a write routed to the function just before it left
+        // must not map a BAR again after the removal was announced.
+        let _serial = lock(&self.writes);
         let parent_name = parent.map_or("bus 0".to_string(), |p| lock(p).name().to_string());
         let node = {
             let mut bus0 = self.bus0.write().unwrap_or_else(|e| e.into_inner());

@@ -270,3 +270,30 @@ fn slot_declarations_are_validated() {
         Some(TopologyError::SwitchFull { devices: 33, .. })
     ));
 }
+
+#[test]
+fn the_guest_eject_reaches_unplug_through_the_controller() {
+    use crate::pci::hotplug::{AcpiHotplug, REG_B0EJ};
+    let (root, observer) = build();
+    let root = Arc::new(root);
+    let bdf = root.plug("sw0-slot0", gpu()).unwrap();
+    let window = lock(root.port("sw0-down1").unwrap()).mem_window().unwrap();
+    write_u32(&root, bdf, BAR0, window.base as u32);
+    write_u32(&root, bdf, COMMAND, u32::from(COMMAND_MEMORY));
+    let vmm = root.clone();
+    let irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let hotplug = AcpiHotplug::new(
+        irq,
+        Box::new(move |number| {
+            let slot = vmm.hotplug_slot_by_number(number).unwrap().name.clone();
+            vmm.unplug(&slot).unwrap();
+        }),
+    );
+    let number = root.hotplug_slot("sw0-slot0").unwrap().number;
+    hotplug.request_eject(number).unwrap();
+    // The guest's _EJ0 for the slot.
+    hotplug.guest_write(REG_B0EJ, &number.to_le_bytes());
+    assert_eq!(read_u32(&root, bdf, VENDOR_ID), 0xffff_ffff);
+    assert_eq!(observer.range_of(bdf, 0), None);
+    assert_eq!(hotplug.pending_ejects(), 0);
+}
