@@ -1,10 +1,12 @@
-//! The VMM thread's event loop (event-manager): waits for the guest to end (or a stop signal)
-//! and serves console input meanwhile.
+//! The VMM thread's event loop (event-manager): waits for the guest to end, a stop signal or an
+//! API request, and serves console input meanwhile.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use devices::legacy::ExitSignal;
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::console::ConsoleInput;
 use crate::signals::StopSignals;
@@ -13,39 +15,86 @@ use crate::signals::StopSignals;
 pub enum EventLoopError {
     #[error("{0:?}")]
     Manager(event_manager::Error),
+    #[error("duplicating the {what} eventfd: {source}")]
+    Clone {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
-/// Drains the exit eventfd; `ExitSignal` already holds the reason.
-struct ExitWatcher(Arc<ExitSignal>);
+fn watch(
+    event: &EventFd,
+    fired: &Arc<AtomicBool>,
+    what: &'static str,
+) -> Result<Subscriber, EventLoopError> {
+    let event = event
+        .try_clone()
+        .map_err(|source| EventLoopError::Clone { what, source })?;
+    Ok(Arc::new(Mutex::new(Wake {
+        event,
+        fired: fired.clone(),
+        what,
+    })))
+}
 
-impl MutEventSubscriber for ExitWatcher {
+/// Drains an eventfd whose meaning is kept elsewhere (`ExitSignal` holds the reason, the API
+/// channel holds the requests) and records that it fired.
+struct Wake {
+    event: EventFd,
+    fired: Arc<AtomicBool>,
+    what: &'static str,
+}
+
+impl MutEventSubscriber for Wake {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(self.0.event(), EventSet::IN)) {
-            log::error!("cannot watch the exit eventfd: {e:?}");
+        if let Err(e) = ops.add(Events::new(&self.event, EventSet::IN)) {
+            log::error!("cannot watch the {} eventfd: {e:?}", self.what);
         }
     }
 
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
-        let _ = self.0.event().read();
+        let _ = self.event.read();
+        self.fired.store(true, Ordering::Release);
     }
 }
 
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
-/// Runs until a device, a vCPU or a stop signal has asked the guest to end.
-pub fn run(
-    exit: &Arc<ExitSignal>,
-    console: Option<ConsoleInput>,
-    stop: StopSignals,
-) -> Result<(), EventLoopError> {
-    let mut manager = EventManager::<Subscriber>::new().map_err(EventLoopError::Manager)?;
-    manager.add_subscriber(Arc::new(Mutex::new(ExitWatcher(exit.clone()))));
-    manager.add_subscriber(Arc::new(Mutex::new(stop)));
-    if let Some(console) = console {
-        manager.add_subscriber(Arc::new(Mutex::new(console)));
+/// The loop's sources; [`EventLoop::wait`] returns after each batch of events.
+pub struct EventLoop {
+    manager: EventManager<Subscriber>,
+    api: Arc<AtomicBool>,
+}
+
+impl EventLoop {
+    /// Watches `exit`, the stop signals, the console (if any) and the API channel's eventfd (if
+    /// any; a clone of it).
+    pub fn new(
+        exit: &Arc<ExitSignal>,
+        console: Option<ConsoleInput>,
+        stop: StopSignals,
+        api: Option<&EventFd>,
+    ) -> Result<Self, EventLoopError> {
+        let mut manager = EventManager::<Subscriber>::new().map_err(EventLoopError::Manager)?;
+        manager.add_subscriber(watch(exit.event(), &Arc::default(), "exit")?);
+        manager.add_subscriber(Arc::new(Mutex::new(stop)));
+        if let Some(console) = console {
+            manager.add_subscriber(Arc::new(Mutex::new(console)));
+        }
+        let fired = Arc::new(AtomicBool::new(false));
+        if let Some(event) = api {
+            manager.add_subscriber(watch(event, &fired, "API")?);
+        }
+        Ok(Self {
+            manager,
+            api: fired,
+        })
     }
-    while exit.reason().is_none() {
-        manager.run().map_err(EventLoopError::Manager)?;
+
+    /// Waits for and handles one batch of events; returns whether the API eventfd fired.
+    pub fn wait(&mut self) -> Result<bool, EventLoopError> {
+        self.manager.run().map_err(EventLoopError::Manager)?;
+        Ok(self.api.swap(false, Ordering::AcqRel))
     }
-    Ok(())
 }

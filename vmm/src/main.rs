@@ -8,6 +8,7 @@
 mod arch;
 mod config;
 mod console;
+mod control;
 mod device_manager;
 mod event_loop;
 mod interrupts;
@@ -24,7 +25,7 @@ use std::process::ExitCode;
 use devices::legacy::GuestExit;
 
 use crate::config::{ConfigError, HostLimits};
-use crate::vm::Vm;
+use crate::control::{ApiService, Outcome};
 
 const EXIT_VMM_ERROR: u8 = 1;
 const EXIT_GUEST_REBOOT: u8 = 3;
@@ -36,13 +37,25 @@ fn main() -> ExitCode {
         eprintln!("p2pvmm: error: blocking SIGTERM/SIGINT/SIGHUP: {e}");
         return ExitCode::from(EXIT_VMM_ERROR);
     }
-    let loaded = match config::load(std::env::args_os()) {
-        Ok(loaded) => loaded,
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == "remote") {
+        use clap::Parser;
+        env_logger::Builder::new()
+            .filter_level(log::LevelFilter::Warn)
+            .parse_env("P2PVMM_LOG")
+            .init();
+        let remote = api::cli::RemoteArgs::parse_from(
+            std::iter::once("p2pvmm remote".into()).chain(args.into_iter().skip(2)),
+        );
+        return api::cli::run(remote);
+    }
+    let startup = match config::load_startup(args) {
+        Ok(startup) => startup,
         Err(ConfigError::Usage(e)) => e.exit(),
         Err(e) => return fail(&e),
     };
     env_logger::Builder::new()
-        .filter_level(loaded.log_level())
+        .filter_level(startup.log_level())
         .parse_env("P2PVMM_LOG")
         .init();
 
@@ -55,25 +68,38 @@ fn main() -> ExitCode {
         }
         Err(e) => return fail(&e),
     };
-    if let Err(e) = loaded.vm.validate(&host) {
-        return fail(&e);
+    if let Some(vm) = &startup.vm {
+        if let Err(e) = vm.validate(&host) {
+            return fail(&e);
+        }
     }
+    // Bound before the VM is built, so a client can connect as soon as p2pvmm runs.
+    let api = match &startup.api_socket {
+        Some(path) => match serve_api(path, host) {
+            Ok(api) => Some(api),
+            Err(e) => return fail(&e),
+        },
+        None => None,
+    };
 
-    let exit = Vm::new(&loaded.vm).and_then(Vm::run);
-    match exit {
-        Ok(GuestExit::Poweroff) => {
+    match control::run(startup.vm, api) {
+        Ok(Outcome::VmmShutdown) => {
+            log::info!("vmm.shutdown: p2pvmm exits");
+            ExitCode::SUCCESS
+        }
+        Ok(Outcome::Guest(GuestExit::Poweroff)) => {
             log::info!("guest powered off");
             ExitCode::SUCCESS
         }
-        Ok(GuestExit::Reset) => {
+        Ok(Outcome::Guest(GuestExit::Reset)) => {
             log::info!("guest rebooted; p2pvmm exits with status {EXIT_GUEST_REBOOT}");
             ExitCode::from(EXIT_GUEST_REBOOT)
         }
-        Ok(GuestExit::Crash) => {
+        Ok(Outcome::Guest(GuestExit::Crash)) => {
             eprintln!("p2pvmm: the guest crashed");
             ExitCode::from(EXIT_GUEST_CRASH)
         }
-        Ok(GuestExit::Stopped) => {
+        Ok(Outcome::Guest(GuestExit::Stopped)) => {
             let signal = signals::received().unwrap_or(libc::SIGTERM);
             eprintln!("p2pvmm: stopped by {}", signals::name(signal));
             ExitCode::from(128u8.saturating_add(u8::try_from(signal).unwrap_or(0)))
@@ -82,8 +108,24 @@ fn main() -> ExitCode {
     }
 }
 
-/// Prints `e` and its causes on one line.
-fn fail(e: &dyn std::error::Error) -> ExitCode {
+/// Binds the API socket and starts the HTTP thread; requests reach the VMM thread through the
+/// returned service.
+fn serve_api(path: &std::path::Path, host: HostLimits) -> Result<ApiService, api::ApiError> {
+    let server = api::ApiServer::bind(path)?;
+    let (sender, channel) = api::channel().map_err(|source| api::ApiError::Bind {
+        socket: path.to_path_buf(),
+        source,
+    })?;
+    server.spawn(sender).map_err(|source| api::ApiError::Bind {
+        socket: path.to_path_buf(),
+        source,
+    })?;
+    log::info!("API on {}", path.display());
+    Ok(ApiService::new(channel, host))
+}
+
+/// `e` and its causes on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut line = e.to_string();
     let mut source = e.source();
     while let Some(cause) = source {
@@ -94,6 +136,11 @@ fn fail(e: &dyn std::error::Error) -> ExitCode {
         }
         source = cause.source();
     }
-    eprintln!("p2pvmm: error: {line}");
+    line
+}
+
+/// Prints `e` and its causes on one line.
+fn fail(e: &dyn std::error::Error) -> ExitCode {
+    eprintln!("p2pvmm: error: {}", error_chain(e));
     ExitCode::from(EXIT_VMM_ERROR)
 }

@@ -1,8 +1,9 @@
 //! vCPU threads: each runs `KVM_RUN` and dispatches port I/O and MMIO exits to the buses.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use devices::legacy::{ExitSignal, GuestExit};
 use devices::Bus;
@@ -28,6 +29,73 @@ pub struct VcpuShared {
     pub mmio: Arc<Bus>,
     pub exit: Arc<ExitSignal>,
     pub stop: Arc<AtomicBool>,
+    pub pause: PauseGate,
+}
+
+/// Holds vCPU threads outside `KVM_RUN` while the VM is paused (API `vm.pause`).
+#[derive(Default)]
+pub struct PauseGate {
+    /// (paused, threads parked at the gate)
+    state: Mutex<(bool, usize)>,
+    changed: Condvar,
+}
+
+impl PauseGate {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (bool, usize)> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Parks the calling vCPU thread while paused; returns at once otherwise or once `stop` is set.
+    fn wait_while_paused(&self, stop: &AtomicBool) {
+        let mut state = self.lock();
+        if !state.0 {
+            return;
+        }
+        state.1 += 1;
+        self.changed.notify_all();
+        while state.0 && !stop.load(Ordering::Acquire) {
+            state = self
+                .changed
+                .wait_timeout(state, Duration::from_millis(100))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        state.1 -= 1;
+        self.changed.notify_all();
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.lock().0
+    }
+}
+
+/// Pauses every vCPU: raises the gate, then kicks each thread out of `KVM_RUN` until all of them
+/// are parked (or have ended). Returns once no vCPU runs guest code.
+pub fn pause_all(gate: &PauseGate, threads: &[JoinHandle<()>]) {
+    gate.lock().0 = true;
+    loop {
+        let running = threads.iter().filter(|t| !t.is_finished()).count();
+        let parked = gate.lock().1;
+        if parked >= running {
+            return;
+        }
+        for thread in threads.iter().filter(|t| !t.is_finished()) {
+            if let Err(e) = thread.kill(kick_signal()) {
+                log::warn!("kicking a vCPU to pause it: {e}");
+            }
+        }
+        let state = gate.lock();
+        let _ = gate
+            .changed
+            .wait_timeout(state, Duration::from_millis(1))
+            .unwrap_or_else(|e| e.into_inner());
+    }
+}
+
+/// Lets paused vCPUs run again.
+pub fn resume_all(gate: &PauseGate) {
+    gate.lock().0 = false;
+    gate.changed.notify_all();
 }
 
 pub struct Vcpu {
@@ -50,6 +118,10 @@ impl Vcpu {
 
     fn run(mut self) {
         while !self.shared.stop.load(Ordering::Acquire) {
+            self.shared.pause.wait_while_paused(&self.shared.stop);
+            if self.shared.stop.load(Ordering::Acquire) {
+                return;
+            }
             if let Some(exit) = self.run_once() {
                 self.shared.exit.request(exit);
                 return;

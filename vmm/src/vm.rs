@@ -17,14 +17,15 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::{acpi, boot, cpuid, regs};
 use crate::config::{SerialConfig, VmConfig};
 use crate::console::ConsoleInput;
+use crate::control::{ApiService, ApiStop};
 use crate::device_manager::{ram_backing, DeviceManager, DeviceManagerError, Platform};
-use crate::event_loop;
+use crate::event_loop::{self, EventLoop};
 use crate::interrupts::KvmInterrupts;
 use crate::layout::{MemoryLayout, KVM_IDENTITY_MAP_START, KVM_TSS_START};
 use crate::memory::GuestRam;
 use crate::signals::StopSignals;
 use crate::slots::MemorySlots;
-use crate::vcpu::{self, Vcpu, VcpuShared};
+use crate::vcpu::{self, PauseGate, Vcpu, VcpuShared};
 
 const SERIAL_PORT: u64 = 0x3f8;
 const SERIAL_PORT_LEN: u64 = 8;
@@ -96,8 +97,18 @@ fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> VmError {
     move |source| VmError::Io { what, source }
 }
 
+/// Why [`Vm::run`] returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmEnd {
+    /// The guest ended (or a stop signal ended it).
+    Guest(GuestExit),
+    /// An API request stopped the VM; the VMM goes on.
+    Api(ApiStop),
+}
+
 /// A VM ready to run. Field order matters for drop: vCPUs and the VM fd go before guest RAM.
 pub struct Vm {
+    config: VmConfig,
     vcpus: Vec<Vcpu>,
     shared: Arc<VcpuShared>,
     serial: Arc<Mutex<Serial>>,
@@ -194,6 +205,7 @@ impl Vm {
             mmio,
             exit,
             stop: Arc::new(AtomicBool::new(false)),
+            pause: PauseGate::default(),
         });
         let topology = cpuid::Topology { cpus: config.cpus };
         let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
@@ -221,6 +233,7 @@ impl Vm {
         }
 
         Ok(Self {
+            config: config.clone(),
             vcpus,
             shared,
             serial,
@@ -231,8 +244,9 @@ impl Vm {
         })
     }
 
-    /// Runs the guest until it powers off, resets or crashes, then stops every vCPU thread.
-    pub fn run(mut self) -> Result<GuestExit, VmError> {
+    /// Runs the guest until it powers off, resets or crashes, or an API request stops it; then
+    /// stops every vCPU thread and releases the devices. Serves `api` meanwhile.
+    pub fn run(mut self, api: Option<&mut ApiService>) -> Result<VmEnd, VmError> {
         vcpu::register_kick_handler().map_err(io_err("installing the vCPU kick handler"))?;
         let stop = StopSignals::new(self.shared.exit.clone())
             .map_err(io_err("watching for SIGTERM/SIGINT/SIGHUP"))?;
@@ -240,7 +254,7 @@ impl Vm {
             .serial_to_stdout
             .then(|| ConsoleInput::stdin(self.serial.clone()));
         let mut threads = Vec::with_capacity(self.vcpus.len());
-        let mut result = Ok(());
+        let mut result = Ok(None);
         for vcpu in self.vcpus.drain(..) {
             match vcpu.spawn() {
                 Ok(thread) => threads.push(thread),
@@ -254,12 +268,76 @@ impl Vm {
             }
         }
         if result.is_ok() {
-            result = event_loop::run(&self.shared.exit, console, stop).map_err(VmError::from);
+            result = self.serve(console, stop, &threads, api);
         }
+        vcpu::resume_all(&self.shared.pause);
         vcpu::stop_all(&self.shared.stop, threads);
         self.devices.shut_down();
-        result?;
-        Ok(self.shared.exit.reason().unwrap_or(GuestExit::Crash))
+        Ok(match result? {
+            Some(stop) => VmEnd::Api(stop),
+            None => VmEnd::Guest(self.shared.exit.reason().unwrap_or(GuestExit::Crash)),
+        })
+    }
+
+    /// The event loop while the vCPUs run: until the guest ends or a request stops the VM.
+    fn serve(
+        &mut self,
+        console: Option<ConsoleInput>,
+        stop: StopSignals,
+        threads: &[std::thread::JoinHandle<()>],
+        mut api: Option<&mut ApiService>,
+    ) -> Result<Option<ApiStop>, VmError> {
+        let mut events = EventLoop::new(
+            &self.shared.exit,
+            console,
+            stop,
+            api.as_ref().map(|a| a.eventfd()),
+        )?;
+        while self.shared.exit.reason().is_none() {
+            if !events.wait()? {
+                continue;
+            }
+            if let Some(api) = api.as_deref_mut() {
+                let mut running = RunningVm {
+                    config: &mut self.config,
+                    devices: &mut self.devices,
+                    shared: &self.shared,
+                    threads,
+                };
+                if let Some(stop) = api.serve_running(&mut running) {
+                    return Ok(Some(stop));
+                }
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// What API requests may do to a running VM.
+pub struct RunningVm<'a> {
+    pub config: &'a mut VmConfig,
+    pub devices: &'a mut DeviceManager,
+    shared: &'a VcpuShared,
+    threads: &'a [std::thread::JoinHandle<()>],
+}
+
+impl RunningVm<'_> {
+    pub fn is_paused(&self) -> bool {
+        self.shared.pause.is_paused()
+    }
+
+    /// Stops every vCPU outside `KVM_RUN`; returns once none runs guest code.
+    pub fn pause(&mut self) {
+        vcpu::pause_all(&self.shared.pause, self.threads);
+    }
+
+    pub fn resume(&mut self) {
+        vcpu::resume_all(&self.shared.pause);
+    }
+
+    /// The configuration after a hotplug: what `vm.info` shows and a reboot boots.
+    pub fn set_config(&mut self, config: VmConfig) {
+        *self.config = config;
     }
 }
 

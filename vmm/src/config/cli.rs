@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use clap::{ArgAction, Parser};
 
 use super::layer::PartialConfig;
-use super::{device, file, p2p_group, ByteSize, ConfigError, LoadedConfig, SerialConfig};
+use super::{device, file, p2p_group, ByteSize, ConfigError, LoadedConfig, SerialConfig, Startup};
 
 /// p2pvmm: boot a Linux guest on KVM.
 ///
@@ -83,6 +83,12 @@ pub struct Cli {
     #[arg(long = "p2p-group", value_name = "KEY=VALUE,...")]
     pub p2p_groups: Vec<String>,
 
+    /// Serve the REST API (Cloud Hypervisor's wire format) on this Unix socket, created 0600.
+    /// Without --kernel (and no config file), p2pvmm waits for `vm.create` and `vm.boot`;
+    /// `p2pvmm remote --api-socket PATH ...` is the client.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+
     /// More log output; repeat for more (-v info, -vv debug, -vvv trace).
     #[arg(short, long, action = ArgAction::Count)]
     pub verbose: u8,
@@ -102,6 +108,25 @@ impl Cli {
             vm: base.overlay(overrides).finish()?,
             verbosity: self.verbose,
         })
+    }
+
+    /// Like [`into_config`](Self::into_config), but with `--api-socket` and no kernel anywhere
+    /// there is no VM yet: the API creates it.
+    pub fn into_startup(self) -> Result<Startup, ConfigError> {
+        let api_socket = self.api_socket.clone();
+        let verbosity = self.verbose;
+        match self.into_config() {
+            Err(ConfigError::MissingKernel) if api_socket.is_some() => Ok(Startup {
+                vm: None,
+                api_socket,
+                verbosity,
+            }),
+            loaded => loaded.map(|loaded| Startup {
+                vm: Some(loaded.vm),
+                api_socket,
+                verbosity,
+            }),
+        }
     }
 
     /// The settings given as flags. Parsed before the file is read so that a

@@ -398,6 +398,7 @@ mod tests {
             devices: members.iter().map(|m| m.to_string()).collect(),
             mode,
             topology: GroupTopology::Switch,
+            slots: 0,
         }
     }
 

@@ -146,17 +146,49 @@ pub struct LoadedConfig {
     pub verbosity: u8,
 }
 
+#[cfg(test)]
 impl LoadedConfig {
     /// Log level for the `-v` count: warnings by default, then info, debug
     /// and trace; the same ladder cloud-hypervisor uses.
     pub fn log_level(&self) -> log::LevelFilter {
-        match self.verbosity {
-            0 => log::LevelFilter::Warn,
-            1 => log::LevelFilter::Info,
-            2 => log::LevelFilter::Debug,
-            _ => log::LevelFilter::Trace,
-        }
+        log_level(self.verbosity)
     }
+}
+
+fn log_level(verbosity: u8) -> log::LevelFilter {
+    match verbosity {
+        0 => log::LevelFilter::Warn,
+        1 => log::LevelFilter::Info,
+        2 => log::LevelFilter::Debug,
+        _ => log::LevelFilter::Trace,
+    }
+}
+
+/// What `p2pvmm` starts with: a VM to boot at once (or none, when only the API socket was
+/// given), the API socket, and how chatty to be.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Startup {
+    pub vm: Option<VmConfig>,
+    pub api_socket: Option<PathBuf>,
+    pub verbosity: u8,
+}
+
+impl Startup {
+    /// See [`LoadedConfig::log_level`].
+    pub fn log_level(&self) -> log::LevelFilter {
+        log_level(self.verbosity)
+    }
+}
+
+/// Like [`load`], for `main`: see [`Cli::into_startup`].
+pub fn load_startup<I, T>(args: I) -> Result<Startup, ConfigError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    Cli::try_parse_from(args)
+        .map_err(ConfigError::Usage)?
+        .into_startup()
 }
 
 /// Parses `args` (including the program name, as from
@@ -166,6 +198,7 @@ impl LoadedConfig {
 ///
 /// On [`ConfigError::Usage`] (bad syntax, `--help`, `--version`) the caller
 /// should call `err.exit()` so clap prints its usage text.
+#[cfg(test)]
 pub fn load<I, T>(args: I) -> Result<LoadedConfig, ConfigError>
 where
     I: IntoIterator<Item = T>,

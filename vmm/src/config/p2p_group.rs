@@ -20,7 +20,9 @@ use super::device_check::check_name;
 use super::{ConfigError, DeviceConfig, IommuBackendKind, Placement, VmConfig};
 
 /// The keys of a `--p2p-group` flag and a `[[p2p_group]]` table, for "unknown key" errors.
-const KEYS: &str = "name, devices, mode, topology";
+const KEYS: &str = "name, devices, mode, topology, slots";
+/// Most hotplug slots a group may ask for: the downstream ports one switch has room for.
+pub const MAX_SLOTS: u8 = 16;
 
 /// NVIDIA's PCI vendor id: its devices in a group get the group's clique id without asking,
 /// since NVIDIA's driver only does P2P between GPUs that report one clique.
@@ -72,6 +74,28 @@ pub struct P2pGroupConfig {
     /// Where members without a placement of their own go. Default switch.
     #[serde(default)]
     pub topology: GroupTopology,
+    /// Empty hotplug slots kept for devices added at run time (API `vm.add-device`): downstream
+    /// ports of the group's switch, or root ports with `topology = "root-ports"`. Default 0.
+    #[serde(default, skip_serializing_if = "is_zero", deserialize_with = "slots")]
+    pub slots: u8,
+}
+
+fn is_zero(n: &u8) -> bool {
+    *n == 0
+}
+
+/// `slots`, with a range error that says the limit.
+fn slots<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u8, D::Error> {
+    let n = i64::deserialize(deserializer)?;
+    parse_slots(&n.to_string()).map_err(serde::de::Error::custom)
+}
+
+fn parse_slots(value: &str) -> Result<u8, String> {
+    value
+        .parse::<u8>()
+        .ok()
+        .filter(|n| *n <= MAX_SLOTS)
+        .ok_or_else(|| format!("slots {value:?}: expected 0 to {MAX_SLOTS}"))
 }
 
 /// One IOMMU address space of the VM: a group, or a device in no group. The device manager
@@ -149,7 +173,7 @@ fn parse_topology(v: &str) -> Result<GroupTopology, String> {
 /// Parses one `--p2p-group` value; the error is the reason only (the caller adds the flag).
 /// `devices=` may be empty (an empty group, like `devices = []`), but not have empty ids.
 pub(super) fn parse_flag(spec: &str) -> Result<P2pGroupConfig, String> {
-    let (mut name, mut devices, mut mode, mut topology) = (None, None, None, None);
+    let (mut name, mut devices, mut mode, mut topology, mut slots) = (None, None, None, None, None);
     for item in spec.split(',') {
         let (key, value) = item
             .split_once('=')
@@ -159,6 +183,7 @@ pub(super) fn parse_flag(spec: &str) -> Result<P2pGroupConfig, String> {
             "devices" => &mut devices,
             "mode" => &mut mode,
             "topology" => &mut topology,
+            "slots" => &mut slots,
             _ => return Err(format!("unknown key {key:?} (use {KEYS})")),
         };
         if value.is_empty() && key != "devices" {
@@ -193,6 +218,7 @@ pub(super) fn parse_flag(spec: &str) -> Result<P2pGroupConfig, String> {
             .map(parse_topology)
             .transpose()?
             .unwrap_or_default(),
+        slots: slots.as_deref().map(parse_slots).transpose()?.unwrap_or(0),
     })
 }
 

@@ -57,6 +57,7 @@ fn the_flag_takes_every_key() {
             devices: vec!["gpu0".into(), "nic0".into()],
             mode: P2pMode::Dmabuf,
             topology: GroupTopology::RootPorts,
+            slots: 0,
         }
     );
     for spec in ["name=g1", "name=g1,devices="] {
@@ -86,9 +87,12 @@ fn bad_flags_name_the_key() {
         r#"unknown topology "ring" (use switch, root-ports or flat)"#
     );
     assert_eq!(
-        e("name=g0,slots=2"),
-        r#"unknown key "slots" (use name, devices, mode, topology)"#
+        e("name=g0,ports=2"),
+        r#"unknown key "ports" (use name, devices, mode, topology, slots)"#
     );
+    assert_eq!(e("name=g0,slots=17"), r#"slots "17": expected 0 to 16"#);
+    assert_eq!(e("name=g0,slots=-1"), r#"slots "-1": expected 0 to 16"#);
+    assert_eq!(parse_flag("name=g,devices=edu0,slots=2").unwrap().slots, 2);
     assert_eq!(e("devices=a"), "missing key name (e.g. name=g0)");
     assert_eq!(e("name=g0,name=g1"), "key name given twice");
     assert_eq!(e("name="), "empty value for key name");
@@ -99,12 +103,12 @@ fn bad_flags_name_the_key() {
     );
     assert_eq!(
         e("name=g0,gpu0"),
-        r#""gpu0" is not KEY=VALUE (keys: name, devices, mode, topology)"#
+        r#""gpu0" is not KEY=VALUE (keys: name, devices, mode, topology, slots)"#
     );
     // Through the command line, the flag and its value lead.
     assert_eq!(
-        err(&["--p2p-group", "name=g0,slots=2"]),
-        r#"invalid --p2p-group "name=g0,slots=2": unknown key "slots" (use name, devices, mode, topology)"#
+        err(&["--p2p-group", "name=g0,ports=2"]),
+        r#"invalid --p2p-group "name=g0,ports=2": unknown key "ports" (use name, devices, mode, topology, slots)"#
     );
 }
 
@@ -209,12 +213,13 @@ fn bad_tables_are_one_line_errors() {
             .to_string()
     };
     assert!(
-        e("name = \"g0\"\nslots = 2\n").starts_with(
-            "unknown field `slots`, expected one of `name`, `devices`, `mode`, `topology`"
+        e("name = \"g0\"\nports = 2\n").starts_with(
+            "unknown field `ports`, expected one of `name`, `devices`, `mode`, `topology`, `slots`"
         ),
         "{}",
-        e("name = \"g0\"\nslots = 2\n")
+        e("name = \"g0\"\nports = 2\n")
     );
+    assert!(e("name = \"g0\"\nslots = 40\n").contains("slots \"40\": expected 0 to 16"));
     assert_eq!(e("devices = []\n"), "missing field `name`");
     assert!(e("name = \"g0\"\nmode = \"x\"\n").starts_with("unknown variant `x`"));
     assert!(e("name = \"g0\"\ntopology = \"ring\"\n").starts_with("unknown variant `ring`"));

@@ -594,6 +594,7 @@ fn devices_are_validated() {
         devices: vec!["gpu0".into(), "nic0".into()],
         mode: crate::config::P2pMode::Auto,
         topology: Default::default(),
+        slots: 0,
     }];
     assert_eq!(
         mixed.validate(&BIG_HOST).unwrap_err().to_string(),

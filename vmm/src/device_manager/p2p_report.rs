@@ -58,6 +58,11 @@ impl P2pReporter {
         Self { shared, thread }
     }
 
+    /// Every table's rows, for the API.
+    pub fn rows(&self) -> Vec<P2pRow> {
+        self.shared.rows()
+    }
+
     /// A BAR placement or decode state changed: log the table once things settle.
     pub fn changed(&self) {
         let mut state = self
