@@ -68,13 +68,13 @@ pub struct EventLoop {
 }
 
 impl EventLoop {
-    /// Watches `exit`, the stop signals, the console (if any) and the API channel's eventfd (if
-    /// any; a clone of it).
+    /// Watches `exit`, the stop signals, the console (if any) and `wakes` (clones of them: the
+    /// API channel's eventfd, the hotplug eject queue's).
     pub fn new(
         exit: &Arc<ExitSignal>,
         console: Option<ConsoleInput>,
         stop: StopSignals,
-        api: Option<&EventFd>,
+        wakes: &[&EventFd],
     ) -> Result<Self, EventLoopError> {
         let mut manager = EventManager::<Subscriber>::new().map_err(EventLoopError::Manager)?;
         manager.add_subscriber(watch(exit.event(), &Arc::default(), "exit")?);
@@ -83,8 +83,8 @@ impl EventLoop {
             manager.add_subscriber(Arc::new(Mutex::new(console)));
         }
         let fired = Arc::new(AtomicBool::new(false));
-        if let Some(event) = api {
-            manager.add_subscriber(watch(event, &fired, "API")?);
+        for event in wakes {
+            manager.add_subscriber(watch(event, &fired, "wake")?);
         }
         Ok(Self {
             manager,
@@ -92,7 +92,7 @@ impl EventLoop {
         })
     }
 
-    /// Waits for and handles one batch of events; returns whether the API eventfd fired.
+    /// Waits for and handles one batch of events; returns whether one of `wakes` fired.
     pub fn wait(&mut self) -> Result<bool, EventLoopError> {
         self.manager.run().map_err(EventLoopError::Manager)?;
         Ok(self.api.swap(false, Ordering::AcqRel))

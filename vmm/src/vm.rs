@@ -287,15 +287,19 @@ impl Vm {
         threads: &[std::thread::JoinHandle<()>],
         mut api: Option<&mut ApiService>,
     ) -> Result<Option<ApiStop>, VmError> {
-        let mut events = EventLoop::new(
-            &self.shared.exit,
-            console,
-            stop,
-            api.as_ref().map(|a| a.eventfd()),
-        )?;
+        let mut wakes = vec![self.devices.eject_event()];
+        wakes.extend(api.as_ref().map(|a| a.eventfd()));
+        let mut events = EventLoop::new(&self.shared.exit, console, stop, &wakes)?;
         while self.shared.exit.reason().is_none() {
             if !events.wait()? {
                 continue;
+            }
+            // The guest's ejects first: a request that follows sees the device gone.
+            for id in self.devices.process_ejects() {
+                self.config.devices.retain(|d| d.id != id);
+                for group in &mut self.config.p2p_groups {
+                    group.devices.retain(|d| d != &id);
+                }
             }
             if let Some(api) = api.as_deref_mut() {
                 let mut running = RunningVm {

@@ -242,6 +242,14 @@ pub(super) fn check_group_rules(vm: &VmConfig) -> Result<(), ConfigError> {
             value: name.clone(),
             reason,
         })?;
+        if group.slots > 0 && group.topology == GroupTopology::Flat {
+            return Err(ConfigError::InvalidGroup {
+                group: name.clone(),
+                field: "slots",
+                value: group.slots.to_string(),
+                reason: "hotplug slots are switch downstream ports or root ports; topology \"flat\" has neither".to_owned(),
+            });
+        }
         let earlier = &vm.p2p_groups[..index];
         if earlier.iter().any(|g| &g.name == name) {
             return Err(ConfigError::DuplicateGroup {

@@ -555,3 +555,13 @@ fn groups_serialize_as_the_file_spells_them() {
     assert_eq!(P2pMode::Legacy.to_string(), "legacy");
     assert_eq!(GroupTopology::RootPorts.to_string(), "root-ports");
 }
+
+#[test]
+fn slots_need_ports() {
+    let vm = load(&["--p2p-group", "name=g,slots=2"]).unwrap();
+    assert_eq!(vm.p2p_groups[0].slots, 2);
+    assert_eq!(
+        err(&["--p2p-group", "name=g,slots=1,topology=flat"]),
+        r#"p2p_group g: slots = "1": hotplug slots are switch downstream ports or root ports; topology "flat" has neither"#
+    );
+}

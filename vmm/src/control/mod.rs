@@ -235,7 +235,7 @@ fn wait_idle(api: &mut ApiService, phase: &mut Phase) -> Result<Option<Outcome>,
         what: "watching for SIGTERM/SIGINT/SIGHUP",
         source,
     })?;
-    let mut events = EventLoop::new(&exit, None, stop, Some(api.eventfd()))?;
+    let mut events = EventLoop::new(&exit, None, stop, &[api.eventfd()])?;
     loop {
         // Requests may have queued before the loop existed.
         if let Some(outcome) = api.serve_idle(phase) {

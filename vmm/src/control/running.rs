@@ -227,7 +227,10 @@ impl ApiService {
             )));
         };
         let group = next.group_of(&id).map(|g: &P2pGroupConfig| g.name.clone());
-        let bdf = vm.devices.hot_add(added, group.as_deref())?;
+        let clique = next
+            .clique_of(&id, crate::config::host_vendor)
+            .map_err(|e| ApiFailure::bad_request(e.to_string()))?;
+        let bdf = vm.devices.hot_add(added, group.as_deref(), clique)?;
         vm.set_config(next);
         ApiReply::json(&api::PciDeviceInfo {
             id,

@@ -85,6 +85,15 @@ impl BarMapper {
             .insert(device_id(device), bars);
     }
 
+    /// Forgets a device that has left the guest (its BARs already withdrawn); the returned
+    /// mappings unmap when dropped.
+    pub fn remove_passthrough(&self, device: &SharedPciDevice) -> Option<PassthroughBars> {
+        self.passthrough
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&device_id(device))
+    }
+
     fn bus(&self, kind: BarKind) -> &Bus {
         match kind {
             BarKind::Io => &self.pio,

@@ -3,13 +3,13 @@
 //! placed on it.
 
 mod bar_mapper;
+mod hotplug;
 mod p2p_report;
 mod vfio;
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 
-use api::ApiFailure;
 use devices::interrupt::InterruptController;
 use devices::pci::{Bdf, PciConfigIo, PciLayout, PciRoot, Placement, TopologyBuilder};
 use devices::{Bus, BusRange};
@@ -22,6 +22,7 @@ use crate::layout::{MemoryLayout, MMIO32_SIZE, MMIO32_START, PCI_ECAM_SIZE, PCI_
 use crate::memory::GuestRam;
 use crate::slots::MemorySlots;
 use bar_mapper::BarMapper;
+use hotplug::Hotplug;
 use p2p_report::P2pReporter;
 pub use vfio::{ram_backing, Passthrough};
 
@@ -81,8 +82,14 @@ pub enum DeviceManagerError {
     Topology(#[from] devices::pci::TopologyError),
     #[error("placing the PCI root complex: {0}")]
     Bus(#[from] devices::BusError),
-    #[error("the VM has no ACPI event device")]
-    NoHotplug,
+    #[error("{what}: {source}")]
+    Hotplug {
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("no P2P domain #{0}")]
+    NoDomain(usize),
     #[error("creating the KVM-VFIO device: {0}")]
     KvmVfioCreate(#[source] crate::kvm_vfio::KvmVfioError),
 }
@@ -91,7 +98,9 @@ pub enum DeviceManagerError {
 pub struct DeviceManager {
     root: PciRoot,
     passthrough: Option<Passthrough>,
-    _mapper: Arc<BarMapper>,
+    mapper: Arc<BarMapper>,
+    hotplug: Hotplug,
+    interrupts: Arc<dyn InterruptController>,
 }
 
 /// Everything the device manager needs from the VM under construction.
@@ -134,7 +143,8 @@ impl DeviceManager {
         if let Some(warning) = config.ungrouped_warning() {
             log::warn!("{warning}");
         }
-        let opened = if config.devices.is_empty() {
+        let hotplug_slots = config.p2p_groups.iter().any(|g| g.slots > 0);
+        let opened = if config.devices.is_empty() && !hotplug_slots {
             None
         } else {
             let kvm_vfio = KvmVfio::new(platform.vm).map_err(DeviceManagerError::KvmVfioCreate)?;
@@ -176,6 +186,23 @@ impl DeviceManager {
                 }
             }
         }
+        // Spare slots: downstream ports of the group's switch, or root ports of their own.
+        let mut slot_groups = Vec::new();
+        for group in config.p2p_groups.iter().filter(|g| g.slots > 0) {
+            if group.topology == config::GroupTopology::Switch {
+                if switches.insert(group.name.clone()) {
+                    builder.add_switch(&group.name);
+                }
+                builder.add_hotplug_slots(&group.name, group.slots);
+                slot_groups.push((None, Some(group.name.clone()), group.name.clone()));
+            } else {
+                for i in 0..group.slots {
+                    let name = format!("{}-slot{i}", group.name);
+                    builder.add_empty_root_port(&name);
+                    slot_groups.push((Some(name), None, group.name.clone()));
+                }
+            }
+        }
         for device in passthrough.iter().flat_map(|p| p.devices.iter()) {
             builder.add_device(
                 &device.config.id,
@@ -184,6 +211,14 @@ impl DeviceManager {
             );
         }
         let root = builder.build(mapper.clone())?;
+        let hotplug = Hotplug::new(platform.vm, platform.pio, &root, |slot| {
+            let info = root.hotplug_slot(slot)?;
+            slot_groups.iter().find_map(|(name, switch, group)| {
+                let by_name = name.as_deref() == Some(slot);
+                let by_switch = switch.is_some() && info.switch == *switch;
+                (by_name || by_switch).then(|| group.clone())
+            })
+        })?;
         if let Some(passthrough) = &passthrough {
             passthrough.connect_intx(root.segment());
         }
@@ -200,7 +235,9 @@ impl DeviceManager {
         Ok(Self {
             root,
             passthrough,
-            _mapper: mapper,
+            mapper,
+            hotplug,
+            interrupts: platform.interrupts,
         })
     }
 
@@ -209,13 +246,18 @@ impl DeviceManager {
         self.root.dsdt_aml()
     }
 
-    /// Each placed device's guest address, by id.
+    /// Each placed device's guest address, by id: the cold-plugged ones, then the hotplugged.
     pub fn placements(&self) -> Vec<(String, Bdf)> {
-        self.root
+        let cold = self
+            .root
             .placements()
             .iter()
-            .map(|(id, bdf)| (id.clone(), *bdf))
-            .collect()
+            .map(|(id, bdf)| (id.clone(), *bdf));
+        let hot = self.hotplug.slots.iter().filter_map(|slot| {
+            let info = self.root.hotplug_slot(&slot.name)?;
+            Some((slot.device.clone()?, info.current_bdf()))
+        });
+        cold.chain(hot).collect()
     }
 
     /// Every P2P table's rows, group by group.
@@ -228,22 +270,18 @@ impl DeviceManager {
 
     /// Presses the guest's ACPI power button.
     pub fn power_button(&self) -> Result<(), DeviceManagerError> {
-        Err(DeviceManagerError::NoHotplug)
+        self.hotplug
+            .controller
+            .power_button()
+            .map_err(|e| DeviceManagerError::Hotplug {
+                what: "pressing the power button".to_owned(),
+                source: Box::new(e),
+            })
     }
 
-    /// Hotplugs `device` (already in the configuration, checked) into `group`'s free slot.
-    pub fn hot_add(
-        &mut self,
-        device: &config::DeviceConfig,
-        group: Option<&str>,
-    ) -> Result<Bdf, ApiFailure> {
-        let _ = (device, group);
-        Err(ApiFailure::internal("hotplug is not wired yet"))
-    }
-
-    /// Asks the guest to release device `id`; it goes once the guest has let go.
-    pub fn hot_remove(&mut self, id: &str) -> Result<(), ApiFailure> {
-        Err(ApiFailure::not_found(format!("no device with id {id:?}")))
+    /// The eventfd that fires when the guest has ejected a device ([`Self::process_ejects`]).
+    pub fn eject_event(&self) -> &vmm_sys_util::eventfd::EventFd {
+        self.hotplug.eject_event()
     }
 
     /// Releases the passthrough devices in the order the kernel needs.

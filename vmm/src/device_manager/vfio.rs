@@ -384,6 +384,73 @@ fn mappable_areas(
     Ok(areas)
 }
 
+/// What building one device model needs besides the device.
+struct ModelContext<'a> {
+    group: &'a str,
+    p2p: Option<Arc<P2pTable>>,
+    mapper: &'a BarMapper,
+    interrupts: &'a Arc<dyn InterruptController>,
+}
+
+/// Registers an opened device with its domain's P2P table, builds its model and hands its
+/// mappable areas to the BAR mapper.
+fn model(
+    device: DeviceConfig,
+    host: Arc<HostPciDevice>,
+    domain: usize,
+    clique: Option<u8>,
+    cx: ModelContext<'_>,
+) -> Result<PassthroughDevice, DeviceManagerError> {
+    if let Some(table) = &cx.p2p {
+        match table.add_device(&host, &device.id) {
+            Ok(keys) => log::info!(
+                "{}: {} BAR area(s) in P2P group {}",
+                device.id,
+                keys.len(),
+                cx.group
+            ),
+            Err(e) => log::warn!("{}: peer-to-peer unavailable: {e}", device.id),
+        }
+    }
+    let built = VfioPciDevice::new(
+        &device.id,
+        host.clone(),
+        cx.interrupts.clone(),
+        cx.p2p.clone(),
+        VfioPciOptions { clique },
+    )
+    .map_err(|source| DeviceManagerError::Device {
+        id: device.id.clone(),
+        source,
+    })
+    .and_then(|model| Ok((mappable_areas(&device.id, &host, &model)?, model)));
+    let (areas, model) = match built {
+        Ok(built) => built,
+        Err(e) => {
+            if let Some(table) = &cx.p2p {
+                table.remove_device(host.key());
+            }
+            return Err(e);
+        }
+    };
+    let model = Arc::new(Mutex::new(model));
+    let shared: SharedPciDevice = model.clone();
+    cx.mapper.add_passthrough(
+        &shared,
+        PassthroughBars {
+            key: host.key(),
+            areas,
+            p2p: cx.p2p,
+        },
+    );
+    Ok(PassthroughDevice {
+        config: device,
+        host,
+        model,
+        domain,
+    })
+}
+
 /// Builds the device models for the opened devices, registering each with its domain's table.
 pub fn build(
     config: &VmConfig,
@@ -401,48 +468,16 @@ pub fn build(
     let mut devices = Vec::new();
     for (device, host, domain) in opened {
         let p2p = tables.get(domain).cloned().flatten();
-        if let Some(table) = &p2p {
-            match table.add_device(&host, &device.id) {
-                Ok(keys) => log::info!(
-                    "{}: {} BAR area(s) in P2P group {}",
-                    device.id,
-                    keys.len(),
-                    domains[domain].0.name
-                ),
-                Err(e) => log::warn!("{}: peer-to-peer unavailable: {e}", device.id),
-            }
-        }
         let clique = config
             .clique_of(&device.id, crate::config::host_vendor)
             .map_err(DeviceManagerError::Config)?;
-        let model = VfioPciDevice::new(
-            &device.id,
-            host.clone(),
-            interrupts.clone(),
-            p2p.clone(),
-            VfioPciOptions { clique },
-        )
-        .map_err(|source| DeviceManagerError::Device {
-            id: device.id.clone(),
-            source,
-        })?;
-        let areas = mappable_areas(&device.id, &host, &model)?;
-        let model = Arc::new(Mutex::new(model));
-        let shared: SharedPciDevice = model.clone();
-        mapper.add_passthrough(
-            &shared,
-            PassthroughBars {
-                key: host.key(),
-                areas,
-                p2p,
-            },
-        );
-        devices.push(PassthroughDevice {
-            config: device,
-            host,
-            model,
-            domain,
-        });
+        let context = ModelContext {
+            group: &domains[domain].0.name,
+            p2p,
+            mapper,
+            interrupts: &interrupts,
+        };
+        devices.push(model(device, host, domain, clique, context)?);
     }
     let domains = domains
         .into_iter()
@@ -458,6 +493,71 @@ pub fn build(
 }
 
 impl Passthrough {
+    /// Opens `device` in domain `domain` and builds its model, as a cold-plugged device gets
+    /// (same checks); undoes every step when one fails.
+    pub fn hot_open(
+        &self,
+        device: &DeviceConfig,
+        domain: usize,
+        clique: Option<u8>,
+        mapper: &BarMapper,
+        interrupts: &Arc<dyn InterruptController>,
+    ) -> Result<PassthroughDevice, DeviceManagerError> {
+        let target = self
+            .domains
+            .get(domain)
+            .ok_or(DeviceManagerError::NoDomain(domain))?;
+        let host = HostPciDevice::open(&device.path, &target.backend).map_err(|source| {
+            DeviceManagerError::Open {
+                id: device.id.clone(),
+                source,
+            }
+        })?;
+        self.kvm_vfio
+            .add(&host.device_fd())
+            .map_err(|source| DeviceManagerError::KvmVfio {
+                id: device.id.clone(),
+                source,
+            })?;
+        log::info!(
+            "{}: {} opened on {} in P2P domain {} (hotplug)",
+            device.id,
+            host.bdf(),
+            target.backend.kind(),
+            target.plan.name
+        );
+        let host = Arc::new(host);
+        let context = ModelContext {
+            group: &target.plan.name,
+            p2p: target.p2p.clone(),
+            mapper,
+            interrupts,
+        };
+        model(device.clone(), host.clone(), domain, clique, context).inspect_err(|_| {
+            if let Err(e) = self.kvm_vfio.remove(&host.device_fd()) {
+                log::warn!("{}: {e}", device.id);
+            }
+        })
+    }
+
+    /// Releases one device the guest no longer sees: its peer-BAR mappings, its KVM-VFIO
+    /// membership, its BAR mmaps, then a reset, then the device itself (closed on drop).
+    pub fn release(&self, device: PassthroughDevice, mapper: &BarMapper) {
+        let id = &device.config.id;
+        if let Some(p2p) = &self.domains[device.domain].p2p {
+            p2p.remove_device(device.host.key());
+        }
+        let shared: SharedPciDevice = device.model.clone();
+        drop(mapper.remove_passthrough(&shared));
+        if let Err(e) = self.kvm_vfio.remove(&device.host.device_fd()) {
+            log::warn!("{id}: {e}");
+        }
+        if let Err(e) = device.host.reset() {
+            log::info!("{id}: no reset on release ({e})");
+        }
+        log::info!("{id}: released");
+    }
+
     /// Connects each device's INTx to the GSI its place on `segment` routes it to. A device
     /// whose line cannot be connected still works with MSI/MSI-X.
     pub fn connect_intx(&self, segment: &PciSegment) {
