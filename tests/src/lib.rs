@@ -14,6 +14,6 @@ mod l1;
 
 pub use console::{expect_scenario, run_retrying_lab_failure, Console, L2Report, Scenario};
 pub use l1::{
-    edu_dma_static, lab_kernel, lab_vmlinux, msix_probe_static, p2pvmm_static, repo_root, L1Run,
-    L2_CMDLINE,
+    api_probe_static, edu_dma_static, lab_kernel, lab_vmlinux, msix_probe_static, p2pvmm_static,
+    repo_root, L1Run, L2_CMDLINE,
 };

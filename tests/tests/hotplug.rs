@@ -1,0 +1,405 @@
+//! The REST API and VFIO hotplug in the nested lab, driven from L1 through the API socket the way
+//! a user (or Cloud Hypervisor's `ch-remote`) would.
+//!
+//! - `hotplug` (per backend): L2 starts with edu in group g, which has one free slot. ivshmem is
+//!   added through `vm.add-device`: L2 sees it appear, edu DMAs into its BAR and the bytes are
+//!   there; `vm.p2p` lists its BAR. `vm.remove-device`: L2 lets go of it (the API's device tree
+//!   keeps it until then), edu's DMA to the old address no longer lands, DMA to RAM still works.
+//!   Added again: works again. `vm.pause` stops L2 (its once-a-second heartbeat stops) and
+//!   `vm.resume` restarts it. Bad requests, each a 4xx naming the problem and the VM still
+//!   running afterwards (heartbeat, `vm.info` Running): malformed JSON, an unknown field, an
+//!   unknown route, remove of an absent device, a duplicate id, a device not bound to vfio-pci,
+//!   two concurrent adds (one answered 200, the other 409, nothing half-applied), a 5 MiB body.
+//!   Every answer's wire form is checked as CH's client reads it (`api-probe`).
+//! - `api-boot`: p2pvmm started with only `--api-socket`; `vm.create` + `vm.boot` boot L2.
+
+use std::sync::OnceLock;
+
+use p2pvmm_tests::{
+    api_probe_static, edu_dma_static, expect_scenario, run_retrying_lab_failure, Console, L1Run,
+    Scenario, L2_CMDLINE,
+};
+
+const BIND: &str = r#"
+EDU=$(bind_vfio 1234 11e8 1)
+SHM=$(bind_vfio 1af4 1110 1)
+echo "L1: edu=$EDU ivshmem=$SHM"
+"#;
+
+/// The L1 driver of the hotplug scenario: `sh /tmp/hp.sh BACKEND EDU SHM CMDLINE`.
+const HOTPLUG_DRIVER: &str = r#"
+cat > /tmp/hp.sh <<'EOF'
+backend=$1 edu=$2 shm=$3 cmdline=$4
+sock=/tmp/hp-$backend.sock out=/tmp/hp-$backend.out
+rm -f $out
+R() { p2pvmm remote --api-socket $sock "$@"; }
+P() { api-probe $sock "$@"; }
+now() { cut -d' ' -f1 /proc/uptime; }
+# Waits (up to $2 s) until the VM's output has a line with $1.
+wait_for() {
+    n=0
+    while ! grep -q "$1" $out; do
+        sleep 0.05; n=$((n + 1))
+        if [ $n -gt $(($2 * 20)) ]; then echo "L1: timed out waiting for $1"; return 1; fi
+    done
+}
+finish() { echo "L1: --- VM output ---"; cat $out; echo "L1: --- end ---"; }
+p2pvmm -v --api-socket $sock --kernel /l2/bzImage --initramfs /l2/initramfs.cpio.gz \
+    --memory 512M --cmdline "$cmdline lab.mode=hotplug" \
+    --device path=$edu,id=edu,backend=$backend \
+    --p2p-group name=g,devices=edu,slots=1 >> $out 2>&1 &
+vmm=$!
+wait_for HP-READY 240 || { finish; kill $vmm; exit 1; }
+echo "HP-INFO-BEFORE $(R info | tr '\n' ' ')"
+t0=$(now)
+echo "HP-ADD-1 $(R add-device path=$shm,id=shm,p2p_group=g 2>&1)"
+wait_for HP-PLUGGED-1 60; t1=$(now)
+echo "HP-LATENCY plug $t0 $t1"
+wait_for HP-DONE-1 120
+echo "HP-P2P-TABLE"; R p2p
+echo "HP-INFO-PLUGGED $(R info | tr '\n' ' ')"
+t0=$(now)
+echo "HP-REMOVE $(P PUT vm.remove-device '{"id":"shm"}')"
+wait_for HP-GONE-1 60; t1=$(now)
+echo "HP-LATENCY unplug $t0 $t1"
+sleep 1
+echo "HP-INFO-REMOVED $(R info | tr '\n' ' ')"
+echo "HP-P2P-REMOVED $(R --json p2p)"
+wait_for HP-DONE-2 120
+echo "HP-ADD-2 $(R add-device path=$shm,id=shm,p2p_group=g 2>&1)"
+wait_for HP-PLUGGED-2 60
+wait_for HP-DONE-3 120
+# Pause: the heartbeat stops; resume: it goes on.
+R pause; sleep 1
+a=$(grep -c HP-ALIVE $out); sleep 4; b=$(grep -c HP-ALIVE $out)
+echo "HP-PAUSED-STATE $(R info | head -n 1)"
+echo "HP-PAUSED-BEATS $a $b"
+R resume; sleep 4; c=$(grep -c HP-ALIVE $out)
+echo "HP-RESUMED-BEATS $b $c"
+# Bad requests: each answered, none stops the VM.
+echo "HP-BAD-BEGIN"
+P PUT vm.add-device '{"path": '
+P PUT vm.add-device '{"path":"'$shm'","id":"x","colour":"red"}'
+P GET vm.nosuch
+P PUT vm.remove-device '{"id":"nosuch"}'
+P PUT vm.add-device '{"path":"'$edu'","id":"edu"}'
+P PUT vm.add-device '{"path":"0000:00:00.0","id":"notvfio","p2p_group":"g"}'
+P PUT vm.add-device --size 5242880
+P PUT vm.remove-device '{"id":"shm"}'
+wait_for HP-GONE-2 60
+P PUT vm.add-device '{"path":"'$shm'","id":"shm","p2p_group":"g"}' > /tmp/c1 &
+P PUT vm.add-device '{"path":"'$shm'","id":"shm","p2p_group":"g"}' > /tmp/c2 &
+wait
+sed 's/^API-PROBE/API-PROBE-CONCURRENT/' /tmp/c1 /tmp/c2
+P GET vmm.ping
+P GET openapi.json > /tmp/openapi.line
+echo "HP-OPENAPI-BYTES $(wc -c < /tmp/openapi.line)"
+echo "HP-BAD-DONE"
+n=$(grep -c HP-ALIVE $out); sleep 3
+echo "HP-ALIVE-AFTER $n $(grep -c HP-ALIVE $out)"
+echo "HP-FINAL-STATE $(R info | head -n 1)"
+echo "HP-DEVICES $(R info | tr '\n' ' ')"
+R shutdown-vmm
+wait $vmm
+rc=$?
+finish
+exit $rc
+EOF
+"#;
+
+/// The L1 driver of the API-created VM: `sh /tmp/api-boot.sh CMDLINE`.
+const API_BOOT_DRIVER: &str = r#"
+cat > /tmp/api-boot.sh <<'EOF'
+sock=/tmp/boot.sock out=/tmp/boot.out
+p2pvmm -v --api-socket $sock >> $out 2>&1 &
+vmm=$!
+n=0; while [ ! -S $sock ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+api-probe $sock GET vm.info
+cat > /tmp/vm.json <<JSON
+{"payload": {"kernel": "/l2/bzImage", "initramfs": "/l2/initramfs.cpio.gz",
+ "cmdline": "$1"}, "cpus": {"boot_vcpus": 1}, "memory": {"size": 536870912}}
+JSON
+api-probe $sock PUT vm.create "$(cat /tmp/vm.json)"
+api-probe $sock GET vm.info
+api-probe $sock PUT vm.boot
+wait $vmm
+rc=$?
+cat $out
+exit $rc
+EOF
+"#;
+
+/// L2: in hotplug mode, waits for ivshmem to come and go and checks edu's DMA each time.
+const L2_SCRIPT: &str = r#"
+mode=$(sed -n 's/.*lab\.mode=\([a-z]*\).*/\1/p' /proc/cmdline)
+if [ "$mode" = hotplug ]; then
+    find_dev() {
+        for d in /sys/bus/pci/devices/*; do
+            [ "$(cat $d/vendor):$(cat $d/device)" = "$1" ] && { echo ${d##*/}; return; }
+        done
+    }
+    # Waits until ivshmem is there ($1 = yes) or gone ($1 = no), up to 120 s.
+    wait_shm() {
+        n=0
+        while :; do
+            s=$(find_dev 0x1af4:0x1110)
+            [ "$1" = yes ] && [ -n "$s" ] && return 0
+            [ "$1" = no ] && [ -z "$s" ] && return 0
+            sleep 0.05; n=$((n + 1)); [ $n -gt 2400 ] && return 1
+        done
+    }
+    step() { echo "HP-STEP $1"; shift; /usr/bin/edu-dma --len 2048 "$@" 2>&1; }
+    edu=$(find_dev 0x1234:0x11e8)
+    echo "HP-READY edu=$edu"
+    wait_shm yes && shm=$(find_dev 0x1af4:0x1110)
+    echo "HP-PLUGGED-1 $shm $(readlink -f /sys/bus/pci/devices/$shm)"
+    old=$(sed -n 3p /sys/bus/pci/devices/$shm/resource | cut -d' ' -f1)
+    echo "HP-BAR $old"
+    step plugged-1 $edu --peer-bar "$shm:2" --peer-check "$shm:2"
+    echo "HP-DONE-1"
+    wait_shm no
+    echo "HP-GONE-1"
+    step old-address $edu --peer-dst "$old"
+    step ram-after-remove $edu
+    echo "HP-DONE-2"
+    wait_shm yes && shm=$(find_dev 0x1af4:0x1110)
+    echo "HP-PLUGGED-2 $shm"
+    step plugged-2 $edu --peer-bar "$shm:2" --peer-check "$shm:2"
+    echo "HP-DONE-3"
+    ( wait_shm no; echo "HP-GONE-2" ) &
+    while :; do echo "HP-ALIVE $(cut -d' ' -f1 /proc/uptime)"; sleep 1; done
+fi
+"#;
+
+fn run_lab() -> Result<Console, String> {
+    let hotplug = |backend: &str| format!("sh /tmp/hp.sh {backend} $EDU $SHM '{L2_CMDLINE}'");
+    L1Run::new("hotplug")
+        .prelude(BIND)
+        .prelude(HOTPLUG_DRIVER)
+        .prelude(API_BOOT_DRIVER)
+        .file(api_probe_static()?, "/usr/bin/api-probe")
+        .l2_file(edu_dma_static()?, "/usr/bin/edu-dma")
+        .l2_script(L2_SCRIPT)
+        .scenario("iommufd-hotplug", 600, &hotplug("iommufd"))
+        .scenario("legacy-hotplug", 600, &hotplug("legacy"))
+        .scenario(
+            "api-boot",
+            300,
+            &format!("sh /tmp/api-boot.sh '{L2_CMDLINE}'"),
+        )
+        .run()
+}
+
+fn lab() -> &'static Result<Console, String> {
+    static LAB: OnceLock<Result<Console, String>> = OnceLock::new();
+    LAB.get_or_init(|| {
+        run_retrying_lab_failure(&["iommufd-hotplug", "legacy-hotplug", "api-boot"], run_lab)
+    })
+}
+
+fn scenario(name: &str) -> (Scenario, &'static Console) {
+    expect_scenario(lab(), name)
+}
+
+/// Whether edu-dma's round trip after `HP-STEP step` succeeded byte for byte.
+fn step_works(s: &Scenario, console: &Console, step: &str) -> bool {
+    let result = s.expect_result(
+        console,
+        &format!("HP-STEP {step}\n"),
+        "EDU-DMA: ",
+        "edu-dma",
+    );
+    result.starts_with("ok ") && result.contains("wrong=0")
+}
+
+fn peer_bytes_present(s: &Scenario, console: &Console, step: &str) -> bool {
+    s.expect_result(
+        console,
+        &format!("HP-STEP {step}\n"),
+        "EDU-DMA-PEER: ",
+        "edu-dma --peer-check",
+    ) == "present"
+}
+
+/// The `api-probe` line for `METHOD endpoint` whose status is wanted, after `marker`.
+fn probe<'a>(s: &'a Scenario, console: &Console, marker: &str, request: &str) -> &'a str {
+    s.expect_result(
+        console,
+        marker,
+        &format!("API-PROBE {request} "),
+        "api-probe",
+    )
+}
+
+fn status(line: &str) -> &str {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("status="))
+        .unwrap_or("-")
+}
+
+fn assert_hotplug(name: &str) {
+    let (s, console) = scenario(name);
+    let fact = |prefix: &str| s.expect_result(console, "", prefix, "the L1 driver");
+    assert!(
+        fact("HP-ADD-1 ").starts_with("id shm at 0000:"),
+        "{name}: first add; console:\n{console}"
+    );
+    for (step, works) in [
+        ("plugged-1", true),
+        ("old-address", false),
+        ("ram-after-remove", true),
+        ("plugged-2", true),
+    ] {
+        assert_eq!(
+            step_works(&s, console, step),
+            works,
+            "{name}: step {step} should {}work; console:\n{console}",
+            if works { "" } else { "not " }
+        );
+    }
+    assert!(
+        peer_bytes_present(&s, console, "plugged-1"),
+        "{name}: bytes absent after the first plug; console:\n{console}"
+    );
+    assert!(
+        peer_bytes_present(&s, console, "plugged-2"),
+        "{name}: bytes absent after the replug; console:\n{console}"
+    );
+    // The P2P table shows the hotplugged BAR, and after the removal nothing of it.
+    let table = &s.output[s.output.find("HP-P2P-TABLE").unwrap_or(0)..];
+    assert!(
+        table
+            .lines()
+            .take(8)
+            .any(|l| l.contains("shm") && l.contains("mapped")),
+        "{name}: vm.p2p lacks shm's mapped BAR; console:\n{console}"
+    );
+    assert!(
+        !fact("HP-P2P-REMOVED ").contains("\"shm\""),
+        "{name}: shm still in the P2P table after removal; console:\n{console}"
+    );
+    assert!(
+        fact("HP-INFO-PLUGGED ").contains("shm"),
+        "{name}: vm.info before removal"
+    );
+    assert!(
+        !fact("HP-INFO-REMOVED ").contains("shm"),
+        "{name}: vm.info still shows shm after the guest let go; console:\n{console}"
+    );
+    assert_eq!(
+        status(probe(&s, console, "", "PUT vm.remove-device")),
+        "204"
+    );
+    // Pause and resume.
+    assert!(
+        fact("HP-PAUSED-STATE ").contains("Paused"),
+        "{name}: state while paused; console:\n{console}"
+    );
+    let beats = |prefix: &str| -> Vec<u32> {
+        fact(prefix)
+            .split_whitespace()
+            .filter_map(|n| n.parse().ok())
+            .collect()
+    };
+    let paused = beats("HP-PAUSED-BEATS ");
+    assert!(
+        paused.len() == 2 && paused[0] == paused[1],
+        "{name}: L2 ran while paused: {paused:?}; console:\n{console}"
+    );
+    let resumed = beats("HP-RESUMED-BEATS ");
+    assert!(
+        resumed.len() == 2 && resumed[1] > resumed[0],
+        "{name}: L2 did not resume: {resumed:?}; console:\n{console}"
+    );
+    // Bad requests: the status and what the message must name.
+    let bad = "HP-BAD-BEGIN";
+    let lines: Vec<&str> = s.output[s.output.find(bad).unwrap_or(0)..]
+        .lines()
+        .filter(|l| l.starts_with("API-PROBE "))
+        .collect();
+    let expect: [(&str, &str); 7] = [
+        ("400", "JSON"),
+        ("400", "colour"),
+        ("404", "vm.nosuch"),
+        ("404", "nosuch"),
+        ("409", "edu"),
+        ("400", "0000:00:00.0"),
+        ("413", ""),
+    ];
+    assert!(
+        lines.len() >= expect.len(),
+        "{name}: bad requests unanswered: {lines:?}; console:\n{console}"
+    );
+    for (line, (want, names)) in lines.iter().zip(expect) {
+        assert_eq!(status(line), want, "{name}: {line}; console:\n{console}");
+        assert!(line.contains("wire=ok"), "{name}: malformed answer {line}");
+        assert!(
+            line.contains(names),
+            "{name}: {line} does not name {names:?}"
+        );
+    }
+    // Two concurrent adds of one device: exactly one wins, the other is refused.
+    let mut concurrent: Vec<&str> = s
+        .output
+        .lines()
+        .filter(|l| l.starts_with("API-PROBE-CONCURRENT "))
+        .map(status)
+        .collect();
+    concurrent.sort();
+    assert_eq!(
+        concurrent,
+        ["200", "409"],
+        "{name}: concurrent adds; console:\n{console}"
+    );
+    assert!(
+        s.output.contains("HP-GONE-2"),
+        "{name}: second removal; console:\n{console}"
+    );
+    let alive = beats("HP-ALIVE-AFTER ");
+    assert!(
+        alive.len() == 2 && alive[1] > alive[0],
+        "{name}: L2 stopped after the bad requests; console:\n{console}"
+    );
+    assert!(
+        fact("HP-FINAL-STATE ").contains("Running"),
+        "{name}: final state; console:\n{console}"
+    );
+    assert_eq!(status(probe(&s, console, "", "GET vmm.ping")), "200");
+    s.assert_exit(console, 0);
+}
+
+#[test]
+fn hotplug_into_a_group_keeps_p2p_on_iommufd() {
+    assert_hotplug("iommufd-hotplug");
+}
+
+#[test]
+fn hotplug_into_a_group_keeps_p2p_on_legacy() {
+    assert_hotplug("legacy-hotplug");
+}
+
+#[test]
+fn api_creates_and_boots_a_vm() {
+    let (s, console) = scenario("api-boot");
+    let lines: Vec<&str> = s
+        .output
+        .lines()
+        .filter(|l| l.starts_with("API-PROBE "))
+        .collect();
+    let statuses: Vec<&str> = lines.iter().map(|l| status(l)).collect();
+    assert_eq!(
+        statuses,
+        ["404", "204", "200", "204"],
+        "api-boot: info before create, create, info, boot: {lines:?}; console:\n{console}"
+    );
+    assert!(
+        lines[2].contains("\"state\":\"Created\""),
+        "api-boot: {}",
+        lines[2]
+    );
+    assert!(
+        s.l2_report().is_some(),
+        "api-boot: L2 never reported; console:\n{console}"
+    );
+    s.assert_exit(console, 0);
+}
