@@ -27,6 +27,14 @@ else
     log "Debian packages present"
 fi
 
+# The API tests validate the served OpenAPI document and live answers (resources/check-openapi.py).
+if ! python3 -c 'import openapi_spec_validator, openapi_schema_validator' 2>/dev/null; then
+    log "installing openapi-spec-validator (PyPI)"
+    python3 -m pip install --quiet openapi-spec-validator
+else
+    log "openapi-spec-validator present"
+fi
+
 # The lab's static p2pvmm uses the gnu target with crt-static (the host target here).
 if command -v rustup >/dev/null; then
     rustup target list --installed | grep -qx x86_64-unknown-linux-gnu ||

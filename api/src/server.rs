@@ -5,7 +5,7 @@
 //! to the VMM thread, and the VMM's answer written back.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, ErrorKind};
+use std::io::{self, ErrorKind, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -245,11 +245,29 @@ fn serve_connection(mut stream: UnixStream, sender: &ApiSender, reply_timeout: D
             log::debug!("API: reading a request failed: {e}");
             return;
         }
-        Err(ReadError::Reject(response)) => response,
+        Err(ReadError::Reject(response)) => {
+            // The client may still be sending what was refused (a body over the limit): closing
+            // with it unread would reset the connection before the client reads the answer.
+            if let Err(e) = response.write_to(&mut stream) {
+                log::debug!("API: writing the answer failed: {e}");
+            }
+            drain(&mut stream);
+            return;
+        }
     };
     if let Err(e) = response.write_to(&mut stream) {
         log::debug!("API: writing the answer failed: {e}");
     }
+}
+
+/// Most a refused request may still send before the server closes on it anyway.
+const DRAIN_LIMIT: u64 = 64 << 20;
+
+/// Ends the answer (the client sees EOF) and discards what the client still sends, up to
+/// [`DRAIN_LIMIT`] and the read timeout.
+fn drain(stream: &mut UnixStream) {
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let _ = io::copy(&mut Read::by_ref(stream).take(DRAIN_LIMIT), &mut io::sink());
 }
 
 /// Routes one request and produces its response.

@@ -260,7 +260,15 @@ fn five_mib_body_is_413_and_the_server_keeps_serving() {
         format!("PUT /api/v1/vm.create HTTP/1.1\r\nContent-Length: {size}\r\n\r\n").into_bytes();
     request.resize(request.len() + size, b' ');
 
-    let answer = raw(&setup.socket, &request);
+    // Written in full and read to the end, as a client that does not expect an early answer
+    // does: the refusal must arrive, not a reset connection.
+    let mut stream = UnixStream::connect(&setup.socket).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream.write_all(&request).unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
     let (after, _) = setup.client().request("GET", "vmm.ping", None).unwrap();
 
     assert!(answer.starts_with("HTTP/1.1 413 \r\n"), "{answer}");

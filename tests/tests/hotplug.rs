@@ -40,10 +40,17 @@ wait_for() {
     n=0
     while ! grep -q "$1" $out; do
         sleep 0.05; n=$((n + 1))
-        if [ $n -gt $(($2 * 20)) ]; then echo "L1: timed out waiting for $1"; return 1; fi
+        if [ $n -gt $(($2 * 20)) ]; then
+            echo "L1: timed out waiting for $1"; stuck_report hotplug; return 1
+        fi
     done
 }
-finish() { echo "L1: --- VM output ---"; cat $out; echo "L1: --- end ---"; }
+# The VM's output streams to the console as it comes (the scenario's record, and L2's heartbeat
+# keeps the L1 console from looking frozen while requests wait).
+touch $out
+tail -n +1 -f $out &
+tailer=$!
+finish() { sleep 1; kill $tailer; }
 p2pvmm -v --api-socket $sock --kernel /l2/bzImage --initramfs /l2/initramfs.cpio.gz \
     --memory 512M --cmdline "$cmdline lab.mode=hotplug" \
     --device path=$edu,id=edu,backend=$backend \
@@ -83,10 +90,11 @@ P PUT vm.add-device '{"path":"'$shm'","id":"x","colour":"red"}'
 P GET vm.nosuch
 P PUT vm.remove-device '{"id":"nosuch"}'
 P PUT vm.add-device '{"path":"'$edu'","id":"edu"}'
-P PUT vm.add-device '{"path":"0000:00:00.0","id":"notvfio","p2p_group":"g"}'
 P PUT vm.add-device --size 5242880
 P PUT vm.remove-device '{"id":"shm"}'
 wait_for HP-GONE-2 60
+# With the slot free again, so the device's own checks are what refuse it.
+P PUT vm.add-device '{"path":"0000:00:00.0","id":"notvfio","p2p_group":"g"}'
 P PUT vm.add-device '{"path":"'$shm'","id":"shm","p2p_group":"g"}' > /tmp/c1 &
 P PUT vm.add-device '{"path":"'$shm'","id":"shm","p2p_group":"g"}' > /tmp/c2 &
 wait
@@ -98,6 +106,7 @@ echo "HP-BAD-DONE"
 n=$(grep -c HP-ALIVE $out); sleep 3
 echo "HP-ALIVE-AFTER $n $(grep -c HP-ALIVE $out)"
 echo "HP-FINAL-STATE $(R info | head -n 1)"
+echo "HP-INFO-JSON"; P GET vm.info
 echo "HP-DEVICES $(R info | tr '\n' ' ')"
 R shutdown-vmm
 wait $vmm
@@ -121,6 +130,7 @@ cat > /tmp/vm.json <<JSON
 JSON
 api-probe $sock PUT vm.create "$(cat /tmp/vm.json)"
 api-probe $sock GET vm.info
+api-probe $sock GET openapi.json
 api-probe $sock PUT vm.boot
 wait $vmm
 rc=$?
@@ -317,14 +327,15 @@ fn assert_hotplug(name: &str) {
         .lines()
         .filter(|l| l.starts_with("API-PROBE "))
         .collect();
-    let expect: [(&str, &str); 7] = [
+    let expect: [(&str, &str); 8] = [
         ("400", "JSON"),
         ("400", "colour"),
         ("404", "vm.nosuch"),
         ("404", "nosuch"),
         ("409", "edu"),
-        ("400", "0000:00:00.0"),
         ("413", ""),
+        ("204", ""),
+        ("400", "0000:00:00.0"),
     ];
     assert!(
         lines.len() >= expect.len(),
@@ -389,8 +400,8 @@ fn api_creates_and_boots_a_vm() {
     let statuses: Vec<&str> = lines.iter().map(|l| status(l)).collect();
     assert_eq!(
         statuses,
-        ["404", "204", "200", "204"],
-        "api-boot: info before create, create, info, boot: {lines:?}; console:\n{console}"
+        ["404", "204", "200", "200", "204"],
+        "api-boot: info before create, create, info, openapi.json, boot: {lines:?}; console:\n{console}"
     );
     assert!(
         lines[2].contains("\"state\":\"Created\""),
@@ -402,4 +413,76 @@ fn api_creates_and_boots_a_vm() {
         "api-boot: L2 never reported; console:\n{console}"
     );
     s.assert_exit(console, 0);
+}
+
+/// The body of the first `api-probe` answer to `request` after `marker`.
+fn probe_body<'a>(s: &'a Scenario, console: &Console, marker: &str, request: &str) -> &'a str {
+    let line = probe(s, console, marker, request);
+    line.split_once("body=").map_or("", |(_, body)| body)
+}
+
+/// The served OpenAPI document passes a standard validator (openapi-spec-validator, installed
+/// by .ci/run), and live answers of both VMs validate against the schemas it gives them.
+#[test]
+fn openapi_document_and_live_answers_validate() {
+    let (boot, console) = scenario("api-boot");
+    let (hot, _) = scenario("iommufd-hotplug");
+    let dir = std::env::temp_dir().join(format!("p2pvmm-openapi-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut args = vec![dir.join("openapi.json").display().to_string()];
+    std::fs::write(&args[0], probe_body(&boot, console, "", "GET openapi.json")).unwrap();
+    let concurrent_ok = hot
+        .output
+        .lines()
+        .filter(|l| l.starts_with("API-PROBE-CONCURRENT ") && status(l) == "200")
+        .find_map(|l| l.split_once("body="))
+        .map_or("", |(_, b)| b);
+    let bodies = [
+        (
+            "VmInfoResponse",
+            probe_body(&boot, console, "", "GET vm.info status=200"),
+        ),
+        (
+            "VmInfoResponse",
+            probe_body(&hot, console, "HP-INFO-JSON", "GET vm.info"),
+        ),
+        (
+            "VmmPingResponse",
+            probe_body(&hot, console, "", "GET vmm.ping"),
+        ),
+        (
+            "P2pTable",
+            hot.expect_result(console, "", "HP-P2P-REMOVED ", "the L1 driver"),
+        ),
+        ("PciDeviceInfo", concurrent_ok),
+        (
+            "ErrorBody",
+            probe_body(&hot, console, "HP-BAD-BEGIN", "GET vm.nosuch"),
+        ),
+    ];
+    for (i, (schema, body)) in bodies.iter().enumerate() {
+        assert!(
+            !body.is_empty(),
+            "no live {schema} answer; console:\n{console}"
+        );
+        let path = dir.join(format!("{i}-{schema}.json"));
+        std::fs::write(&path, body).unwrap();
+        args.push(format!("{schema}={}", path.display()));
+    }
+    let out = std::process::Command::new("python3")
+        .arg(p2pvmm_tests::repo_root().join("resources/check-openapi.py"))
+        .args(&args)
+        .output()
+        .expect("running python3 (resources/setup.sh installs it)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "OpenAPI check failed (pip install openapi-spec-validator if it is missing):\n{text}"
+    );
+    assert_eq!(text.matches("OPENAPI-BODY").count(), bodies.len(), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

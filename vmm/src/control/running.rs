@@ -135,7 +135,7 @@ fn info(vm: &RunningVm<'_>) -> ApiResult {
         .map(|(id, bdf)| {
             let node = api::DeviceNode {
                 id: id.clone(),
-                pci_bdf: Some(format!("0000:{bdf}")),
+                pci_bdf: Some(bdf.to_string()),
                 ..Default::default()
             };
             (id, node)
@@ -234,7 +234,7 @@ impl ApiService {
         vm.set_config(next);
         ApiReply::json(&api::PciDeviceInfo {
             id,
-            bdf: format!("0000:{bdf}"),
+            bdf: bdf.to_string(),
         })
     }
 }

@@ -94,6 +94,33 @@ pub struct Opened {
     pub devices: Vec<(DeviceConfig, Arc<HostPciDevice>, usize)>,
 }
 
+/// Opens `device` in `backend`'s domain (named `domain`) and makes it known to KVM.
+fn open_device(
+    device: &DeviceConfig,
+    backend: &VfioBackend,
+    kvm_vfio: &KvmVfio,
+    domain: &str,
+) -> Result<HostPciDevice, DeviceManagerError> {
+    let host =
+        HostPciDevice::open(&device.path, backend).map_err(|source| DeviceManagerError::Open {
+            id: device.id.clone(),
+            source,
+        })?;
+    kvm_vfio
+        .add(&host.device_fd())
+        .map_err(|source| DeviceManagerError::KvmVfio {
+            id: device.id.clone(),
+            source,
+        })?;
+    log::info!(
+        "{}: {} opened on {} in P2P domain {domain}",
+        device.id,
+        host.bdf(),
+        backend.kind()
+    );
+    Ok(host)
+}
+
 /// Opens one domain per P2P group and per ungrouped device, and every device in its domain.
 pub fn open(config: &VmConfig, kvm_vfio: KvmVfio) -> Result<Opened, DeviceManagerError> {
     let opener = DomainOpener::new();
@@ -111,24 +138,7 @@ pub fn open(config: &VmConfig, kvm_vfio: KvmVfio) -> Result<Opened, DeviceManage
             let Some(device) = config.devices.iter().find(|d| &d.id == id) else {
                 continue;
             };
-            let host = HostPciDevice::open(&device.path, &backend).map_err(|source| {
-                DeviceManagerError::Open {
-                    id: device.id.clone(),
-                    source,
-                }
-            })?;
-            kvm_vfio
-                .add(&host.device_fd())
-                .map_err(|source| DeviceManagerError::KvmVfio {
-                    id: device.id.clone(),
-                    source,
-                })?;
-            log::info!(
-                "{}: {} opened on {kind} in P2P domain {}",
-                device.id,
-                host.bdf(),
-                plan.name
-            );
+            let host = open_device(device, &backend, &kvm_vfio, &plan.name)?;
             devices.push((device.clone(), Arc::new(host), domains.len()));
         }
         domains.push((plan, backend));
@@ -507,25 +517,7 @@ impl Passthrough {
             .domains
             .get(domain)
             .ok_or(DeviceManagerError::NoDomain(domain))?;
-        let host = HostPciDevice::open(&device.path, &target.backend).map_err(|source| {
-            DeviceManagerError::Open {
-                id: device.id.clone(),
-                source,
-            }
-        })?;
-        self.kvm_vfio
-            .add(&host.device_fd())
-            .map_err(|source| DeviceManagerError::KvmVfio {
-                id: device.id.clone(),
-                source,
-            })?;
-        log::info!(
-            "{}: {} opened on {} in P2P domain {} (hotplug)",
-            device.id,
-            host.bdf(),
-            target.backend.kind(),
-            target.plan.name
-        );
+        let host = open_device(device, &target.backend, &self.kvm_vfio, &target.plan.name)?;
         let host = Arc::new(host);
         let context = ModelContext {
             group: &target.plan.name,
