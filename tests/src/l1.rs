@@ -371,6 +371,15 @@ impl L1Run {
         run_checked(&mut mk, "building the L1 initramfs")?;
 
         let log = work.join("l1-console.log");
+        // A retried run keeps the earlier console next to it (l1-console.1.log, ...).
+        if log.exists() {
+            let kept = (1..)
+                .map(|n| work.join(format!("l1-console.{n}.log")))
+                .find(|p| !p.exists());
+            if let Some(kept) = kept {
+                let _ = std::fs::rename(&log, kept);
+            }
+        }
         let mut qemu = Command::new(repo_root().join("resources/run-l1.sh"));
         for arg in &self.qemu_args {
             qemu.arg("--qemu-arg").arg(arg);

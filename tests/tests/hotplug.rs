@@ -96,8 +96,9 @@ wait_for HP-GONE-2 60
 # With the slot free again, so the device's own checks are what refuse it.
 P PUT vm.add-device '{"path":"0000:00:00.0","id":"notvfio","p2p_group":"g"}'
 P PUT vm.add-device '{"path":"'$shm'","id":"shm","p2p_group":"g"}' > /tmp/c1 &
+c1=$!
 P PUT vm.add-device '{"path":"'$shm'","id":"shm","p2p_group":"g"}' > /tmp/c2 &
-wait
+wait $c1 $!
 sed 's/^API-PROBE/API-PROBE-CONCURRENT/' /tmp/c1 /tmp/c2
 P GET vmm.ping
 P GET openapi.json > /tmp/openapi.line

@@ -3,6 +3,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use devices::legacy::ExitSignal;
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
@@ -94,7 +95,18 @@ impl EventLoop {
 
     /// Waits for and handles one batch of events; returns whether one of `wakes` fired.
     pub fn wait(&mut self) -> Result<bool, EventLoopError> {
-        self.manager.run().map_err(EventLoopError::Manager)?;
+        self.wait_at_most(None)
+    }
+
+    /// [`wait`](Self::wait), returning after `timeout` at the latest (`None`: no limit).
+    pub fn wait_at_most(&mut self, timeout: Option<Duration>) -> Result<bool, EventLoopError> {
+        match timeout {
+            None => self.manager.run(),
+            Some(t) => self
+                .manager
+                .run_with_timeout(i32::try_from(t.as_millis()).unwrap_or(i32::MAX)),
+        }
+        .map_err(EventLoopError::Manager)?;
         Ok(self.api.swap(false, Ordering::AcqRel))
     }
 }

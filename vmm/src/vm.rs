@@ -97,6 +97,9 @@ fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> VmError {
     move |source| VmError::Io { what, source }
 }
 
+/// How often the event loop looks at pending ejects' deadlines.
+const EJECT_TICK: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Why [`Vm::run`] returned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum VmEnd {
@@ -291,7 +294,9 @@ impl Vm {
         wakes.extend(api.as_ref().map(|a| a.eventfd()));
         let mut events = EventLoop::new(&self.shared.exit, console, stop, &wakes)?;
         while self.shared.exit.reason().is_none() {
-            if !events.wait()? {
+            // While an eject is pending, wake up to enforce its deadline.
+            let tick = self.devices.eject_pending().then_some(EJECT_TICK);
+            if !events.wait_at_most(tick)? && tick.is_none() {
                 continue;
             }
             // The guest's ejects first: a request that follows sees the device gone.

@@ -10,7 +10,7 @@
 //! reachable), the VMM thread unplugs it, its P2P mappings go, and it is reset and closed.
 
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use devices::pci::{AcpiHotplug, PciRoot, HOTPLUG_GED_GSI, HOTPLUG_IO_BASE, HOTPLUG_IO_LEN};
 use devices::{Bus, BusRange};
@@ -41,6 +41,12 @@ impl EjectQueue {
         std::mem::take(&mut *self.numbers.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
+
+/// How long the guest has to let go of a device after `vm.remove-device`. A guest that has not
+/// run `_EJ0` by then (no acpiphp, a driver stuck in its remove) loses the device anyway, as on a
+/// surprise removal: the VMM must not hold a device (and its IOMMU mappings) a guest can keep
+/// forever.
+pub const EJECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// One spare slot and who holds it.
 #[derive(Debug)]
@@ -211,6 +217,14 @@ impl super::DeviceManager {
         Ok(bdf)
     }
 
+    /// Whether a device waits for the guest's `_EJ0`.
+    pub fn eject_pending(&self) -> bool {
+        self.hotplug
+            .slots
+            .iter()
+            .any(|s| s.eject_requested.is_some() && s.device.is_some())
+    }
+
     /// Asks the guest to let go of hotplugged device `id`; it leaves once the guest's `_EJ0`
     /// ran ([`Self::process_ejects`]). Asking again repeats the request.
     pub fn hot_remove(&mut self, id: &str) -> Result<(), ApiFailure> {
@@ -242,7 +256,21 @@ impl super::DeviceManager {
     /// address space), then releases it. Returns the ids that left.
     pub fn process_ejects(&mut self) -> Vec<String> {
         let mut gone = Vec::new();
-        for number in self.hotplug.take_ejected() {
+        let mut numbers = self.hotplug.take_ejected();
+        for slot in &self.hotplug.slots {
+            if slot
+                .eject_requested
+                .is_some_and(|t| t.elapsed() >= EJECT_TIMEOUT && slot.device.is_some())
+            {
+                log::warn!(
+                    "{}: the guest did not release it within {EJECT_TIMEOUT:?} of the eject \
+                     request; removing it anyway (surprise removal)",
+                    slot.device.as_deref().unwrap_or("?")
+                );
+                numbers.push(slot.number);
+            }
+        }
+        for number in numbers {
             let Some(slot) = self.hotplug.slots.iter_mut().find(|s| s.number == number) else {
                 log::warn!("guest ejected slot #{number}, which is no hotplug slot of a group");
                 continue;
