@@ -4,7 +4,9 @@
 #   unplug: API call (`vm.remove-device`, QMP `device_del`) -> gone in L2, and -> torn down in
 #           the VMM (p2pvmm: `vm.info` no longer lists it, its P2P mappings gone; QEMU:
 #           DEVICE_DELETED)
-# L2 polls sysfs every 50 ms for both VMMs; times are L1's /proc/uptime (10 ms steps).
+# L2 polls sysfs every 50 ms for both VMMs; times are L1's /proc/uptime (10 ms steps) and include
+# starting the client in L1 (`p2pvmm remote`, `qmp-probe`). QEMU's L2 gets `noxsave` (lab README:
+# its -cpu host CPUID breaks XSAVE setup in L2).
 #
 # Usage: resources/bench-hotplug.sh [--rounds N] [--timeout SECS]
 # Prints each round, then medians and p2pvmm/QEMU ratios. Not part of the test command.
@@ -75,7 +77,14 @@ bind_vfio() {
     echo "$1" >/sys/bus/pci/drivers_probe
 }
 now() { cut -d' ' -f1 /proc/uptime; }
-wait_for() { while ! grep -q "$1" "$2"; do sleep 0.01; done; }
+# Waits (up to 300 s) for a line with $1 in file $2.
+wait_for() {
+    n=0
+    while ! grep -q "$1" "$2"; do
+        sleep 0.01; n=$((n + 1))
+        [ $n -lt 30000 ] || { echo "L1: timed out waiting for $1"; tail -n 30 "$2"; return 1; }
+    done
+}
 edu=$(find_dev 0x1234:0x11e8); shm=$(find_dev 0x1af4:0x1110)
 bind_vfio $edu; bind_vfio $shm
 echo "L1: edu=$edu ivshmem=$shm"
@@ -85,7 +94,7 @@ p2pvmm --api-socket $sock --kernel /l2/bzImage --initramfs /l2/initramfs.cpio.gz
     --cmdline "$l2_cmdline" --device path=$edu,id=edu --p2p-group name=g,devices=edu,slots=1 \
     >> $out 2>&1 &
 vmm=$!
-wait_for BENCH-L2-READY $out
+wait_for BENCH-L2-READY $out || exit 1
 for r in $(seq 1 $rounds); do
     t0=$(now)
     p2pvmm remote --api-socket $sock add-device path=$shm,id=shm,p2p_group=g >/dev/null
@@ -106,10 +115,10 @@ out=/tmp/qemu.out qmp=/tmp/qmp.sock
     -no-reboot -vga none -nic none -qmp unix:$qmp,server=on,wait=off \
     -device pcie-root-port,id=rp0,chassis=1,slot=1 -device vfio-pci,host=$edu,bus=rp0 \
     -device pcie-root-port,id=rp1,chassis=2,slot=2 \
-    -kernel /l2/bzImage -initrd /l2/initramfs.cpio.gz -append "$l2_cmdline" \
+    -kernel /l2/bzImage -initrd /l2/initramfs.cpio.gz -append "$l2_cmdline noxsave" \
     </dev/null >> $out 2>&1 &
 vmm=$!
-wait_for BENCH-L2-READY $out
+wait_for BENCH-L2-READY $out || exit 1
 for r in $(seq 1 $rounds); do
     t0=$(now)
     qmp-probe $qmp '{"execute":"device_add","arguments":{"driver":"vfio-pci","host":"'$shm'","bus":"rp1","id":"shm"}}' >/dev/null
