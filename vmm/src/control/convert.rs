@@ -207,3 +207,7 @@ fn api_group(group: &config::P2pGroupConfig) -> api::P2pGroupConfig {
         slots: (group.slots > 0).then_some(group.slots),
     }
 }
+
+#[cfg(test)]
+#[path = "convert_tests.rs"]
+mod tests;

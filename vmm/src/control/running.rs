@@ -238,3 +238,61 @@ impl ApiService {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> VmConfig {
+        super::convert::vm_config(
+            &serde_json::from_str(
+                r#"{"payload": {"kernel": "/k"},
+                    "devices": [{"path": "0000:00:03.0", "id": "edu", "p2p_group": "g"}],
+                    "p2p_groups": [{"name": "g", "slots": 1}]}"#,
+            )
+            .unwrap(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn devices_come_and_go_from_the_config_with_their_group() {
+        let mut config = config();
+        let shm = api::DeviceConfig {
+            path: "0000:00:04.0".into(),
+            p2p_group: Some("g".into()),
+            ..Default::default()
+        };
+        let id = add_to_config(&mut config, &shm).unwrap();
+        assert_eq!(id, "dev1");
+        assert_eq!(config.group_of("dev1").map(|g| g.name.as_str()), Some("g"));
+        let again = api::DeviceConfig {
+            id: Some("edu".into()),
+            ..shm.clone()
+        };
+        assert_eq!(add_to_config(&mut config, &again).unwrap_err().status, 409);
+        remove_from_config(&mut config, "dev1").unwrap();
+        assert!(config.group_of("dev1").is_none());
+        assert_eq!(config.devices.len(), 1);
+        assert_eq!(
+            remove_from_config(&mut config, "dev1").unwrap_err().status,
+            404
+        );
+    }
+
+    #[test]
+    fn groups_are_added_once() {
+        let mut config = config();
+        let group = api::P2pGroupConfig {
+            name: "h".into(),
+            slots: Some(2),
+            ..Default::default()
+        };
+        add_group_to_config(&mut config, &group).unwrap();
+        assert_eq!(config.p2p_groups[1].slots, 2);
+        assert_eq!(
+            add_group_to_config(&mut config, &group).unwrap_err().status,
+            409
+        );
+    }
+}
