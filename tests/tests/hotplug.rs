@@ -84,6 +84,8 @@ echo "HP-PAUSED-BEATS $a $b"
 R resume; sleep 4; c=$(grep -c HP-ALIVE $out)
 echo "HP-RESUMED-BEATS $b $c"
 # Bad requests: each answered, none stops the VM.
+fds() { ls /proc/$vmm/fd | wc -l; }
+echo "HP-FDS before-bad $(fds)"
 echo "HP-BAD-BEGIN"
 P PUT vm.add-device '{"path": '
 P PUT vm.add-device '{"path":"'$shm'","id":"x","colour":"red"}'
@@ -100,6 +102,9 @@ c1=$!
 P PUT vm.add-device '{"path":"'$shm'","id":"shm","p2p_group":"g"}' > /tmp/c2 &
 wait $c1 $!
 sed 's/^API-PROBE/API-PROBE-CONCURRENT/' /tmp/c1 /tmp/c2
+# The same state as before the bad requests (shm plugged): nothing of theirs is left open.
+sleep 1
+echo "HP-FDS after-bad $(fds)"
 P GET vmm.ping
 P GET openapi.json > /tmp/openapi.line
 echo "HP-OPENAPI-BYTES $(wc -c < /tmp/openapi.line)"
@@ -113,6 +118,34 @@ R shutdown-vmm
 wait $vmm
 rc=$?
 finish
+exit $rc
+EOF
+"#;
+
+/// The L1 driver of a guest that never lets go (no acpiphp): `sh /tmp/hold.sh EDU SHM CMDLINE`.
+const HOLD_DRIVER: &str = r#"
+cat > /tmp/hold.sh <<'EOF'
+edu=$1 shm=$2 cmdline=$3
+sock=/tmp/hold.sock out=/tmp/hold.out
+R() { p2pvmm remote --api-socket $sock "$@"; }
+now() { cut -d' ' -f1 /proc/uptime; }
+p2pvmm -v --api-socket $sock --kernel /l2/bzImage --initramfs /l2/initramfs.cpio.gz \
+    --memory 512M --cmdline "$cmdline acpiphp.disable=1 lab.mode=hold" \
+    --device path=$edu,id=edu --p2p-group name=g,devices=edu,slots=1 >> $out 2>&1 &
+vmm=$!
+n=0; while ! grep -q L2-HOLDING $out && [ $n -lt 2400 ]; do sleep 0.1; n=$((n + 1)); done
+echo "HOLD-ADD $(R add-device path=$shm,id=shm,p2p_group=g 2>&1)"
+t0=$(now)
+R remove-device shm
+sleep 5
+echo "HOLD-INFO-5S $(R info | tr '\n' ' ')"
+n=0; while R info | grep -q '^shm ' && [ $n -lt 600 ]; do sleep 0.1; n=$((n + 1)); done
+echo "HOLD-FORCED $t0 $(now)"
+echo "HOLD-INFO-AFTER $(R info | tr '\n' ' ')"
+R shutdown-vmm
+wait $vmm
+rc=$?
+cat $out
 exit $rc
 EOF
 "#;
@@ -179,6 +212,8 @@ if [ "$mode" = hotplug ]; then
     echo "HP-DONE-3"
     ( wait_shm no; echo "HP-GONE-2" ) &
     while :; do echo "HP-ALIVE $(cut -d' ' -f1 /proc/uptime)"; sleep 1; done
+elif [ "$mode" = hold ]; then
+    echo "L2-HOLDING"; sleep 600
 fi
 "#;
 
@@ -188,11 +223,17 @@ fn run_lab() -> Result<Console, String> {
         .prelude(BIND)
         .prelude(HOTPLUG_DRIVER)
         .prelude(API_BOOT_DRIVER)
+        .prelude(HOLD_DRIVER)
         .file(api_probe_static()?, "/usr/bin/api-probe")
         .l2_file(edu_dma_static()?, "/usr/bin/edu-dma")
         .l2_script(L2_SCRIPT)
         .scenario("iommufd-hotplug", 600, &hotplug("iommufd"))
         .scenario("legacy-hotplug", 600, &hotplug("legacy"))
+        .scenario(
+            "no-release",
+            300,
+            &format!("sh /tmp/hold.sh $EDU $SHM '{L2_CMDLINE}'"),
+        )
         .scenario(
             "api-boot",
             300,
@@ -204,7 +245,15 @@ fn run_lab() -> Result<Console, String> {
 fn lab() -> &'static Result<Console, String> {
     static LAB: OnceLock<Result<Console, String>> = OnceLock::new();
     LAB.get_or_init(|| {
-        run_retrying_lab_failure(&["iommufd-hotplug", "legacy-hotplug", "api-boot"], run_lab)
+        run_retrying_lab_failure(
+            &[
+                "iommufd-hotplug",
+                "legacy-hotplug",
+                "no-release",
+                "api-boot",
+            ],
+            run_lab,
+        )
     })
 }
 
@@ -372,6 +421,11 @@ fn assert_hotplug(name: &str) {
         alive.len() == 2 && alive[1] > alive[0],
         "{name}: L2 stopped after the bad requests; console:\n{console}"
     );
+    assert_eq!(
+        fact("HP-FDS before-bad "),
+        fact("HP-FDS after-bad "),
+        "{name}: open fds differ after the failed and concurrent adds; console:\n{console}"
+    );
     assert!(
         fact("HP-FINAL-STATE ").contains("Running"),
         "{name}: final state; console:\n{console}"
@@ -486,4 +540,38 @@ fn openapi_document_and_live_answers_validate() {
     );
     assert_eq!(text.matches("OPENAPI-BODY").count(), bodies.len(), "{text}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A guest that never runs `_EJ0` (acpiphp disabled) loses the device once the eject deadline
+/// passes; until then `vm.info` still shows it.
+#[test]
+fn a_guest_that_never_lets_go_loses_the_device_after_the_deadline() {
+    let (s, console) = scenario("no-release");
+    let fact = |prefix: &str| s.expect_result(console, "", prefix, "the L1 driver");
+    assert!(
+        fact("HOLD-ADD ").starts_with("id shm at "),
+        "no-release: add; console:\n{console}"
+    );
+    assert!(
+        fact("HOLD-INFO-5S ").contains("shm"),
+        "no-release: gone too early; console:\n{console}"
+    );
+    assert!(
+        !fact("HOLD-INFO-AFTER ").contains("shm"),
+        "no-release: never removed; console:\n{console}"
+    );
+    let times: Vec<f64> = fact("HOLD-FORCED ")
+        .split_whitespace()
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    let waited = times.get(1).zip(times.first()).map(|(b, a)| b - a);
+    assert!(
+        waited.is_some_and(|w| (29.0..60.0).contains(&w)),
+        "no-release: forced after {waited:?} s, not at the 30 s deadline; console:\n{console}"
+    );
+    assert!(
+        s.output.contains("did not release it within 30s"),
+        "no-release: no warning; console:\n{console}"
+    );
+    s.assert_exit(console, 0);
 }
