@@ -175,6 +175,13 @@ const L1_PROLOGUE: &str = r#"
 # Kernel console writes racing the tty's interrupt-driven output are the suspect; failing
 # scenarios print the dmesg tail instead (SCENARIO-DMESG).
 dmesg -n 1
+# No page migration under running L2s: twice an L2 with RAM above 4 GiB (3.5 GiB, 2 vCPUs) oopsed
+# jumping into its own heap at a high address (cmos_init; once during PCI enumeration), as if it
+# read stale memory. L1's khugepaged and compaction move the pages behind an L2, and the nested
+# page tables that emulated SVM keeps must follow; the suspect is that path, not p2pvmm (the same
+# L2 passes on most runs). Cheap to rule out: L1 keeps its pages where they are.
+echo never > /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null
+echo 0 > /proc/sys/vm/compaction_proactiveness 2>/dev/null
 stuck_report() {
     for p in $(pidof p2pvmm); do
         for t in /proc/$p/task/*; do

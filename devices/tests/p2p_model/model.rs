@@ -71,8 +71,29 @@ fn read32(segment: &PciSegment, bdf: Bdf, offset: u16) -> u32 {
     u32::from_le_bytes(b)
 }
 
-/// The guest-visible range a BAR decodes now, if any.
-pub fn decoded(vm: &Vm, writes: &Writes, slot: usize, bar: &BarSpec) -> Option<(u64, u64)> {
+/// A BAR as the guest has it now.
+#[derive(Clone, Copy, Debug)]
+pub struct BarState {
+    pub address: u64,
+    pub size: u64,
+    /// A sizing write is in force in one of its registers.
+    pub sizing: bool,
+    /// The command register's memory enable.
+    pub memory: bool,
+    /// It fits its address space (below 4 GiB for a 32-bit BAR, no wrap).
+    pub fits: bool,
+}
+
+impl BarState {
+    /// The range it decodes, if any.
+    pub fn decoded(&self) -> Option<(u64, u64)> {
+        let decodes = self.memory && self.address != 0 && !self.sizing && self.fits;
+        decodes.then_some((self.address, self.size))
+    }
+}
+
+/// Memory BAR `bar` of function `slot` as config space reads it, with the model's sizing record.
+pub fn bar_state(vm: &Vm, writes: &Writes, slot: usize, bar: &BarSpec) -> Option<BarState> {
     let dev = vm.devices[slot].as_ref()?;
     let segment = vm.root.segment();
     let command = read32(segment, dev.bdf, COMMAND) as u16;
@@ -91,9 +112,15 @@ pub fn decoded(vm: &Vm, writes: &Writes, slot: usize, bar: &BarSpec) -> Option<(
             u64::MAX,
         ),
     };
-    let end = address.checked_add(bar.def.size)?;
-    let decodes = command & COMMAND_MEMORY != 0 && address != 0 && !sizing && end <= limit;
-    decodes.then_some((address, bar.def.size))
+    Some(BarState {
+        address,
+        size: bar.def.size,
+        sizing,
+        memory: command & COMMAND_MEMORY != 0,
+        fits: address
+            .checked_add(bar.def.size)
+            .is_some_and(|end| end <= limit),
+    })
 }
 
 /// The current address of BAR `index` of function `slot` as the guest reads it (for aiming
@@ -110,11 +137,24 @@ pub fn address_of(vm: &Vm, slot: usize, index: usize) -> Option<u64> {
     })
 }
 
+/// What the P2P table must show for an area.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Shown {
+    Mapped,
+    /// Placed and decoding, but outside the host windows (or, when contested, overlapped).
+    Failed,
+    /// Not decoding: "decode off" or "unplaced". Which of the two cannot be required: the
+    /// table only hears of decoded-range changes, so a BAR placed while decoding is off, or
+    /// decoding turned off while it is sized, keeps the older word (FINDING 2 in main.rs).
+    NotDecoding,
+}
+
 /// Where the model says one area must be mapped.
 #[derive(Clone, Copy, Debug)]
 struct Expected {
     slot: usize,
     key: P2pKey,
+    shown: Shown,
     dmabuf: (u64, u64),
     size: u64,
     /// `Some(iova)` when it must be (or, see `contested`, may be) in the IOMMU.
@@ -143,7 +183,8 @@ fn expected(vm: &Vm, writes: &Writes, group: usize) -> Vec<Expected> {
     });
     for (slot, dev) in members {
         for bar in dev.spec.bars {
-            let range = decoded(vm, writes, slot, bar);
+            let state = bar_state(vm, writes, slot, bar);
+            let range = state.and_then(|s| s.decoded());
             for area in dev
                 .areas
                 .iter()
@@ -152,8 +193,14 @@ fn expected(vm: &Vm, writes: &Writes, group: usize) -> Vec<Expected> {
                 let at = range
                     .map(|(base, _)| base + area.offset)
                     .filter(|&iova| inside_windows(iova, area.size));
+                let shown = match range {
+                    Some(_) if at.is_none() => Shown::Failed,
+                    Some(_) => Shown::Mapped,
+                    None => Shown::NotDecoding,
+                };
                 out.push(Expected {
                     slot,
+                    shown,
                     key: area.key,
                     dmabuf: area.dmabuf,
                     size: area.size,
@@ -232,6 +279,18 @@ pub fn check(vm: &Vm, writes: &Writes, step: usize) -> Result<(), String> {
             let is_mapped = row.state == P2pAreaState::Mapped;
             if is_mapped != mapped.is_some() {
                 return fail(format!("{name} {}: row says {}", e.key, row.state));
+            }
+            let state_ok = match (e.shown, &row.state) {
+                (Shown::Mapped, P2pAreaState::Mapped) => true,
+                (Shown::Failed, P2pAreaState::Failed(_)) => true,
+                (Shown::NotDecoding, P2pAreaState::DecodeOff | P2pAreaState::Unplaced) => true,
+                _ => false,
+            };
+            if !state_ok {
+                return fail(format!(
+                    "{name} {}: row says {}, not {:?}",
+                    e.key, row.state, e.shown
+                ));
             }
             if let (Some(m), true) = (mapped, is_mapped) {
                 if row.guest != Some((m.iova, m.iova + m.size - 1)) {
