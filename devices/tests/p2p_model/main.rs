@@ -5,6 +5,27 @@
 //! `FakeIommu` per group, and an observer mirroring the VMM's `BarMapper`), `steps.rs`
 //! generates and applies guest actions, `model.rs` computes from guest-visible state what each
 //! IOMMU must hold and checks it.
+//!
+//! Findings that need more than this crate and vfio-p2p, kept out of the checked space:
+//!
+//! FINDING 1 (excluded: `P2pObserver::own_clash`). Two BARs of one function placed over each
+//! other (only possible where the observer does not refuse overlaps; the VMM's bus does): the
+//! table maps one, the other waits as "another BAR is mapped there". When an access ends the
+//! function's decoding as a whole (memory decode off, secondary bus reset), the observer reports
+//! it one BAR at a time, and the table's reconcile after the first report maps the waiting BAR,
+//! whose own report has not arrived yet, with the function no longer decoding: `FakeIommu`
+//! panics ("map of a dmabuf ... while its memory decoding is off"); the kernel would fail it with
+//! ENODEV and the row would say "revoked" until the next report. Sequence: place `a1` BAR 4 and
+//! BAR 2 over each other in the 64-bit window, then a secondary bus reset of `ga-down0`.
+//! Expected: no map call. The fix is to hand a whole access's changes to the table at once
+//! (a batch `BarObserver` call from `update_decode` and a `P2pTable` batch update that
+//! reconciles once), which changes vmm/src/device_manager/bar_mapper.rs.
+//!
+//! FINDING 2 (relaxed: `model::Shown::NotDecoding`). The table hears only of decoded-range
+//! changes, so a row can say "unplaced" for a BAR that is placed with memory decoding off (it
+//! was placed while decoding was off), or "decode off" for one being sized. Mapping is right in
+//! both cases; only the row's word is stale. Fixing it needs the observer to hear of address
+//! changes of non-decoding BARs (vmm's bar_mapper.rs and `update_decode`).
 
 mod model;
 mod platform;
@@ -91,9 +112,9 @@ fn minimize(reject: bool, mut steps: Vec<Step>) -> Vec<Step> {
 /// RAM, and the tables report them mapped. `reject` chooses whether the observer refuses
 /// overlapping BARs as the VMM does, or lets them reach the tables.
 ///
-/// `PROPTEST_CASES` sets the number of cases (default 64, a few seconds in debug). The
+/// `PROPTEST_CASES` sets the number of cases (default 64: about 2 s in debug). The
 /// benchmark/fuzz run is `PROPTEST_CASES=10000 cargo test --release -p devices --test
-/// p2p_model`: 10,000 cases in TODO on the 2-core lab machine.
+/// p2p_model`: 10,000 cases (a million checked steps) in 16.4 s on the 2-core lab machine.
 #[test]
 fn p2p_invariants() {
     let strategy = (any::<bool>(), proptest::collection::vec(step(), STEPS));

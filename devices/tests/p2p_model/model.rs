@@ -280,12 +280,15 @@ pub fn check(vm: &Vm, writes: &Writes, step: usize) -> Result<(), String> {
             if is_mapped != mapped.is_some() {
                 return fail(format!("{name} {}: row says {}", e.key, row.state));
             }
-            let state_ok = match (e.shown, &row.state) {
-                (Shown::Mapped, P2pAreaState::Mapped) => true,
-                (Shown::Failed, P2pAreaState::Failed(_)) => true,
-                (Shown::NotDecoding, P2pAreaState::DecodeOff | P2pAreaState::Unplaced) => true,
-                _ => false,
-            };
+            let state_ok = matches!(
+                (e.shown, &row.state),
+                (Shown::Mapped, P2pAreaState::Mapped)
+                    | (Shown::Failed, P2pAreaState::Failed(_))
+                    | (
+                        Shown::NotDecoding,
+                        P2pAreaState::DecodeOff | P2pAreaState::Unplaced
+                    )
+            );
             if !state_ok {
                 return fail(format!(
                     "{name} {}: row says {}, not {:?}",
