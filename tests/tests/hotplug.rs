@@ -326,12 +326,15 @@ fn assert_hotplug(name: &str) {
         "{name}: bytes absent after the replug; console:\n{console}"
     );
     // The P2P table shows the hotplugged BAR, and after the removal nothing of it.
-    let table = &s.output[s.output.find("HP-P2P-TABLE").unwrap_or(0)..];
+    // `p2pvmm remote p2p` prints between the two L1 markers (VM output may interleave).
+    let start = s.output.find("HP-P2P-TABLE").unwrap_or(0);
+    let end = s.output[start..]
+        .find("HP-INFO-PLUGGED")
+        .map_or(s.output.len(), |e| start + e);
     assert!(
-        table
+        s.output[start..end]
             .lines()
-            .take(8)
-            .any(|l| l.contains("shm") && l.contains("mapped")),
+            .any(|l| l.starts_with("g ") && l.contains("shm") && l.contains("mapped")),
         "{name}: vm.p2p lacks shm's mapped BAR; console:\n{console}"
     );
     assert!(
