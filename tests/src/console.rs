@@ -123,8 +123,12 @@ pub fn run_retrying_lab_failure(
             .is_none_or(|s| !s.output.contains("Linux version") || s.output.contains("Oops: "))
     });
     let timed_out = first.scenarios().iter().any(|s| {
-        // 124: timeout(1) killed the command (a scenario may end with 143 on purpose).
+        // 124: timeout(1) gave up; 143: it sent SIGTERM and p2pvmm stopped in order (busybox's
+        // timeout passes that status on). A scenario may end with 143 on purpose (sigterm), so
+        // 143 counts only when the scenario's stuck report (printed just before its limit) is
+        // there.
         matches!(s.rc, None | Some(124))
+            || (s.rc == Some(143) && s.output.contains("SCENARIO-STUCK"))
     });
     if !silent && !timed_out {
         return Ok(first);
@@ -245,5 +249,31 @@ mod tests {
         assert_eq!(hung.l2_report(), None);
         assert!(console.scenario("absent").is_none());
         assert!(!console.l1_finished());
+    }
+
+    /// How many runs `run_retrying_lab_failure` makes for a first console `text`.
+    fn runs_for(text: &str) -> usize {
+        let calls = std::cell::Cell::new(0);
+        let _ = run_retrying_lab_failure(&["s"], || {
+            calls.set(calls.get() + 1);
+            Ok(Console {
+                text: text.to_owned(),
+            })
+        });
+        calls.get()
+    }
+
+    #[test]
+    fn a_sigterm_from_the_time_limit_reruns_but_a_scenarios_own_does_not() {
+        let booted = "SCENARIO-BEGIN s\nLinux version 7\n";
+        let stuck = format!("{booted}SCENARIO-STUCK s: vcpu0\nSCENARIO-END s rc=143\n");
+        let own = format!("{booted}p2pvmm: stopped by SIGTERM\nSCENARIO-END s rc=143\n");
+        assert_eq!(runs_for(&stuck), 2);
+        assert_eq!(runs_for(&own), 1);
+        assert_eq!(runs_for(&format!("{booted}SCENARIO-END s rc=0\n")), 1);
+        assert_eq!(
+            runs_for(&format!("{booted}Oops: 0002\nSCENARIO-END s rc=3\n")),
+            2
+        );
     }
 }
