@@ -166,6 +166,25 @@ impl Scenario {
             .find_map(|l| l.split_once(prefix).map(|(_, r)| r.trim()))
     }
 
+    /// Whether edu-dma's round trip after the step marker `marker` (e.g. `P2P-STEP moved`)
+    /// succeeded byte for byte.
+    pub fn edu_dma_works(&self, console: &Console, marker: &str) -> bool {
+        let result = self.expect_result(console, &format!("{marker}\n"), "EDU-DMA: ", "edu-dma");
+        result.starts_with("ok ") && result.contains("wrong=0")
+    }
+
+    /// What edu-dma's `--peer-check` saw after the step marker `marker`: whether the bytes
+    /// landed in the peer's BAR.
+    pub fn peer_bytes_present(&self, console: &Console, marker: &str) -> bool {
+        let seen = self.expect_result(
+            console,
+            &format!("{marker}\n"),
+            "EDU-DMA-PEER: ",
+            "edu-dma --peer-check",
+        );
+        seen == "present"
+    }
+
     /// [`result_after`](Self::result_after), failing the test with the L1 console attached
     /// when the line is missing (`what` names the program that should have printed it).
     pub fn expect_result(&self, console: &Console, marker: &str, prefix: &str, what: &str) -> &str {

@@ -261,26 +261,6 @@ fn scenario(name: &str) -> (Scenario, &'static Console) {
     expect_scenario(lab(), name)
 }
 
-/// Whether edu-dma's round trip after `HP-STEP step` succeeded byte for byte.
-fn step_works(s: &Scenario, console: &Console, step: &str) -> bool {
-    let result = s.expect_result(
-        console,
-        &format!("HP-STEP {step}\n"),
-        "EDU-DMA: ",
-        "edu-dma",
-    );
-    result.starts_with("ok ") && result.contains("wrong=0")
-}
-
-fn peer_bytes_present(s: &Scenario, console: &Console, step: &str) -> bool {
-    s.expect_result(
-        console,
-        &format!("HP-STEP {step}\n"),
-        "EDU-DMA-PEER: ",
-        "edu-dma --peer-check",
-    ) == "present"
-}
-
 /// The `api-probe` line for `METHOD endpoint` whose status is wanted, after `marker`.
 fn probe<'a>(s: &'a Scenario, console: &Console, marker: &str, request: &str) -> &'a str {
     s.expect_result(
@@ -311,18 +291,18 @@ fn assert_hotplug(name: &str) {
         ("plugged-2", true),
     ] {
         assert_eq!(
-            step_works(&s, console, step),
+            s.edu_dma_works(console, &format!("HP-STEP {step}")),
             works,
             "{name}: step {step} should {}work; console:\n{console}",
             if works { "" } else { "not " }
         );
     }
     assert!(
-        peer_bytes_present(&s, console, "plugged-1"),
+        s.peer_bytes_present(console, "HP-STEP plugged-1"),
         "{name}: bytes absent after the first plug; console:\n{console}"
     );
     assert!(
-        peer_bytes_present(&s, console, "plugged-2"),
+        s.peer_bytes_present(console, "HP-STEP plugged-2"),
         "{name}: bytes absent after the replug; console:\n{console}"
     );
     // The P2P table shows the hotplugged BAR, and after the removal nothing of it.

@@ -252,21 +252,10 @@ fn scenario(name: &str) -> (Scenario, &'static Console) {
     expect_scenario(lab(), name)
 }
 
-/// Whether edu-dma's round trip after `P2P-STEP step` succeeded byte for byte.
-fn step_works(s: &Scenario, console: &Console, step: &str) -> bool {
-    let result = s.expect_result(
-        console,
-        &format!("P2P-STEP {step}\n"),
-        "EDU-DMA: ",
-        "edu-dma",
-    );
-    result.starts_with("ok ") && result.contains("wrong=0")
-}
-
 fn assert_steps(s: &Scenario, console: &Console, expect: &[(&str, bool)]) {
     for &(step, works) in expect {
         assert_eq!(
-            step_works(s, console, step),
+            s.edu_dma_works(console, &format!("P2P-STEP {step}")),
             works,
             "{}: step {step} should {}work; console:\n{}",
             s.name,
@@ -274,17 +263,6 @@ fn assert_steps(s: &Scenario, console: &Console, expect: &[(&str, bool)]) {
             console
         );
     }
-}
-
-/// What `--peer-check` saw after `P2P-STEP step`: whether the bytes landed in the BAR.
-fn peer_bytes_present(s: &Scenario, console: &Console, step: &str) -> bool {
-    let seen = s.expect_result(
-        console,
-        &format!("P2P-STEP {step}\n"),
-        "EDU-DMA-PEER: ",
-        "edu-dma --peer-check",
-    );
-    seen == "present"
 }
 
 /// The sysfs path L2 printed for `role` (`P2P-TOPO role path`).
@@ -318,9 +296,12 @@ fn assert_groups(name: &str, g1_depth: usize) {
             ("edge-4g", true),
         ],
     );
-    assert!(peer_bytes_present(&s, console, "g1"), "{name}: {console:?}");
     assert!(
-        !peer_bytes_present(&s, console, "cross-g0-to-g1"),
+        s.peer_bytes_present(console, "P2P-STEP g1"),
+        "{name}: {console:?}"
+    );
+    assert!(
+        !s.peer_bytes_present(console, "P2P-STEP cross-g0-to-g1"),
         "{name}: edu's bytes reached the other group's BAR; console:\n{}",
         console
     );
@@ -369,7 +350,7 @@ fn assert_nogroup(name: &str) {
     );
     assert_steps(&s, console, &[("ram", true), ("isolated", false)]);
     assert!(
-        !peer_bytes_present(&s, console, "isolated"),
+        !s.peer_bytes_present(console, "P2P-STEP isolated"),
         "{name}: an ungrouped device's bytes reached another device's BAR"
     );
     s.assert_exit(console, 0);
@@ -399,8 +380,8 @@ fn legacy_devices_without_a_group_reach_no_bar() {
 fn without_dmabuf_export_iommufd_loses_p2p_and_a_legacy_group_keeps_it() {
     let (s, console) = scenario("iommufd-nodmabuf");
     assert_steps(&s, console, &[("ram", true), ("g0", false), ("g1", true)]);
-    assert!(!peer_bytes_present(&s, console, "g0"));
-    assert!(peer_bytes_present(&s, console, "g1"));
+    assert!(!s.peer_bytes_present(console, "P2P-STEP g0"));
+    assert!(s.peer_bytes_present(console, "P2P-STEP g1"));
     assert!(
         s.output
             .lines()

@@ -103,7 +103,8 @@ impl ApiService {
                     shut_down: true, ..
                 },
             ) => {
-                let config = self.checked(convert::vm_config(&body))?;
+                let config =
+                    self.checked(convert::vm_config(&body).map_err(ApiFailure::bad_request)?)?;
                 *phase = Phase::Created {
                     config,
                     shut_down: false,
@@ -126,9 +127,8 @@ impl ApiService {
             }
             (ApiRequest::VmAddDevice(device), Phase::Created { config, .. }) => {
                 let mut next = config.clone();
-                let id = running::add_to_config(&mut next, &device)?;
-                *config = self.checked(Ok(next))?;
-                let _ = id;
+                running::add_to_config(&mut next, &device)?;
+                *config = self.checked(next)?;
                 Ok(ApiReply::Empty)
             }
             (ApiRequest::VmRemoveDevice(remove), Phase::Created { config, .. }) => {
@@ -138,7 +138,7 @@ impl ApiService {
             (ApiRequest::VmAddP2pGroup(group), Phase::Created { config, .. }) => {
                 let mut next = config.clone();
                 running::add_group_to_config(&mut next, &group)?;
-                *config = self.checked(Ok(next))?;
+                *config = self.checked(next)?;
                 Ok(ApiReply::Empty)
             }
             (_, Phase::Empty) => Err(not_created()),
@@ -150,8 +150,7 @@ impl ApiService {
     }
 
     /// A configuration from the API, checked against the host as a command line would be.
-    fn checked(&self, config: Result<VmConfig, String>) -> Result<VmConfig, ApiFailure> {
-        let config = config.map_err(ApiFailure::bad_request)?;
+    fn checked(&self, config: VmConfig) -> Result<VmConfig, ApiFailure> {
         config
             .validate(&self.host)
             .map_err(|e| ApiFailure::bad_request(crate::error_chain(&e)))?;

@@ -220,7 +220,7 @@ impl ApiService {
     fn hot_add(&mut self, vm: &mut RunningVm<'_>, device: &api::DeviceConfig) -> ApiResult {
         let mut next = vm.config.clone();
         let id = add_to_config(&mut next, device)?;
-        let next = self.checked(Ok(next))?;
+        let next = self.checked(next)?;
         let Some(added) = next.devices.iter().find(|d| d.id == id) else {
             return Err(ApiFailure::internal(format!(
                 "device {id} vanished from the config"
