@@ -177,6 +177,9 @@ EOF
 const L2_SCRIPT: &str = r#"
 mode=$(sed -n 's/.*lab\.mode=\([a-z]*\).*/\1/p' /proc/cmdline)
 if [ "$mode" = hotplug ]; then
+    # The kernel's hotplug messages would land in the middle of this script's lines (its console
+    # writes go straight to the UART); the script reads what it needs from sysfs.
+    dmesg -n 1
     find_dev() {
         for d in /sys/bus/pci/devices/*; do
             [ "$(cat $d/vendor):$(cat $d/device)" = "$1" ] && { echo ${d##*/}; return; }

@@ -8,6 +8,7 @@
 mod arch;
 mod config;
 mod console;
+mod console_output;
 mod control;
 mod device_manager;
 mod event_loop;

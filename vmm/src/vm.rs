@@ -17,6 +17,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::{acpi, boot, cpuid, regs};
 use crate::config::{SerialConfig, VmConfig};
 use crate::console::ConsoleInput;
+use crate::console_output::LineOutput;
 use crate::control::{ApiService, ApiStop};
 use crate::device_manager::{ram_backing, DeviceManager, DeviceManagerError, Platform};
 use crate::event_loop::{self, EventLoop};
@@ -357,7 +358,7 @@ fn serial_device(vm: &VmFd, config: &SerialConfig) -> Result<Serial, VmError> {
     let out: Box<dyn Write + Send> =
         match config {
             SerialConfig::Stdout => Box::new(std::io::stdout()),
-            SerialConfig::Off => Box::new(std::io::sink()),
+            SerialConfig::Off => return Ok(Serial::new(irq, Box::new(std::io::sink()))),
             SerialConfig::File(path) => Box::new(std::fs::File::create(path).map_err(
                 |source| VmError::SerialFile {
                     path: path.clone(),
@@ -365,5 +366,6 @@ fn serial_device(vm: &VmFd, config: &SerialConfig) -> Result<Serial, VmError> {
                 },
             )?),
         };
-    Ok(Serial::new(irq, out))
+    let lines = LineOutput::new(out).map_err(io_err("starting the console output thread"))?;
+    Ok(Serial::new(irq, Box::new(lines)))
 }
