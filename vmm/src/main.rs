@@ -55,8 +55,10 @@ fn main() -> ExitCode {
         Err(ConfigError::Usage(e)) => e.exit(),
         Err(e) => return fail(&e),
     };
+    // Microseconds: the log is how hotplug and BAR-move latencies are read (bench-hotplug.sh).
     env_logger::Builder::new()
         .filter_level(startup.log_level())
+        .format_timestamp_micros()
         .parse_env("P2PVMM_LOG")
         .init();
 
