@@ -51,6 +51,7 @@ touch $out
 tail -n +1 -f $out &
 tailer=$!
 finish() { sleep 1; kill $tailer; }
+P2PVMM_X_HOTPLUG_FAIL=model,plug,notify \
 p2pvmm -v --api-socket $sock --kernel /l2/bzImage --initramfs /l2/initramfs.cpio.gz \
     --memory 512M --cmdline "$cmdline lab.mode=hotplug" \
     --device path=$edu,id=edu,backend=$backend \
@@ -58,6 +59,19 @@ p2pvmm -v --api-socket $sock --kernel /l2/bzImage --initramfs /l2/initramfs.cpio
 vmm=$!
 wait_for HP-READY 240 || { finish; kill $vmm; exit 1; }
 echo "HP-INFO-BEFORE $(R info | tr '\n' ' ')"
+# The first three adds fail on purpose, each at a step that already holds something (the device
+# open in the domain and KVM-VFIO; its BARs mmapped and in the P2P table; the slot): after each,
+# p2pvmm's fds, its VFIO mappings, the P2P table and the device list are as before.
+state() {
+    sleep 0.5
+    echo "fds=$(ls /proc/$vmm/fd | wc -l) vfio-maps=$(grep -c vfio /proc/$vmm/maps)" \
+        "p2p-shm=$(R --json p2p | grep -c '"shm"') info-shm=$(R info | grep -c '^shm ')"
+}
+echo "HP-STATE before-faults $(state)"
+for step in model plug notify; do
+    P PUT vm.add-device '{"path":"'$shm'","id":"shm","p2p_group":"g"}' | sed "s/^/HP-FAULT $step /"
+    echo "HP-STATE after-$step $(state)"
+done
 t0=$(now)
 echo "HP-ADD-1 $(R add-device path=$shm,id=shm,p2p_group=g 2>&1)"
 wait_for HP-PLUGGED-1 60; t1=$(now)
@@ -283,6 +297,26 @@ fn status(line: &str) -> &str {
 fn assert_hotplug(name: &str) {
     let (s, console) = scenario(name);
     let fact = |prefix: &str| s.expect_result(console, "", prefix, "the L1 driver");
+    // Failed adds leave nothing behind, whichever step failed.
+    let before = fact("HP-STATE before-faults ");
+    assert!(
+        before.contains("vfio-maps=")
+            && before.contains("p2p-shm=0")
+            && before.contains("info-shm=0"),
+        "{name}: state before the failed adds: {before}; console:\n{console}"
+    );
+    for step in ["model", "plug", "notify"] {
+        let answer = fact(&format!("HP-FAULT {step} "));
+        assert!(
+            matches!(status(answer), "400" | "500") && answer.contains(&format!("step {step}")),
+            "{name}: injected failure at {step}: {answer}; console:\n{console}"
+        );
+        assert_eq!(
+            fact(&format!("HP-STATE after-{step} ")),
+            before,
+            "{name}: a failed add at {step} left something behind; console:\n{console}"
+        );
+    }
     assert!(
         fact("HP-ADD-1 ").starts_with("id shm at 0000:"),
         "{name}: first add; console:\n{console}"

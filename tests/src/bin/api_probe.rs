@@ -1,13 +1,21 @@
 //! api-probe: one raw HTTP request to p2pvmm's API socket, checked the way Cloud Hypervisor's
 //! client reads answers (status from the status line, which carries no reason phrase; the body
 //! exactly `Content-Length` bytes). Runs in the lab's L1, statically linked; prints one line:
-//!   `API-PROBE <METHOD> <endpoint> status=<code> wire=<ok|why> body=<body on one line>`
+//!   `API-PROBE <METHOD> <endpoint> status=<code> wire=<ok|why> sent=<time> body=<body on one line>`
+//! (`sent`: CLOCK_REALTIME in seconds as the request was written, for resources/bench-hotplug.sh)
 //! and exits 0 when the answer was well formed (whatever its status).
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+fn realtime() -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    format!("{}.{:06}", now.as_secs(), now.subsec_micros())
+}
 
 fn usage() -> &'static str {
     "usage: api-probe SOCKET METHOD ENDPOINT [BODY | --size N]
@@ -76,9 +84,11 @@ fn main() -> ExitCode {
          application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
+    let mut sent = String::from("-");
     let result = UnixStream::connect(socket)
         .and_then(|mut s| {
             s.set_read_timeout(Some(Duration::from_secs(150)))?;
+            sent = realtime();
             // A server that refuses a huge body may close before reading it all.
             let _ = s.write_all(request.as_bytes());
             let mut answer = Vec::new();
@@ -92,7 +102,7 @@ fn main() -> ExitCode {
         Err(e) => ("-".to_owned(), e, String::new()),
     };
     println!(
-        "API-PROBE {method} {endpoint} status={status} wire={} body={}",
+        "API-PROBE {method} {endpoint} status={status} wire={} sent={sent} body={}",
         wire.replace(' ', "_"),
         body.replace('\n', " ")
     );

@@ -2,14 +2,15 @@
 //! hotplug benchmark's QEMU side (resources/bench-hotplug.sh). Runs in the lab's L1, statically
 //! linked:
 //!   `qmp-probe SOCKET '{"execute": "device_add", "arguments": {...}}' ...`
-//! prints `QMP-PROBE <answer line>` per command (after the capabilities handshake), and with
+//! prints `QMP-PROBE-SENT <time>` as each command is written (CLOCK_REALTIME in seconds) and
+//! `QMP-PROBE <answer line>` per command (after the capabilities handshake), and with
 //! `--wait-event NAME` waits for that event (e.g. DEVICE_DELETED) and prints it as well.
 //! Exits 0 when every command returned `"return"`.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
@@ -47,6 +48,14 @@ fn run(socket: &str, commands: &[String], event: Option<&str>) -> std::io::Resul
     next()?;
     let mut ok = true;
     for command in commands {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        println!(
+            "QMP-PROBE-SENT {}.{:06}",
+            now.as_secs(),
+            now.subsec_micros()
+        );
         writer.write_all(command.as_bytes())?;
         writer.write_all(b"\n")?;
         // Events may come before the answer; the answer has "return" or "error".

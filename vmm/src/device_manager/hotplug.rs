@@ -17,6 +17,7 @@ use devices::{Bus, BusRange};
 use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::hotplug_faults::{HotplugFaults, HotplugStep};
 use super::DeviceManagerError;
 
 /// Slot numbers the guest's `_EJ0` wrote (on a vCPU thread), for the VMM thread to act on.
@@ -66,6 +67,7 @@ pub struct Hotplug {
     pub controller: Arc<AcpiHotplug>,
     ejected: Arc<EjectQueue>,
     pub slots: Vec<SlotUse>,
+    faults: HotplugFaults,
 }
 
 fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> DeviceManagerError {
@@ -122,6 +124,7 @@ impl Hotplug {
             controller,
             ejected,
             slots,
+            faults: HotplugFaults::from_env(),
         })
     }
 
@@ -181,13 +184,32 @@ impl super::DeviceManager {
             .iter()
             .position(|d| d.plan.name == group)
             .ok_or_else(|| ApiFailure::internal(format!("no IOMMU domain for group {group}")))?;
+        let fault = self.hotplug.faults.next_attempt();
+        let injected = |step: HotplugStep| DeviceManagerError::Injected {
+            id: id.clone(),
+            step: step.name(),
+        };
         let opened = passthrough
-            .hot_open(device, domain, clique, &self.mapper, &self.interrupts)
+            .hot_open(
+                device,
+                domain,
+                clique,
+                &self.mapper,
+                &self.interrupts,
+                fault,
+            )
             .map_err(|e| ApiFailure::bad_request(crate::error_chain(&e)))?;
         let shared: devices::pci::SharedPciDevice = opened.model.clone();
         let name = self.hotplug.slots[slot].name.clone();
         let number = self.hotplug.slots[slot].number;
-        let bdf = match self.root.plug(&name, shared.clone()) {
+        let plugged = if fault == Some(HotplugStep::Plug) {
+            Err(injected(HotplugStep::Plug).to_string())
+        } else {
+            self.root
+                .plug(&name, shared.clone())
+                .map_err(|e| e.to_string())
+        };
+        let bdf = match plugged {
             Ok(bdf) => bdf,
             Err(e) => {
                 passthrough.release(opened, &self.mapper);
@@ -200,7 +222,15 @@ impl super::DeviceManager {
                 log::warn!("{id}: INTx on GSI {gsi} unavailable: {e}");
             }
         }
-        if let Err(e) = self.hotplug.controller.notify_inserted(number) {
+        let notified = if fault == Some(HotplugStep::Notify) {
+            Err(injected(HotplugStep::Notify).to_string())
+        } else {
+            self.hotplug
+                .controller
+                .notify_inserted(number)
+                .map_err(|e| e.to_string())
+        };
+        if let Err(e) = notified {
             if let Err(e) = self.root.unplug(&name) {
                 log::error!("slot {name}: undoing a failed hotplug: {e}");
             }

@@ -4,6 +4,7 @@
 
 mod bar_mapper;
 mod hotplug;
+mod hotplug_faults;
 mod p2p_report;
 mod vfio;
 
@@ -90,6 +91,8 @@ pub enum DeviceManagerError {
     },
     #[error("no P2P domain #{0}")]
     NoDomain(usize),
+    #[error("device {id}: failure injected at hotplug step {step} (P2PVMM_X_HOTPLUG_FAIL)")]
+    Injected { id: String, step: &'static str },
     #[error("creating the KVM-VFIO device: {0}")]
     KvmVfioCreate(#[source] crate::kvm_vfio::KvmVfioError),
 }

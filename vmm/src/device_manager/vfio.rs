@@ -22,6 +22,7 @@ use vfio_p2p::{
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 use super::bar_mapper::{BarMapper, MappedArea, PassthroughBars};
+use super::hotplug_faults::HotplugStep;
 use super::p2p_report::P2pReporter;
 use super::DeviceManagerError;
 use crate::config::{DeviceConfig, DomainPlan, IommuBackendKind, P2pMode, VmConfig};
@@ -512,6 +513,7 @@ impl Passthrough {
         clique: Option<u8>,
         mapper: &BarMapper,
         interrupts: &Arc<dyn InterruptController>,
+        fault: Option<HotplugStep>,
     ) -> Result<PassthroughDevice, DeviceManagerError> {
         let target = self
             .domains
@@ -525,7 +527,15 @@ impl Passthrough {
             mapper,
             interrupts,
         };
-        model(device.clone(), host.clone(), domain, clique, context).inspect_err(|_| {
+        let built = if fault == Some(HotplugStep::Model) {
+            Err(DeviceManagerError::Injected {
+                id: device.id.clone(),
+                step: HotplugStep::Model.name(),
+            })
+        } else {
+            model(device.clone(), host.clone(), domain, clique, context)
+        };
+        built.inspect_err(|_| {
             if let Err(e) = self.kvm_vfio.remove(&host.device_fd()) {
                 log::warn!("{}: {e}", device.id);
             }
