@@ -5,28 +5,13 @@
 //! (bad configuration included), 2 on a command-line usage error, 128 + N when signal N
 //! (SIGTERM, SIGINT, SIGHUP) stopped it after an orderly shutdown.
 
-mod arch;
-mod config;
-mod console;
-mod console_output;
-mod control;
-mod device_manager;
-mod event_loop;
-mod interrupts;
-mod kvm_vfio;
-mod layout;
-mod memory;
-mod signals;
-mod slots;
-mod vcpu;
-mod vm;
-
 use std::process::ExitCode;
 
 use devices::legacy::GuestExit;
 
-use crate::config::{ConfigError, HostLimits};
-use crate::control::{ApiService, Outcome};
+use vmm::config::{self, ConfigError, HostLimits};
+use vmm::control::{self, ApiService, Outcome};
+use vmm::{error_chain, signals};
 
 const EXIT_VMM_ERROR: u8 = 1;
 const EXIT_GUEST_REBOOT: u8 = 3;
@@ -125,21 +110,6 @@ fn serve_api(path: &std::path::Path, host: HostLimits) -> Result<ApiService, api
     })?;
     log::info!("API on {}", path.display());
     Ok(ApiService::new(channel, host))
-}
-
-/// `e` and its causes on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut line = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !line.contains(&text) {
-            line.push_str(": ");
-            line.push_str(&text);
-        }
-        source = cause.source();
-    }
-    line
 }
 
 /// Prints `e` and its causes on one line.

@@ -59,7 +59,7 @@ mod validate;
 mod tests;
 
 use std::ffi::OsString;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::Parser;
 use serde::{de, Deserialize, Deserializer, Serialize};
@@ -189,6 +189,13 @@ where
     Cli::try_parse_from(args)
         .map_err(ConfigError::Usage)?
         .into_startup()
+}
+
+/// Parses `text` as the `--config` file's contents, as [`load`] reads a file: toml with the
+/// one-line error reporting (`path` only names the file in errors), then the defaults; paths
+/// stay as written. Exists so the TOML path can be driven without a file (the fuzz target).
+pub fn parse_file_text(text: &str, path: &Path) -> Result<VmConfig, ConfigError> {
+    file::parse(text, path)?.finish()
 }
 
 /// Parses `args` (including the program name, as from

@@ -2,7 +2,7 @@
 //! one, and answers API requests on the VMM thread (the HTTP thread only parses and forwards, as
 //! in Cloud Hypervisor and Firecracker), so a request never races the VM it changes.
 
-mod convert;
+pub mod convert;
 mod running;
 
 use std::sync::Arc;
