@@ -25,10 +25,11 @@ for line in sys.stdin:
     if what == "clock":
         run["clock"] = float(words[4]) - float(words[3])
     elif what == "event":
+        # A guest line and a VMM log line can share a console line (the guest paused mid-line).
         stamp = STAMP.search(line)
         if stamp and stamp.group(1) in ("add", "remove"):
             run[stamp.group(1)].append(float(stamp.group(2)))
-        elif "ejected by the guest" in line or "hotplugged into slot" in line:
+        if "ejected by the guest" in line or "hotplugged into slot" in line:
             m = re.search(r"\[(\d{4}-\d\d-\d\dT[\d:.]+Z)", line)
             if m:
                 run["down" if "ejected" in line else "in_slot"].append(iso(m.group(1)))

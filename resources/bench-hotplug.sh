@@ -12,7 +12,8 @@
 # L2's clock could run behind L1's, which would make L2-side times look shorter than they are).
 # QEMU's L2 gets `noxsave` (lab README: its -cpu host CPUID breaks XSAVE setup in L2).
 #
-# Usage: resources/bench-hotplug.sh [--rounds N] [--timeout SECS]
+# Usage: resources/bench-hotplug.sh [--rounds N] [--timeout SECS] [--topology switch|root-ports]
+#   --topology: p2pvmm's group topology (default switch; QEMU's device sits on a root port)
 # Prints each round, then medians and p2pvmm/QEMU ratios. Not part of the test command.
 set -euo pipefail
 
@@ -21,11 +22,12 @@ res=$repo/resources
 log() { echo "bench-hotplug: $*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
-rounds=5 timeout_s=1500
+rounds=5 timeout_s=1500 topology=switch
 while (($#)); do
     case $1 in
         --rounds) rounds=$2; shift 2 ;;
         --timeout) timeout_s=$2; shift 2 ;;
+        --topology) topology=$2; shift 2 ;;
         *) sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0" >&2; exit 2 ;;
     esac
 done
@@ -53,7 +55,7 @@ EOF
 
 # --- L1: the same rounds under p2pvmm, then under QEMU -----------------------------------------
 cat >"$work/run.sh" <<EOF
-rounds=$rounds
+rounds=$rounds topology=$topology
 l2_cmdline="$l2_cmdline"
 EOF
 cat >>"$work/run.sh" <<'EOF'
@@ -90,7 +92,7 @@ echo "L1: edu=$edu ivshmem=$shm"
 out=/tmp/p2pvmm.out sock=/tmp/api.sock
 p2pvmm -v --api-socket $sock --kernel /l2/bzImage --initramfs /l2/initramfs.cpio.gz \
     --memory 512M --cmdline "$l2_cmdline" --device path=$edu,id=edu \
-    --p2p-group name=g,devices=edu,slots=1 >> $out 2>&1 &
+    --p2p-group name=g,devices=edu,slots=1,topology=$topology >> $out 2>&1 &
 vmm=$!
 clock_check $out p2pvmm || exit 1
 for r in $(seq 1 $rounds); do
@@ -142,7 +144,7 @@ EOF
     --add "$work/run.sh:/lab/run.sh"
 
 console=$work/console.log
-log "L1 run ($rounds rounds per VMM), console $console"
+log "L1 run ($rounds rounds per VMM, p2pvmm group topology $topology), console $console"
 flock /tmp/p2pvmm-lab.lock "$res/run-l1.sh" --kernel "$kernel" --initrd "$work/l1.cpio.gz" \
     --timeout "$timeout_s" --log "$console" >/dev/null || true
 

@@ -56,7 +56,9 @@
 //! dev.write_region(CONFIG_REGION, 4, &0x0006u16.to_le_bytes())?; // guest sets MEM | MASTER
 //! p2p.bar_moved(BarKey { device: dev.key(), region: 2 }, BarPlacement::Placed(0xe000_0000))?;
 //! p2p.device_reset(dev.key(), || dev.reset())?;
-//! print!("{}", format_p2p_table(&p2p.rows()));
+//! for row in p2p.rows() {
+//!     println!("{} {} BAR {}: {}", row.domain, row.device_id, row.bar, row.state);
+//! }
 //!
 //! // 6. Teardown or unplug: table first (unmaps, closes dmabufs, drops mmaps), then device.
 //! p2p.remove_device(dev.key());
@@ -93,7 +95,7 @@ pub use iommufd::Iommufd;
 pub use irq::{IrqIndex, IrqInfo};
 pub use open::{GroupBlocker, GroupBlockers, OpenError};
 pub use p2p::{BarBacking, BarKey, BarPlacement, P2pError, P2pKey, P2pState, P2pTable};
-pub use p2p_rows::{format_p2p_table, P2pAreaState, P2pMechanism, P2pRow};
+pub use p2p_rows::{P2pAreaState, P2pMechanism, P2pRow};
 pub use region::{
     MmapArea, RegionFlags, RegionInfo, RegionMapping, CONFIG_REGION, ROM_REGION, VGA_REGION,
 };

@@ -1,7 +1,7 @@
 //! The P2P table as the user sees it: one row per (device, BAR area) with its group, guest
 //! range, mechanism and state, for the log, the demo and (later) the API.
 
-use std::fmt::{self, Write as _};
+use std::fmt;
 
 use serde::Serialize;
 
@@ -105,126 +105,5 @@ impl P2pTable {
                 })
             })
             .collect()
-    }
-}
-
-/// `64M`, `16G`, `4K`: sizes as people write them.
-fn human_size(size: u64) -> String {
-    const UNITS: [(u64, &str); 4] = [
-        (1 << 40, "T"),
-        (1 << 30, "G"),
-        (1 << 20, "M"),
-        (1 << 10, "K"),
-    ];
-    UNITS
-        .iter()
-        .find(|(unit, _)| size >= *unit && size.is_multiple_of(*unit))
-        .map_or(size.to_string(), |(unit, name)| {
-            format!("{}{name}", size / unit)
-        })
-}
-
-/// The rows as an aligned text table with a header line.
-pub fn format_p2p_table(rows: &[P2pRow]) -> String {
-    let header = [
-        "GROUP", "DEVICE", "HOST", "BAR", "SIZE", "GUEST", "MECH", "STATE",
-    ];
-    let cells: Vec<[String; 8]> = rows
-        .iter()
-        .map(|r| {
-            let bar = match r.area_offset {
-                0 => r.bar.to_string(),
-                off => format!("{}+{off:#x}", r.bar),
-            };
-            [
-                r.domain.clone(),
-                r.device_id.clone(),
-                r.host_bdf.to_string(),
-                bar,
-                human_size(r.size),
-                r.guest
-                    .map_or("-".into(), |(s, e)| format!("{s:#x}-{e:#x}")),
-                match r.mechanism {
-                    P2pMechanism::Dmabuf => "dmabuf".into(),
-                    P2pMechanism::Legacy => "legacy".into(),
-                },
-                r.state.to_string(),
-            ]
-        })
-        .collect();
-    let mut widths = header.map(str::len);
-    for row in &cells {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.len());
-        }
-    }
-    let mut out = String::new();
-    let mut line = |cells: &[&str]| {
-        let mut text = String::new();
-        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
-            if i + 1 == cells.len() {
-                text.push_str(cell);
-            } else {
-                let _ = write!(text, "{cell:<w$}  ");
-            }
-        }
-        out.push_str(text.trim_end());
-        out.push('\n');
-    };
-    line(&header);
-    for row in &cells {
-        line(&row.each_ref().map(String::as_str));
-    }
-    if rows.is_empty() {
-        line(&["(no P2P areas)"]);
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn row(state: P2pAreaState, guest: Option<(u64, u64)>) -> P2pRow {
-        P2pRow {
-            domain: "g0".into(),
-            device_id: "shm".into(),
-            host_bdf: "0000:00:02.0".parse().unwrap(),
-            bar: 2,
-            area_offset: 0,
-            size: 64 << 20,
-            guest,
-            mechanism: P2pMechanism::Dmabuf,
-            state,
-        }
-    }
-
-    #[test]
-    fn the_table_has_a_header_and_one_aligned_line_per_area() {
-        let text = format_p2p_table(&[
-            row(P2pAreaState::Mapped, Some((0xc000_0000, 0xc3ff_ffff))),
-            row(P2pAreaState::Failed("dmabuf export disabled".into()), None),
-        ]);
-        let lines: Vec<&str> = text.lines().collect();
-
-        assert_eq!(lines.len(), 3);
-        assert!(lines[0].starts_with("GROUP  DEVICE  HOST"), "{text}");
-        assert!(
-            lines[1].contains("0xc0000000-0xc3ffffff  dmabuf  mapped"),
-            "{text}"
-        );
-        assert!(
-            lines[2].ends_with("failed: dmabuf export disabled"),
-            "{text}"
-        );
-        assert!(lines[1].contains(" 64M "), "{text}");
-        assert_eq!(lines[1].find("0000:00:02.0"), lines[0].find("HOST"));
-    }
-
-    #[test]
-    fn sizes_read_as_people_write_them() {
-        assert_eq!(human_size(16 << 30), "16G");
-        assert_eq!(human_size(4096), "4K");
-        assert_eq!(human_size(4097), "4097");
     }
 }

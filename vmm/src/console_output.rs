@@ -4,15 +4,23 @@
 //! through, every VMM log line that shares the terminal or file (`2>&1`) can land in the middle
 //! of a guest line, and every guest byte costs a syscall. So whole lines go out in one write,
 //! and a partial line (a shell prompt, a progress dot) goes out once the guest has been quiet
-//! for [`PARTIAL_LINE_DELAY`], so nothing waits for a newline that may never come.
+//! for [`PARTIAL_LINE_DELAY`], so nothing waits for a newline that may never come. When such a
+//! partial line sits on a terminal or file that the log shares, [`LogOutput`] ends it before
+//! writing a log record, so the record starts a line of its own.
 
 use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// How long a partial line waits for more bytes before it is written anyway.
-pub const PARTIAL_LINE_DELAY: Duration = Duration::from_millis(50);
+/// How long a partial line waits for more bytes before it is written anyway. Under nested
+/// virtualization a guest's UART can pause that long inside a line (measured: over 50 ms).
+pub const PARTIAL_LINE_DELAY: Duration = Duration::from_millis(200);
+
+/// Whether the guest's last bytes on stdout left a line open.
+static STDOUT_MID_LINE: AtomicBool = AtomicBool::new(false);
 
 /// A partial line this long is written without waiting (a guest that never sends a newline).
 const MAX_PENDING: usize = 4096;
@@ -37,6 +45,8 @@ struct State {
     closed: bool,
     /// Whether a write to `out` failed already (reported once, not once per byte).
     failed: bool,
+    /// Whether `out` is stdout, whose open line [`LogOutput`] must know of.
+    stdout: bool,
 }
 
 impl State {
@@ -46,6 +56,9 @@ impl State {
             .out
             .write_all(&self.pending[..len])
             .and_then(|()| self.out.flush());
+        if self.stdout && len > 0 {
+            STDOUT_MID_LINE.store(self.pending[len - 1] != b'\n', Ordering::Relaxed);
+        }
         self.pending.drain(..len);
         match result {
             Ok(()) => self.failed = false,
@@ -59,11 +72,17 @@ impl State {
 }
 
 impl LineOutput {
-    pub fn new(out: Box<dyn Write + Send>) -> io::Result<Self> {
-        Self::with_delay(out, PARTIAL_LINE_DELAY)
+    /// The guest console on p2pvmm's stdout.
+    pub fn stdout() -> io::Result<Self> {
+        Self::with_delay(Box::new(io::stdout()), PARTIAL_LINE_DELAY, true)
     }
 
-    fn with_delay(out: Box<dyn Write + Send>, delay: Duration) -> io::Result<Self> {
+    /// The guest console into `out` (a file of its own).
+    pub fn new(out: Box<dyn Write + Send>) -> io::Result<Self> {
+        Self::with_delay(out, PARTIAL_LINE_DELAY, false)
+    }
+
+    fn with_delay(out: Box<dyn Write + Send>, delay: Duration, stdout: bool) -> io::Result<Self> {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 out,
@@ -71,6 +90,7 @@ impl LineOutput {
                 last_byte: Instant::now(),
                 closed: false,
                 failed: false,
+                stdout,
             }),
             wake: Condvar::new(),
             delay,
@@ -159,6 +179,45 @@ impl Drop for LineOutput {
     }
 }
 
+/// The log's destination (stderr) for `env_logger`: when stderr is where stdout goes (a
+/// terminal, `2>&1`) and the guest left a line open there, the record starts on a new line.
+pub struct LogOutput {
+    shares_stdout: bool,
+}
+
+impl LogOutput {
+    pub fn stderr() -> Self {
+        Self {
+            shares_stdout: same_file(&io::stdout(), &io::stderr()),
+        }
+    }
+}
+
+/// Whether two descriptors are the same file (device and inode).
+fn same_file(a: &impl AsRawFd, b: &impl AsRawFd) -> bool {
+    let id = |fd: i32| {
+        // SAFETY: fstat writes into the zeroed struct it is given and reads nothing else.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: see above; `st` is a valid, writable stat buffer.
+        (unsafe { libc::fstat(fd, &mut st) } == 0).then_some((st.st_dev, st.st_ino))
+    };
+    matches!((id(a.as_raw_fd()), id(b.as_raw_fd())), (Some(x), Some(y)) if x == y)
+}
+
+impl Write for LogOutput {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut err = io::stderr().lock();
+        if self.shares_stdout && STDOUT_MID_LINE.swap(false, Ordering::Relaxed) {
+            err.write_all(b"\n")?;
+        }
+        err.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        io::stderr().flush()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,7 +248,7 @@ mod tests {
 
     /// An output whose flusher never fires within a test, so only lines are written.
     fn lines_only(writes: &Writes) -> LineOutput {
-        LineOutput::with_delay(Box::new(writes.clone()), Duration::from_secs(3600)).unwrap()
+        LineOutput::with_delay(Box::new(writes.clone()), Duration::from_secs(3600), false).unwrap()
     }
 
     fn byte_by_byte(out: &mut LineOutput, text: &str) {
@@ -197,6 +256,20 @@ mod tests {
             out.write_all(&[b]).unwrap();
             out.flush().unwrap();
         }
+    }
+
+    #[test]
+    fn the_log_knows_when_it_shares_the_console_file() {
+        let path = std::env::temp_dir().join(format!("p2pvmm-same-file-{}", std::process::id()));
+        let a = std::fs::File::create(&path).unwrap();
+        let b = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        let null = std::fs::File::open("/dev/null").unwrap();
+        assert!(same_file(&a, &b));
+        assert!(!same_file(&a, &null));
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]
@@ -210,11 +283,13 @@ mod tests {
     #[test]
     fn a_prompt_goes_out_once_the_guest_is_quiet() {
         let writes = Writes::default();
-        let mut out = LineOutput::new(Box::new(writes.clone())).unwrap();
+        let mut out =
+            LineOutput::with_delay(Box::new(writes.clone()), Duration::from_millis(20), false)
+                .unwrap();
         byte_by_byte(&mut out, "boot\nlogin: ");
         let deadline = Instant::now() + Duration::from_secs(5);
         while writes.taken().concat() != "boot\nlogin: " && Instant::now() < deadline {
-            std::thread::sleep(PARTIAL_LINE_DELAY / 2);
+            std::thread::sleep(Duration::from_millis(10));
         }
         let taken = writes.taken();
         assert_eq!(taken.concat(), "boot\nlogin: ");

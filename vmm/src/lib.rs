@@ -8,7 +8,7 @@
 mod arch;
 pub mod config;
 mod console;
-mod console_output;
+pub mod console_output;
 pub mod control;
 mod device_manager;
 mod event_loop;

@@ -43,6 +43,9 @@ fn main() -> ExitCode {
     // Microseconds: the log is how hotplug and BAR-move latencies are read (bench-hotplug.sh).
     env_logger::Builder::new()
         .filter_level(startup.log_level())
+        .target(env_logger::Target::Pipe(Box::new(
+            vmm::console_output::LogOutput::stderr(),
+        )))
         .format_timestamp_micros()
         .parse_env("P2PVMM_LOG")
         .init();

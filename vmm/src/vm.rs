@@ -1,7 +1,6 @@
 //! A KVM virtual machine: guest RAM, in-kernel interrupt controllers, the legacy devices, the
 //! kernel loaded and ready, and the vCPUs that run it.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
@@ -355,17 +354,18 @@ fn serial_device(vm: &VmFd, config: &SerialConfig) -> Result<Serial, VmError> {
     let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("creating the serial irqfd"))?;
     vm.register_irqfd(&irq, SERIAL_GSI)
         .map_err(kvm_err("KVM_IRQFD for the serial port"))?;
-    let out: Box<dyn Write + Send> =
-        match config {
-            SerialConfig::Stdout => Box::new(std::io::stdout()),
-            SerialConfig::Off => return Ok(Serial::new(irq, Box::new(std::io::sink()))),
-            SerialConfig::File(path) => Box::new(std::fs::File::create(path).map_err(
-                |source| VmError::SerialFile {
+    let lines = match config {
+        SerialConfig::Stdout => LineOutput::stdout(),
+        SerialConfig::Off => return Ok(Serial::new(irq, Box::new(std::io::sink()))),
+        SerialConfig::File(path) => {
+            LineOutput::new(Box::new(std::fs::File::create(path).map_err(|source| {
+                VmError::SerialFile {
                     path: path.clone(),
                     source,
-                },
-            )?),
-        };
-    let lines = LineOutput::new(out).map_err(io_err("starting the console output thread"))?;
+                }
+            })?))
+        }
+    }
+    .map_err(io_err("starting the console output thread"))?;
     Ok(Serial::new(irq, Box::new(lines)))
 }

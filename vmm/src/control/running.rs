@@ -99,27 +99,7 @@ pub fn add_group_to_config(
 
 /// The P2P tables of a running VM.
 fn p2p(vm: &RunningVm<'_>) -> ApiResult {
-    let rows = vm
-        .devices
-        .p2p_rows()
-        .into_iter()
-        .map(|row| api::P2pTableRow {
-            group: row.domain,
-            device: row.device_id,
-            host_bdf: row.host_bdf.to_string(),
-            bar: u8::try_from(row.bar).unwrap_or(u8::MAX),
-            area_offset: row.area_offset,
-            size: row.size,
-            guest_start: row.guest.map(|(start, _)| start),
-            mechanism: match row.mechanism {
-                vfio_p2p::P2pMechanism::Dmabuf => "dmabuf",
-                vfio_p2p::P2pMechanism::Legacy => "legacy",
-            }
-            .to_owned(),
-            state: row.state.to_string(),
-        })
-        .collect();
-    ApiReply::json(&api::P2pTable { rows })
+    ApiReply::json(&crate::device_manager::api_table(vm.devices.p2p_rows()))
 }
 
 fn info(vm: &RunningVm<'_>) -> ApiResult {

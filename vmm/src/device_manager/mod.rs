@@ -24,6 +24,7 @@ use crate::memory::GuestRam;
 use crate::slots::MemorySlots;
 use bar_mapper::BarMapper;
 use hotplug::Hotplug;
+pub use p2p_report::api_table;
 use p2p_report::P2pReporter;
 pub use vfio::{ram_backing, Passthrough};
 

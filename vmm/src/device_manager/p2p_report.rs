@@ -6,7 +6,7 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use vfio_p2p::{format_p2p_table, P2pRow, P2pTable};
+use vfio_p2p::{P2pMechanism, P2pRow, P2pTable};
 
 /// How long the BARs must stay still before the table is logged.
 const SETTLE: Duration = Duration::from_millis(500);
@@ -28,6 +28,30 @@ impl Shared {
     fn rows(&self) -> Vec<P2pRow> {
         self.tables.iter().flat_map(|t| t.rows()).collect()
     }
+}
+
+/// The rows as the API serves them (`GET vm.p2p`) and as the log and `p2pvmm remote p2p` show
+/// them: one conversion, one text form.
+pub fn api_table(rows: Vec<P2pRow>) -> api::P2pTable {
+    let rows = rows
+        .into_iter()
+        .map(|row| api::P2pTableRow {
+            group: row.domain,
+            device: row.device_id,
+            host_bdf: row.host_bdf.to_string(),
+            bar: u8::try_from(row.bar).unwrap_or(u8::MAX),
+            area_offset: row.area_offset,
+            size: row.size,
+            guest_start: row.guest.map(|(start, _)| start),
+            mechanism: match row.mechanism {
+                P2pMechanism::Dmabuf => "dmabuf",
+                P2pMechanism::Legacy => "legacy",
+            }
+            .to_owned(),
+            state: row.state.to_string(),
+        })
+        .collect();
+    api::P2pTable { rows }
 }
 
 /// Logs the P2P tables of every domain after changes; [`changed`](Self::changed) is cheap and
@@ -91,7 +115,7 @@ fn report_loop(shared: &Shared) {
             Some(at) if at.elapsed() >= SETTLE => {
                 state.changed = None;
                 drop(state);
-                let table = format_p2p_table(&shared.rows());
+                let table = api::format_table(&api_table(shared.rows()));
                 log::info!("P2P table:\n{table}");
                 state = shared.state.lock().unwrap_or_else(PoisonError::into_inner);
             }
