@@ -76,8 +76,32 @@ pub struct Route {
     pub handler: Handler,
 }
 
-/// Parses `body` as `T`, naming the offending field on failure, then runs `check`.
+/// Parses `body` as `T`, naming the offending field on failure, then runs `check`. Every
+/// failure message is [`one_line`].
 fn parse_json<T: DeserializeOwned>(
+    body: &[u8],
+    check: impl FnOnce(&T) -> Result<(), ApiError>,
+) -> Result<T, ApiFailure> {
+    parse_json_raw(body, check).map_err(|f| ApiFailure::new(f.status, one_line(&f.message)))
+}
+
+/// `message` with control characters escaped (`\n`, `\u{1b}`). Refusals quote what the client
+/// sent (an unknown key, a bad id), and JSON strings may hold newlines and escape sequences:
+/// quoted raw, they would split the one-line error that `p2pvmm remote` prints and the log
+/// records, or drive the terminal that shows it (found by the `api_body` fuzz target).
+fn one_line(message: &str) -> String {
+    let mut line = String::with_capacity(message.len());
+    for c in message.chars() {
+        if c.is_control() {
+            line.extend(c.escape_default());
+        } else {
+            line.push(c);
+        }
+    }
+    line
+}
+
+fn parse_json_raw<T: DeserializeOwned>(
     body: &[u8],
     check: impl FnOnce(&T) -> Result<(), ApiError>,
 ) -> Result<T, ApiFailure> {
@@ -288,6 +312,28 @@ mod tests {
         assert_eq!(
             failure,
             ApiFailure::bad_request("iommu: p2pvmm does not expose a virtual IOMMU")
+        );
+    }
+
+    #[test]
+    fn control_characters_the_client_sent_stay_escaped_on_one_line() {
+        // The fuzz target's reproducer: an unknown key holding a newline.
+        let body = "{\"\\naapn\\\"*\":1}";
+        let failure = parse("vm.create", body).unwrap_err();
+
+        assert_eq!(failure.status, 400);
+        assert!(!failure.message.contains('\n'), "{:?}", failure.message);
+        assert!(
+            failure.message.contains("unknown field `\\naapn\"*`"),
+            "{:?}",
+            failure.message
+        );
+        let failure = parse("vm.add-device", "{\"\\u001b[2J\":2}").unwrap_err();
+        assert!(!failure.message.contains('\u{1b}'), "{:?}", failure.message);
+        assert!(
+            failure.message.contains("\\u{1b}[2J"),
+            "{:?}",
+            failure.message
         );
     }
 
