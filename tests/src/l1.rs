@@ -217,6 +217,23 @@ bind_vfio() {
 }
 "#;
 
+/// L1 prelude lines binding L1's first edu and first ivshmem to vfio-pci, as `$EDU` and `$SHM`.
+pub const BIND_EDU_AND_IVSHMEM: &str = r#"
+EDU=$(bind_vfio 1234 11e8 1)
+SHM=$(bind_vfio 1af4 1110 1)
+echo "L1: edu=$EDU ivshmem=$SHM"
+"#;
+
+/// Shell functions every L2 script can use: `find_dev VENDOR:DEVICE` (`0x1af4:0x1110`) prints
+/// the BDF of the first such function in L2's sysfs.
+pub const L2_HELPERS: &str = r#"
+find_dev() {
+    for d in /sys/bus/pci/devices/*; do
+        [ "$(cat $d/vendor):$(cat $d/device)" = "$1" ] && { echo ${d##*/}; return; }
+    done
+}
+"#;
+
 /// The L2 kernel command line every lab test starts from. `lapic=notscdeadline`: with the
 /// TSC-deadline timer, L2's timers stop firing when the machine running the lab is busy (measured:
 /// with two CPU hogs on the host, L2 hung in a 10 ms `sleep` for minutes while L1 sat idle; with
@@ -297,9 +314,10 @@ impl L1Run {
         self
     }
 
-    /// Sets `/lab/l2.sh`, which the L2 init runs before its report line.
+    /// Sets `/lab/l2.sh`, which the L2 init runs before its report line, after
+    /// [`L2_HELPERS`].
     pub fn l2_script(mut self, script: &str) -> Self {
-        self.l2_script = Some(script.to_owned());
+        self.l2_script = Some(format!("{L2_HELPERS}\n{script}"));
         self
     }
 

@@ -11,20 +11,15 @@
 //!   unknown route, remove of an absent device, a duplicate id, a device not bound to vfio-pci,
 //!   two concurrent adds (one answered 200, the other 409, nothing half-applied), a 5 MiB body.
 //!   Every answer's wire form is checked as CH's client reads it (`api-probe`).
-//! - `api-boot`: p2pvmm started with only `--api-socket`; `vm.create` + `vm.boot` boot L2.
+//! - `api-boot`: p2pvmm started with only `--api-socket`; `vm.create` + `vm.boot` boot L2, and
+//!   `vm.power-button` raises L2's GED interrupt.
 
 use std::sync::OnceLock;
 
 use p2pvmm_tests::{
     api_probe_static, edu_dma_static, expect_scenario, run_retrying_lab_failure, Console, L1Run,
-    Scenario, L2_CMDLINE,
+    Scenario, BIND_EDU_AND_IVSHMEM, L2_CMDLINE,
 };
-
-const BIND: &str = r#"
-EDU=$(bind_vfio 1234 11e8 1)
-SHM=$(bind_vfio 1af4 1110 1)
-echo "L1: edu=$EDU ivshmem=$SHM"
-"#;
 
 /// The L1 driver of the hotplug scenario: `sh /tmp/hp.sh BACKEND EDU SHM CMDLINE`.
 const HOTPLUG_DRIVER: &str = r#"
@@ -174,12 +169,15 @@ n=0; while [ ! -S $sock ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
 api-probe $sock GET vm.info
 cat > /tmp/vm.json <<JSON
 {"payload": {"kernel": "/l2/bzImage", "initramfs": "/l2/initramfs.cpio.gz",
- "cmdline": "$1"}, "cpus": {"boot_vcpus": 1}, "memory": {"size": 536870912}}
+ "cmdline": "$1 lab.mode=button"}, "cpus": {"boot_vcpus": 1}, "memory": {"size": 536870912}}
 JSON
 api-probe $sock PUT vm.create "$(cat /tmp/vm.json)"
 api-probe $sock GET vm.info
 api-probe $sock GET openapi.json
 api-probe $sock PUT vm.boot
+# The ACPI power button, once L2 watches for it.
+n=0; while ! grep -q L2-BUTTON-READY $out && [ $n -lt 1200 ]; do sleep 0.1; n=$((n + 1)); done
+api-probe $sock PUT vm.power-button | sed 's/^API-PROBE/API-PROBE-BUTTON/'
 wait $vmm
 rc=$?
 cat $out
@@ -194,11 +192,6 @@ if [ "$mode" = hotplug ]; then
     # The kernel's hotplug messages would land in the middle of this script's lines (its console
     # writes go straight to the UART); the script reads what it needs from sysfs.
     dmesg -n 1
-    find_dev() {
-        for d in /sys/bus/pci/devices/*; do
-            [ "$(cat $d/vendor):$(cat $d/device)" = "$1" ] && { echo ${d##*/}; return; }
-        done
-    }
     # Waits until ivshmem is there ($1 = yes) or gone ($1 = no), up to 120 s.
     wait_shm() {
         n=0
@@ -229,6 +222,16 @@ if [ "$mode" = hotplug ]; then
     echo "HP-DONE-3"
     ( wait_shm no; echo "HP-GONE-2" ) &
     while :; do echo "HP-ALIVE $(cut -d' ' -f1 /proc/uptime)"; sleep 1; done
+elif [ "$mode" = button ]; then
+    # The GED's interrupt count: vm.power-button raises it, the AML then notifies PWRB.
+    ged() {
+        grep 'ACPI:Ged' /proc/interrupts |
+            awk '{ s = 0; for (i = 2; i <= NF; i++) if ($i ~ /^[0-9]+$/) s += $i; print s }'
+    }
+    before=$(ged)
+    echo "L2-BUTTON-READY ged=$before"
+    n=0; while [ "$(ged)" = "$before" ] && [ $n -lt 1200 ]; do sleep 0.05; n=$((n + 1)); done
+    echo "L2-BUTTON ged before=$before after=$(ged)"
 elif [ "$mode" = hold ]; then
     echo "L2-HOLDING"; sleep 600
 fi
@@ -237,7 +240,7 @@ fi
 fn run_lab() -> Result<Console, String> {
     let hotplug = |backend: &str| format!("sh /tmp/hp.sh {backend} $EDU $SHM '{L2_CMDLINE}'");
     L1Run::new("hotplug")
-        .prelude(BIND)
+        .prelude(BIND_EDU_AND_IVSHMEM)
         .prelude(HOTPLUG_DRIVER)
         .prelude(API_BOOT_DRIVER)
         .prelude(HOLD_DRIVER)
@@ -486,6 +489,18 @@ fn api_creates_and_boots_a_vm() {
     assert!(
         s.l2_report().is_some(),
         "api-boot: L2 never reported; console:\n{console}"
+    );
+    // vm.power-button reaches the guest as a GED interrupt.
+    let button = s.expect_result(console, "", "API-PROBE-BUTTON ", "api-probe");
+    assert_eq!(status(button), "204", "api-boot: vm.power-button: {button}");
+    let counts: Vec<u64> = s
+        .expect_result(console, "", "L2-BUTTON ged ", "the L2 script")
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('=')?.1.parse().ok())
+        .collect();
+    assert!(
+        counts.len() == 2 && counts[1] > counts[0],
+        "api-boot: the power button raised no GED interrupt in L2: {counts:?}; console:\n{console}"
     );
     s.assert_exit(console, 0);
 }
