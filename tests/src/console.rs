@@ -117,18 +117,20 @@ pub fn run_retrying_lab_failure(
     }
     // Up to two more runs for what the lab's nested emulation has produced on its own (see
     // l1.rs): a p2pvmm bug behind it would show again in every run.
-    let mut console = first;
+    let mut result = Ok(first);
     for rerun in 1..=MAX_LAB_RERUNS {
-        let Some(why) = lab_failure(&console, booting) else {
-            return Ok(console);
+        let why = match &result {
+            Ok(console) => match lab_failure(console, booting) {
+                Some(why) => format!("{why}:\n{}", console.text),
+                None => return result,
+            },
+            Err(e) if e.starts_with(crate::l1::L1_TIMED_OUT) => e.clone(),
+            Err(_) => return result,
         };
-        eprintln!(
-            "lab failure ({why}); rerun {rerun} of {MAX_LAB_RERUNS}:\n{}",
-            console.text
-        );
-        console = run()?;
+        eprintln!("lab failure, rerun {rerun} of {MAX_LAB_RERUNS}: {why}");
+        result = run();
     }
-    Ok(console)
+    result
 }
 
 /// How often a lab run that failed on its own is repeated.

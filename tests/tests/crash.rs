@@ -23,7 +23,8 @@ p2pvmm -v --api-socket $sock $L2 --cmdline "$cmdline lab.mode=dmaloop" \
     >> $out 2>&1 &
 vmm=$!
 n=0
-while [ "$(grep -c 'L2-DMA-ROUND ok' $out)" -lt 3 ] && [ $n -lt 2400 ]; do
+while [ "$(grep -c 'L2-DMA-ROUND ok' $out)" -lt 3 ] && kill -0 $vmm 2>/dev/null &&
+    [ $n -lt 2400 ]; do
     sleep 0.1; n=$((n + 1))
 done
 echo "KILL-ROUNDS-BEFORE $(grep -c 'L2-DMA-ROUND ok' $out)"

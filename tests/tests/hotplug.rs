@@ -34,6 +34,7 @@ now() { cut -d' ' -f1 /proc/uptime; }
 wait_for() {
     n=0
     while ! grep -q "$1" $out; do
+        kill -0 $vmm 2>/dev/null || { echo "L1: p2pvmm exited while waiting for $1"; return 1; }
         sleep 0.05; n=$((n + 1))
         if [ $n -gt $(($2 * 20)) ]; then
             echo "L1: timed out waiting for $1"; stuck_report hotplug; return 1
@@ -142,7 +143,10 @@ p2pvmm -v --api-socket $sock --kernel /l2/bzImage --initramfs /l2/initramfs.cpio
     --memory 512M --cmdline "$cmdline acpiphp.disable=1 lab.mode=hold" \
     --device path=$edu,id=edu --p2p-group name=g,devices=edu,slots=1 >> $out 2>&1 &
 vmm=$!
-n=0; while ! grep -q L2-HOLDING $out && [ $n -lt 2400 ]; do sleep 0.1; n=$((n + 1)); done
+n=0
+while ! grep -q L2-HOLDING $out && kill -0 $vmm 2>/dev/null && [ $n -lt 2400 ]; do
+    sleep 0.1; n=$((n + 1))
+done
 echo "HOLD-ADD $(R add-device path=$shm,id=shm,p2p_group=g 2>&1)"
 t0=$(now)
 R remove-device shm
@@ -176,7 +180,10 @@ api-probe $sock GET vm.info
 api-probe $sock GET openapi.json
 api-probe $sock PUT vm.boot
 # The ACPI power button, once L2 watches for it.
-n=0; while ! grep -q L2-BUTTON-READY $out && [ $n -lt 1200 ]; do sleep 0.1; n=$((n + 1)); done
+n=0
+while ! grep -q L2-BUTTON-READY $out && kill -0 $vmm 2>/dev/null && [ $n -lt 1200 ]; do
+    sleep 0.1; n=$((n + 1))
+done
 api-probe $sock PUT vm.power-button | sed 's/^API-PROBE/API-PROBE-BUTTON/'
 wait $vmm
 rc=$?
