@@ -94,30 +94,16 @@ impl Console {
 /// Runs the lab, and once more if the first run looks like a lab failure rather than a test
 /// result: a scenario in `booting` shows no L2 kernel output at all, or an L2 oops (the lab's documented
 /// hiccup, a nested guest that never starts), a scenario was killed by its time limit or
-/// never finished (seen when the machine stalled for minutes), or L1 as a whole timed out. A
-/// second bad run is returned as it is, for the tests to fail on.
+/// never finished (seen when the machine stalled for minutes), or L1 as a whole timed out. It
+/// is run up to twice more; a third bad run is returned as it is, for the tests to fail on.
 pub fn run_retrying_lab_failure(
     booting: &[&str],
     run: impl Fn() -> Result<Console, String>,
 ) -> Result<Console, String> {
-    // A frozen L1 (killed by its silence watchdog) says nothing about p2pvmm: up to two more
-    // runs for that.
-    let mut frozen = 0;
-    let first = loop {
-        match run() {
-            Err(e) if e.starts_with(crate::l1::L1_TIMED_OUT) && frozen < 2 => {
-                frozen += 1;
-                eprintln!("lab failure (L1 timed out), run {frozen}; retrying: {e}");
-            }
-            other => break other?,
-        }
-    };
-    if frozen > 0 {
-        return Ok(first);
-    }
-    // Up to two more runs for what the lab's nested emulation has produced on its own (see
-    // l1.rs): a p2pvmm bug behind it would show again in every run.
-    let mut result = Ok(first);
+    // A frozen L1 (killed by its silence watchdog) or what the lab's nested emulation produced
+    // on its own (see l1.rs) says nothing about p2pvmm: a p2pvmm bug behind it would show again
+    // in every run.
+    let mut result = run();
     for rerun in 1..=MAX_LAB_RERUNS {
         let why = match &result {
             Ok(console) => match lab_failure(console, booting) {

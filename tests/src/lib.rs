@@ -8,6 +8,7 @@
 //! [`guest`] holds what the static programs run inside the lab guests share (VFIO from
 //! userspace in no-IOMMU mode).
 
+pub mod clock;
 mod console;
 pub mod guest;
 mod l1;

@@ -8,14 +8,9 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-fn realtime() -> String {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    format!("{}.{:06}", now.as_secs(), now.subsec_micros())
-}
+use p2pvmm_tests::clock::realtime_stamp;
 
 fn usage() -> &'static str {
     "usage: api-probe SOCKET METHOD ENDPOINT [BODY | --size N]
@@ -88,7 +83,7 @@ fn main() -> ExitCode {
     let result = UnixStream::connect(socket)
         .and_then(|mut s| {
             s.set_read_timeout(Some(Duration::from_secs(150)))?;
-            sent = realtime();
+            sent = realtime_stamp();
             // A server that refuses a huge body may close before reading it all.
             let _ = s.write_all(request.as_bytes());
             let mut answer = Vec::new();

@@ -10,7 +10,9 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+
+use p2pvmm_tests::clock::realtime_stamp;
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
@@ -48,14 +50,7 @@ fn run(socket: &str, commands: &[String], event: Option<&str>) -> std::io::Resul
     next()?;
     let mut ok = true;
     for command in commands {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
-        println!(
-            "QMP-PROBE-SENT {}.{:06}",
-            now.as_secs(),
-            now.subsec_micros()
-        );
+        println!("QMP-PROBE-SENT {}", realtime_stamp());
         writer.write_all(command.as_bytes())?;
         writer.write_all(b"\n")?;
         // Events may come before the answer; the answer has "return" or "error".

@@ -10,15 +10,8 @@
 //! in seconds, which L2 takes from kvmclock and so shares with L1 (the benchmark checks the
 //! offset).
 
+use p2pvmm_tests::clock::realtime_stamp;
 use std::process::ExitCode;
-use std::time::{SystemTime, UNIX_EPOCH};
-
-fn realtime() -> String {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    format!("{}.{:06}", now.as_secs(), now.subsec_micros())
-}
 
 /// The action of a uevent (`ACTION=`) when it is about the PCI device `pci_id`
 /// (`PCI_ID=1AF4:1110`, upper case as the kernel writes it).
@@ -75,7 +68,7 @@ fn uevent_socket() -> std::io::Result<i32> {
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args == ["now"] {
-        println!("{}", realtime());
+        println!("{}", realtime_stamp());
         return ExitCode::SUCCESS;
     }
     let [id, count] = args.as_slice() else {
@@ -93,7 +86,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    println!("UEVENT-STAMP ready {}", realtime());
+    println!("UEVENT-STAMP ready {}", realtime_stamp());
     let mut buf = vec![0u8; 16 * 1024];
     let mut seen = 0;
     while seen < count {
@@ -107,7 +100,7 @@ fn main() -> ExitCode {
             eprintln!("uevent-stamp: recv: {e}");
             return ExitCode::FAILURE;
         }
-        let stamp = realtime();
+        let stamp = realtime_stamp();
         if let Some(action) = matching_action(&buf[..n as usize], id) {
             println!("UEVENT-STAMP {action} {stamp}");
             seen += 1;
