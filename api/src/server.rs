@@ -123,9 +123,32 @@ impl ApiServer {
 
     /// Serves on the `p2pvmm-api` thread until the process exits.
     pub fn spawn(self, sender: ApiSender) -> io::Result<JoinHandle<()>> {
-        thread::Builder::new()
+        self.spawn_with(sender, || Ok(()))
+    }
+
+    /// Like [`spawn`](Self::spawn), with `setup` run first on the new thread (the VMM installs
+    /// the API thread's seccomp filter there, which its connection threads inherit). A failed
+    /// `setup` is this call's error, and nothing is served.
+    pub fn spawn_with<F>(self, sender: ApiSender, setup: F) -> io::Result<JoinHandle<()>>
+    where
+        F: FnOnce() -> io::Result<()> + Send + 'static,
+    {
+        let (ready, result) = std::sync::mpsc::sync_channel(1);
+        let thread = thread::Builder::new()
             .name("p2pvmm-api".into())
-            .spawn(move || self.accept_loop(sender))
+            .spawn(move || {
+                let outcome = setup();
+                let ok = outcome.is_ok();
+                let _ = ready.send(outcome);
+                if ok {
+                    self.accept_loop(sender);
+                }
+            })?;
+        match result.recv() {
+            Ok(Ok(())) => Ok(thread),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(io::Error::other("the API thread ended during its set-up")),
+        }
     }
 
     fn accept_loop(self, sender: ApiSender) {

@@ -199,8 +199,21 @@ scenario() {
     rc=$?
     kill $watchdog 2>/dev/null
     [ $rc -ne 0 ] && dmesg | tail -n 8 | sed "s/^/SCENARIO-DMESG $name: /"
+    seccomp_report "$name"
     echo "SCENARIO-END $name rc=$rc"
 }
+# The kernel's audit records of system calls a `--seccomp log` filter let through (type 1326,
+# with the thread's name and the call's number), new since the last scenario.
+seccomp_seen=0
+seccomp_report() {
+    n=$(dmesg | grep -c 'type=1326')
+    if [ "$n" -gt "$seccomp_seen" ]; then
+        dmesg | grep 'type=1326' | tail -n $((n - seccomp_seen)) | sed "s/^/SCENARIO-SECCOMP $1: /"
+        seccomp_seen=$n
+    fi
+}
+# Audit records reach dmesg through printk's rate limit (10 per 5 s) unless it is lifted.
+echo 0 > /proc/sys/kernel/printk_ratelimit 2>/dev/null
 bind_vfio() {
     skip=$((${3:-1} - 1))
     for d in /sys/bus/pci/devices/*; do
@@ -378,7 +391,13 @@ impl L1Run {
         }
         let l2 = l2_initramfs(&work, &l2_files)?;
         let script = work.join("run.sh");
-        std::fs::write(&script, &self.script).map_err(|e| format!("writing {script:?}: {e}"))?;
+        // Every p2pvmm in the lab runs with its seccomp filters (`--seccomp true`, the default);
+        // P2PVMM_LAB_SECCOMP=log on the host makes them log instead (SCENARIO-SECCOMP lines).
+        let text = match std::env::var("P2PVMM_LAB_SECCOMP") {
+            Ok(mode) => format!("export P2PVMM_SECCOMP={mode}\n{}", self.script),
+            Err(_) => self.script.clone(),
+        };
+        std::fs::write(&script, &text).map_err(|e| format!("writing {script:?}: {e}"))?;
 
         let l1 = work.join("l1.cpio.gz");
         let mut mk = Command::new(repo_root().join("resources/mkinitramfs.sh"));

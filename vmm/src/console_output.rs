@@ -15,6 +15,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::seccomp::ThreadKind;
+
 /// How long a partial line waits for more bytes before it is written anyway. Under nested
 /// virtualization a guest's UART can pause that long inside a line (measured: over 50 ms).
 pub const PARTIAL_LINE_DELAY: Duration = Duration::from_millis(200);
@@ -97,9 +99,10 @@ impl LineOutput {
         });
         let flusher = {
             let shared = shared.clone();
-            std::thread::Builder::new()
-                .name("console-out".into())
-                .spawn(move || shared.flush_partial_lines())?
+            let builder = std::thread::Builder::new().name("console-out".into());
+            crate::seccomp::spawn(ThreadKind::Console, builder, move || {
+                shared.flush_partial_lines()
+            })?
         };
         Ok(Self {
             shared,

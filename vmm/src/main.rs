@@ -3,7 +3,8 @@
 //! Exit status: 0 when the guest powers off, 3 when it reboots (p2pvmm does not restart it),
 //! 4 when it crashes (triple fault excepted, which counts as a reboot), 1 on a VMM error
 //! (bad configuration included), 2 on a command-line usage error, 128 + N when signal N
-//! (SIGTERM, SIGINT, SIGHUP) stopped it after an orderly shutdown.
+//! (SIGTERM, SIGINT, SIGHUP) stopped it after an orderly shutdown, 159 when a thread made a
+//! system call its seccomp filter forbids.
 
 use std::process::ExitCode;
 
@@ -11,6 +12,7 @@ use devices::legacy::GuestExit;
 
 use vmm::config::{self, ConfigError, HostLimits};
 use vmm::control::{self, ApiService, Outcome};
+use vmm::seccomp::{self, ThreadKind};
 use vmm::{error_chain, signals};
 
 const EXIT_VMM_ERROR: u8 = 1;
@@ -40,6 +42,9 @@ fn main() -> ExitCode {
         Err(ConfigError::Usage(e)) => e.exit(),
         Err(e) => return fail(&e),
     };
+    if let Err(e) = seccomp::set_mode(startup.seccomp) {
+        return fail(&e);
+    }
     // Microseconds: the log is how hotplug and BAR-move latencies are read (bench-hotplug.sh).
     env_logger::Builder::new()
         .filter_level(startup.log_level())
@@ -73,6 +78,11 @@ fn main() -> ExitCode {
         None => None,
     };
 
+    // Last: everything above ran unfiltered (the API thread has its own filter), and every
+    // thread spawned from here on inherits the VMM thread's.
+    if let Err(e) = seccomp::install(ThreadKind::Vmm) {
+        return fail(&e);
+    }
     match control::run(startup.vm, api) {
         Ok(Outcome::VmmShutdown) => {
             log::info!("vmm.shutdown: p2pvmm exits");
@@ -107,10 +117,13 @@ fn serve_api(path: &std::path::Path, host: HostLimits) -> Result<ApiService, api
         socket: path.to_path_buf(),
         source,
     })?;
-    server.spawn(sender).map_err(|source| api::ApiError::Bind {
-        socket: path.to_path_buf(),
-        source,
-    })?;
+    let setup = || vmm::seccomp::install(ThreadKind::Api).map_err(std::io::Error::other);
+    server
+        .spawn_with(sender, setup)
+        .map_err(|source| api::ApiError::Bind {
+            socket: path.to_path_buf(),
+            source,
+        })?;
     log::info!("API on {}", path.display());
     Ok(ApiService::new(channel, host))
 }

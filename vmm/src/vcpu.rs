@@ -10,6 +10,8 @@ use devices::Bus;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use crate::seccomp::ThreadKind;
+
 /// The signal that interrupts `KVM_RUN` so a vCPU thread notices it should stop.
 fn kick_signal() -> i32 {
     SIGRTMIN()
@@ -111,9 +113,8 @@ impl Vcpu {
 
     /// Starts the vCPU on its own thread.
     pub fn spawn(self) -> std::io::Result<JoinHandle<()>> {
-        std::thread::Builder::new()
-            .name(format!("vcpu{}", self.index))
-            .spawn(move || self.run())
+        let builder = std::thread::Builder::new().name(format!("vcpu{}", self.index));
+        crate::seccomp::spawn(ThreadKind::Vcpu, builder, move || self.run())
     }
 
     fn run(mut self) {

@@ -12,6 +12,7 @@ use clap::{ArgAction, Parser};
 
 use super::layer::PartialConfig;
 use super::{device, file, p2p_group, ByteSize, ConfigError, LoadedConfig, SerialConfig, Startup};
+use crate::seccomp::SeccompMode;
 
 /// p2pvmm: boot a Linux guest on KVM.
 ///
@@ -89,6 +90,16 @@ pub struct Cli {
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
 
+    /// Seccomp filters, one per thread: true traps any other system call (named on stderr,
+    /// exit status 159), log lets it through for the kernel's audit log, false installs none.
+    #[arg(
+        long,
+        value_name = "MODE",
+        default_value = "true",
+        env = "P2PVMM_SECCOMP"
+    )]
+    pub seccomp: SeccompMode,
+
     /// More log output; repeat for more (-v info, -vv debug, -vvv trace).
     #[arg(short, long, action = ArgAction::Count)]
     pub verbose: u8,
@@ -115,16 +126,19 @@ impl Cli {
     pub fn into_startup(self) -> Result<Startup, ConfigError> {
         let api_socket = self.api_socket.clone();
         let verbosity = self.verbose;
+        let seccomp = self.seccomp;
         match self.into_config() {
             Err(ConfigError::MissingKernel) if api_socket.is_some() => Ok(Startup {
                 vm: None,
                 api_socket,
                 verbosity,
+                seccomp,
             }),
             loaded => loaded.map(|loaded| Startup {
                 vm: Some(loaded.vm),
                 api_socket,
                 verbosity,
+                seccomp,
             }),
         }
     }

@@ -171,6 +171,7 @@ pub struct Startup {
     pub vm: Option<VmConfig>,
     pub api_socket: Option<PathBuf>,
     pub verbosity: u8,
+    pub seccomp: crate::seccomp::SeccompMode,
 }
 
 impl Startup {

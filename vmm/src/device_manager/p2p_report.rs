@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use vfio_p2p::{P2pMechanism, P2pRow, P2pTable};
 
+use crate::seccomp::ThreadKind;
+
 /// How long the BARs must stay still before the table is logged.
 const SETTLE: Duration = Duration::from_millis(500);
 
@@ -73,9 +75,8 @@ impl P2pReporter {
             None
         } else {
             let shared = shared.clone();
-            std::thread::Builder::new()
-                .name("p2p-report".into())
-                .spawn(move || report_loop(&shared))
+            let builder = std::thread::Builder::new().name("p2p-report".into());
+            crate::seccomp::spawn(ThreadKind::P2pReport, builder, move || report_loop(&shared))
                 .inspect_err(|e| log::warn!("P2P table reporter not started: {e}"))
                 .ok()
         };
