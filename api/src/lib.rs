@@ -45,5 +45,5 @@ pub use p2p_table::{format_table, P2pTable, P2pTableRow};
 pub use request::{
     channel, ApiChannel, ApiFailure, ApiReply, ApiRequest, ApiResult, ApiSender, Responder,
 };
-pub use server::{ApiServer, IO_TIMEOUT, MAX_CONNECTIONS, REPLY_TIMEOUT};
+pub use server::{ApiServer, InjectedPanic, IO_TIMEOUT, MAX_CONNECTIONS, REPLY_TIMEOUT};
 pub use types::*;

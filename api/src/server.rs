@@ -36,6 +36,16 @@ pub struct ApiServer {
     /// Held (flocked) for as long as the server lives, so a second p2pvmm cannot take the path.
     lock: File,
     reply_timeout: Duration,
+    panics: InjectedPanic,
+}
+
+/// A test knob (p2pvmm's `P2PVMM_X_PANIC=api` / `api-conn`): where the server panics on purpose.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InjectedPanic {
+    /// The accept thread, when a client connects.
+    pub on_accept: bool,
+    /// A connection thread, once it has read a request.
+    pub on_request: bool,
 }
 
 fn lock_path(socket: &Path) -> PathBuf {
@@ -107,6 +117,7 @@ impl ApiServer {
             socket: path.to_path_buf(),
             lock,
             reply_timeout: REPLY_TIMEOUT,
+            panics: InjectedPanic::default(),
         })
     }
 
@@ -118,6 +129,12 @@ impl ApiServer {
     /// How long a request waits for the VMM (default [`REPLY_TIMEOUT`]).
     pub fn with_reply_timeout(mut self, timeout: Duration) -> ApiServer {
         self.reply_timeout = timeout;
+        self
+    }
+
+    /// Panics on purpose where `panics` says (a test knob).
+    pub fn with_injected_panic(mut self, panics: InjectedPanic) -> ApiServer {
+        self.panics = panics;
         self
     }
 
@@ -167,6 +184,9 @@ impl ApiServer {
                     continue;
                 }
             };
+            if self.panics.on_accept {
+                panic!("injected panic on the API accept thread");
+            }
             let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
             match peer_uid(&stream) {
                 Ok(uid) if uid == euid => {}
@@ -196,11 +216,12 @@ impl ApiServer {
             let slot = ConnectionSlot(Arc::clone(&active));
             let sender = sender.clone();
             let reply_timeout = self.reply_timeout;
+            let panic_on_request = self.panics.on_request;
             let spawned = thread::Builder::new()
                 .name("p2pvmm-api-conn".into())
                 .spawn(move || {
                     let _slot = slot;
-                    serve_connection(stream, &sender, reply_timeout);
+                    serve_connection(stream, &sender, reply_timeout, panic_on_request);
                 });
             if let Err(e) = spawned {
                 log::warn!("API: cannot start a connection thread: {e}");
@@ -242,10 +263,18 @@ fn peer_uid(stream: &UnixStream) -> io::Result<u32> {
     Ok(cred.uid)
 }
 
-fn serve_connection(mut stream: UnixStream, sender: &ApiSender, reply_timeout: Duration) {
+fn serve_connection(
+    mut stream: UnixStream,
+    sender: &ApiSender,
+    reply_timeout: Duration,
+    panic_on_request: bool,
+) {
     let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
     let response = match http::read_request(&mut stream, BODY_LIMIT) {
         Ok(request) => {
+            if panic_on_request {
+                panic!("injected panic on an API connection thread");
+            }
             let response = answer(&request, sender, reply_timeout);
             log::debug!(
                 "API {} {} -> {}",

@@ -149,6 +149,14 @@ pub fn msix_probe_static() -> Result<PathBuf, String> {
         .clone()
 }
 
+/// `vcpu-hammer` (tests/src/bin) for the L2 initramfs, built once per test process.
+pub fn vcpu_hammer_static() -> Result<PathBuf, String> {
+    static BINARY: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BINARY
+        .get_or_init(|| static_binary("p2pvmm-tests", "vcpu-hammer"))
+        .clone()
+}
+
 /// The L2 initramfs (runs `/lab/l2.sh` if given, prints the `P2PVMM-L2:` report, then powers
 /// off or reboots), with `files` added.
 fn l2_initramfs(work: &Path, files: &[(PathBuf, String)]) -> Result<PathBuf, String> {

@@ -1,6 +1,7 @@
 //! Host stdin feeding the guest's serial console.
 
 use std::io::Read;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use devices::legacy::Serial;
@@ -8,6 +9,25 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use vmm_sys_util::terminal::Terminal;
 
 const STDIN_FD: i32 = 0;
+
+/// Whether stdin is in raw mode now, for [`restore_terminal_after_panic`].
+static RAW_TERMINAL: AtomicBool = AtomicBool::new(false);
+
+/// Gives a terminal left in raw mode its line mode back, from a panicking thread: straight
+/// through termios, since stdin's lock may be held by the thread that panicked.
+pub fn restore_terminal_after_panic() {
+    if !RAW_TERMINAL.swap(false, Ordering::AcqRel) {
+        return;
+    }
+    // SAFETY: termios is plain data; tcgetattr fills it and tcsetattr only reads it.
+    unsafe {
+        let mut termios: libc::termios = std::mem::zeroed();
+        if libc::tcgetattr(STDIN_FD, &mut termios) == 0 {
+            termios.c_lflag |= libc::ICANON | libc::ECHO | libc::ISIG;
+            libc::tcsetattr(STDIN_FD, libc::TCSANOW, &termios);
+        }
+    }
+}
 
 /// Reads stdin when it has data and queues the bytes in the serial receive FIFO. On a terminal,
 /// stdin is switched to raw mode for the VM's lifetime so keys reach the guest unprocessed.
@@ -22,6 +42,7 @@ impl ConsoleInput {
         // SAFETY: isatty only inspects the descriptor.
         let is_tty = unsafe { libc::isatty(STDIN_FD) } == 1;
         let raw_terminal = is_tty && stdin.set_raw_mode().is_ok();
+        RAW_TERMINAL.store(raw_terminal, Ordering::Release);
         Self {
             serial,
             raw_terminal,
@@ -32,6 +53,7 @@ impl ConsoleInput {
 impl Drop for ConsoleInput {
     fn drop(&mut self) {
         if self.raw_terminal {
+            RAW_TERMINAL.store(false, Ordering::Release);
             if let Err(e) = std::io::stdin().lock().set_canon_mode() {
                 log::warn!("restoring the terminal: {e}");
             }

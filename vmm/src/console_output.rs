@@ -131,6 +131,8 @@ impl Shared {
                 state = self.wake.wait(state).unwrap_or_else(|e| e.into_inner());
                 continue;
             }
+            // Woken for the guest's first bytes, holding the lock the vCPUs' writes need.
+            crate::panics::maybe_panic(crate::panics::PanicPoint::Console);
             let quiet = state.last_byte.elapsed();
             if quiet >= self.delay {
                 let len = state.pending.len();

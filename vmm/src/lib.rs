@@ -16,6 +16,7 @@ mod interrupts;
 mod kvm_vfio;
 mod layout;
 mod memory;
+pub mod panics;
 pub mod seccomp;
 pub mod signals;
 mod slots;

@@ -12,6 +12,7 @@ use devices::legacy::GuestExit;
 
 use vmm::config::{self, ConfigError, HostLimits};
 use vmm::control::{self, ApiService, Outcome};
+use vmm::panics::{self, PanicPoint};
 use vmm::seccomp::{self, ThreadKind};
 use vmm::{error_chain, signals};
 
@@ -20,6 +21,7 @@ const EXIT_GUEST_REBOOT: u8 = 3;
 const EXIT_GUEST_CRASH: u8 = 4;
 
 fn main() -> ExitCode {
+    panics::install_hook();
     // Before any thread exists, so every thread inherits the mask (see `signals`).
     if let Err(e) = signals::block() {
         eprintln!("p2pvmm: error: blocking SIGTERM/SIGINT/SIGHUP: {e}");
@@ -112,7 +114,10 @@ fn main() -> ExitCode {
 /// Binds the API socket and starts the HTTP thread; requests reach the VMM thread through the
 /// returned service.
 fn serve_api(path: &std::path::Path, host: HostLimits) -> Result<ApiService, api::ApiError> {
-    let server = api::ApiServer::bind(path)?;
+    let server = api::ApiServer::bind(path)?.with_injected_panic(api::InjectedPanic {
+        on_accept: panics::injected() == Some(PanicPoint::Api),
+        on_request: panics::injected() == Some(PanicPoint::ApiConnection),
+    });
     let (sender, channel) = api::channel().map_err(|source| api::ApiError::Bind {
         socket: path.to_path_buf(),
         source,

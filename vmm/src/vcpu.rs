@@ -10,6 +10,7 @@ use devices::Bus;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use crate::panics::{self, PanicPoint};
 use crate::seccomp::ThreadKind;
 
 /// The signal that interrupts `KVM_RUN` so a vCPU thread notices it should stop.
@@ -118,6 +119,8 @@ impl Vcpu {
     }
 
     fn run(mut self) {
+        // The boot vCPU panics after its first exit when `P2PVMM_X_PANIC=vcpu` asks for it.
+        let mut first_exit = self.index == 0;
         while !self.shared.stop.load(Ordering::Acquire) {
             self.shared.pause.wait_while_paused(&self.shared.stop);
             if self.shared.stop.load(Ordering::Acquire) {
@@ -126,6 +129,9 @@ impl Vcpu {
             if let Some(exit) = self.run_once() {
                 self.shared.exit.request(exit);
                 return;
+            }
+            if std::mem::take(&mut first_exit) {
+                panics::maybe_panic(PanicPoint::Vcpu);
             }
         }
     }

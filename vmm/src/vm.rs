@@ -293,6 +293,7 @@ impl Vm {
         let mut wakes = vec![self.devices.eject_event()];
         wakes.extend(api.as_ref().map(|a| a.eventfd()));
         let mut events = EventLoop::new(&self.shared.exit, console, stop, &wakes)?;
+        crate::panics::maybe_panic(crate::panics::PanicPoint::Vmm);
         while self.shared.exit.reason().is_none() {
             // While an eject is pending, wake up to enforce its deadline.
             let tick = self.devices.eject_pending().then_some(EJECT_TICK);

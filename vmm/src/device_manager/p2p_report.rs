@@ -116,6 +116,7 @@ fn report_loop(shared: &Shared) {
             Some(at) if at.elapsed() >= SETTLE => {
                 state.changed = None;
                 drop(state);
+                crate::panics::maybe_panic(crate::panics::PanicPoint::P2pReport);
                 let table = api::format_table(&api_table(shared.rows()));
                 log::info!("P2P table:\n{table}");
                 state = shared.state.lock().unwrap_or_else(PoisonError::into_inner);

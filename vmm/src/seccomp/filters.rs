@@ -67,20 +67,17 @@ impl ThreadKind {
             }
             ThreadKind::Console | ThreadKind::P2pReport => {}
         }
+        // The terminal's type everywhere: the panic hook gives a raw terminal its line mode
+        // back from whichever thread panics (and the API's sockets take FIONBIO and FIOCLEX).
         let ioctl_types: &[u8] = match self {
-            ThreadKind::Vmm => &[KVMIO, VFIO_TYPE, TTY_TYPE],
-            ThreadKind::Vcpu => &[KVMIO, VFIO_TYPE],
-            // FIONBIO and FIOCLEX, which the standard library may use on sockets.
-            ThreadKind::Api => &[TTY_TYPE],
-            ThreadKind::Console | ThreadKind::P2pReport => &[],
+            ThreadKind::Vmm | ThreadKind::Vcpu => &[KVMIO, VFIO_TYPE, TTY_TYPE],
+            ThreadKind::Api | ThreadKind::Console | ThreadKind::P2pReport => &[TTY_TYPE],
         };
-        if !ioctl_types.is_empty() {
-            let by_type = ioctl_types
-                .iter()
-                .map(|&t| ioctl_type_is(t))
-                .collect::<Result<Vec<_>, _>>()?;
-            rules.insert(libc::SYS_ioctl, by_type);
-        }
+        let by_type = ioctl_types
+            .iter()
+            .map(|&t| ioctl_type_is(t))
+            .collect::<Result<Vec<_>, _>>()?;
+        rules.insert(libc::SYS_ioctl, by_type);
         Ok(rules)
     }
 }

@@ -112,6 +112,24 @@ fn report_threads_may_log_but_not_start_threads() {
     assert_eq!(clone, libc::EPERM);
 }
 
+/// The panic hook restores a raw terminal (TCGETS, TCSETS) from whichever thread panicked.
+#[test]
+fn every_thread_may_restore_the_terminal_but_no_thread_may_use_network_ioctls() {
+    for kind in ThreadKind::ALL {
+        let (tcgets, siocgifflags) = under_filter(kind, || {
+            // SAFETY: ioctls on an invalid fd; the kernel writes nothing.
+            unsafe {
+                (
+                    errno_of(libc::ioctl(-1, libc::TCGETS).into()),
+                    errno_of(libc::ioctl(-1, 0x8913).into()),
+                )
+            }
+        });
+        assert_eq!(tcgets, libc::EBADF, "{kind}: TCGETS");
+        assert_eq!(siocgifflags, libc::EPERM, "{kind}: SIOCGIFFLAGS");
+    }
+}
+
 #[test]
 fn modes_are_spelled_as_the_flag_takes_them() {
     use clap::ValueEnum;
