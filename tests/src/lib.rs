@@ -12,6 +12,7 @@ pub mod clock;
 mod console;
 pub mod guest;
 mod l1;
+pub mod option_rom;
 
 pub use console::{expect_scenario, run_retrying_lab_failure, Console, L2Report, Scenario};
 pub use l1::{

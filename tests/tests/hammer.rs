@@ -1,15 +1,18 @@
 //! Hardening in the nested lab, one L1 boot with QEMU's e1000e next to edu:
-//! - a guest hammering a passthrough function's config space and MSI-X table from vCPU 1 does
-//!   not slow vCPU 0 past a bound (two vCPUs: the lab kernel has NR_CPUS=2) (`vcpu-hammer`, tests/src/bin), on both IOMMU backends;
+//! - a guest hammering a passthrough NIC's config space and MSI-X table and edu's expansion ROM
+//!   from vCPU 1 does not slow vCPU 0 past a bound (two vCPUs: the lab kernel has NR_CPUS=2)
+//!   (`vcpu-hammer`, tests/src/bin), on both IOMMU backends, and every ROM read under the
+//!   hammer returns the ROM file's bytes;
 //! - a panic in the P2P reporter thread (`P2PVMM_X_PANIC=p2p-report`, which needs a P2P group,
 //!   so it cannot run on this machine's `/dev/kvm` as vmm/tests/panics.rs does) ends p2pvmm
 //!   with SIGABRT and a line naming the thread, and the next p2pvmm opens the same devices.
 
 use std::sync::OnceLock;
 
+use p2pvmm_tests::option_rom::{edu_option_rom, fnv1a64};
 use p2pvmm_tests::{
-    expect_scenario, run_retrying_lab_failure, vcpu_hammer_static, Console, L1Run, Scenario,
-    L2_CMDLINE,
+    expect_scenario, repo_root, run_retrying_lab_failure, vcpu_hammer_static, Console, L1Run,
+    Scenario, L2_CMDLINE,
 };
 
 const VMM: &str = "p2pvmm --kernel /l2/bzImage --initramfs /l2/initramfs.cpio.gz --memory 512M";
@@ -27,14 +30,22 @@ if grep -q 'lab.hammer' /proc/cmdline; then /usr/bin/vcpu-hammer 2>&1; fi
 "#;
 
 fn run_lab() -> Result<Console, String> {
+    let dir = repo_root()
+        .join("target/lab-work")
+        .join(format!("hammer-rom-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {dir:?}: {e}"))?;
+    let rom = dir.join("edu-rom.bin");
+    std::fs::write(&rom, edu_option_rom()).map_err(|e| format!("writing {rom:?}: {e}"))?;
     let hammer = |backend: &str| {
         format!(
             "{VMM} --cpus 2 --cmdline '{L2_CMDLINE} lab.hammer' \
-             --device path=$NIC,id=nic,backend={backend}"
+             --device path=$NIC,id=nic,backend={backend} \
+             --device path=$EDU,id=edu,backend={backend}"
         )
     };
     L1Run::new("hammer")
         .qemu_args(&["-device", "e1000e"])
+        .edu_romfile(&rom)
         .prelude(BIND)
         .l2_file(vcpu_hammer_static()?, "/usr/bin/vcpu-hammer")
         .l2_script(L2_SCRIPT)
@@ -136,8 +147,22 @@ fn assert_vcpu0_not_slowed(name: &str) {
         .unwrap_or_default();
     eprintln!("{name}: {ops}");
     assert!(
-        !ops.contains("config_accesses=0 ") && !ops.contains("msix_accesses=0 "),
+        !ops.contains("config_accesses=0 ")
+            && !ops.contains("msix_accesses=0 ")
+            && !ops.contains("rom_bytes=0 "),
         "{name}: a hammer did nothing: {ops:?}; console:\n{console}"
+    );
+    // Every later read was checked against this one in L2; this one against the file.
+    let expected = format!(
+        "bytes={} fnv={:#x}",
+        edu_option_rom().len(),
+        fnv1a64(&edu_option_rom())
+    );
+    assert!(
+        s.output
+            .lines()
+            .any(|l| l.contains("VCPU-HAMMER: rom edu=") && l.ends_with(&expected)),
+        "{name}: L2's first ROM read is not the file ({expected}); console:\n{console}"
     );
     for bound in &BOUNDS {
         let get = |phase| {
@@ -179,12 +204,12 @@ fn assert_vcpu0_not_slowed(name: &str) {
 }
 
 #[test]
-fn iommufd_hammering_config_and_msix_does_not_stall_another_vcpu() {
+fn iommufd_hammering_config_msix_and_rom_does_not_stall_another_vcpu() {
     assert_vcpu0_not_slowed("hammer-iommufd");
 }
 
 #[test]
-fn legacy_hammering_config_and_msix_does_not_stall_another_vcpu() {
+fn legacy_hammering_config_msix_and_rom_does_not_stall_another_vcpu() {
     assert_vcpu0_not_slowed("hammer-legacy");
 }
 

@@ -159,7 +159,7 @@ impl Vcpu {
             }
             Ok(VcpuExit::Hlt) | Ok(VcpuExit::Intr) => {}
             Ok(VcpuExit::Shutdown) => {
-                log::info!("vcpu{index}: triple fault, resetting");
+                log::warn!("vcpu{index}: triple fault, resetting");
                 return Some(GuestExit::Reset);
             }
             Ok(VcpuExit::SystemEvent(kind, _)) => {

@@ -13,10 +13,14 @@
 //!   interrupt line register with the value it holds, and memory decoding switched off and on
 //!   (the VMM unmaps and maps the BARs: the slowest config write there is);
 //! - `msix`: reads and writes of the NIC's MSI-X table entries (through the BAR's sysfs
-//!   mapping), every entry kept masked.
+//!   mapping), every entry kept masked;
+//! - `rom`, when edu is there too: its expansion ROM enabled, read whole and disabled again
+//!   through sysfs (the VMM maps and unmaps the ROM BAR each time), every read checked against
+//!   the first.
 //!
 //! Prints, for each phase and step, `VCPU-HAMMER: PHASE STEP n=N median=US p99=US max=US`,
-//! the hammer operation counts, then `VCPU-HAMMER: ok` (or `VCPU-HAMMER: FAIL reason`).
+//! `VCPU-HAMMER: rom edu=BDF bytes=N fnv=HASH` for the first ROM read, the hammer operation
+//! counts, then `VCPU-HAMMER: ok` (or `VCPU-HAMMER: FAIL reason`).
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -27,8 +31,10 @@ use std::time::{Duration, Instant};
 
 use p2pvmm_tests::guest::vfio::Mapping;
 use p2pvmm_tests::guest::{sysfs, Fail, Result};
+use p2pvmm_tests::option_rom::fnv1a64;
 
 const NIC: (u16, u16) = (0x8086, 0x10d3);
+const EDU: (u16, u16) = (0x1234, 0x11e8);
 const HOST_BRIDGE: &str = "0000:00:00.0";
 const CAP_ID_MSIX: u8 = 0x11;
 const MSIX_ENTRY: usize = 16;
@@ -68,7 +74,8 @@ fn parse_args(argv: &[String]) -> std::result::Result<Option<Args>, String> {
 }
 
 fn usage() -> &'static str {
-    "usage: vcpu-hammer [--phase-ms MS]   (needs 2 or more vCPUs; NIC 8086:10d3 without a driver)"
+    "usage: vcpu-hammer [--phase-ms MS]   (needs 2 or more vCPUs; NIC 8086:10d3 without a \
+     driver; hammers edu 1234:11e8's ROM too when there is one)"
 }
 
 /// Pins the calling thread to `cpu`.
@@ -210,6 +217,31 @@ fn hammer_msix(bar: &Mapping, table: usize, entries: usize, round: u32) -> Resul
     Ok(entries as u64 * 8)
 }
 
+/// The function's expansion ROM through sysfs: enabled, read whole, disabled again.
+fn read_rom(bdf: &str) -> Result<Vec<u8>> {
+    let path = format!("/sys/bus/pci/devices/{bdf}/rom");
+    std::fs::write(&path, "1").map_err(|e| Fail::io(format!("enable {path}"), e))?;
+    let bytes = std::fs::read(&path).map_err(|e| Fail::io(format!("read {path}"), e));
+    std::fs::write(&path, "0").map_err(|e| Fail::io(format!("disable {path}"), e))?;
+    bytes
+}
+
+/// One ROM pass: the whole ROM read again, which must be what the first read gave.
+fn hammer_rom(bdf: &str, fnv: u64) -> Result<u64> {
+    let bytes = read_rom(bdf)?;
+    if fnv1a64(&bytes) != fnv {
+        return Err(Fail::msg(
+            "ROM read while hammering",
+            format!(
+                "{} bytes, fnv {:#x}, not the first read's {fnv:#x}",
+                bytes.len(),
+                fnv1a64(&bytes)
+            ),
+        ));
+    }
+    Ok(bytes.len() as u64)
+}
+
 fn run(a: &Args) -> Result<()> {
     if a.cpus < 2 {
         return Err(Fail::msg("vCPUs", format!("{} online, 2 needed", a.cpus)));
@@ -223,6 +255,24 @@ fn run(a: &Args) -> Result<()> {
     // thread).
     drop(sysfs::map_resource(&nic, table_bar)?);
     let bridge = open_config(HOST_BRIDGE)?;
+    let rom = match sysfs::find_device(EDU.0, EDU.1) {
+        Ok(edu) => {
+            let first = read_rom(&edu)?;
+            if first.get(..2) != Some(&[0x55, 0xaa][..]) {
+                return Err(Fail::msg(
+                    "edu's ROM",
+                    format!("{} bytes without the 55 AA signature", first.len()),
+                ));
+            }
+            let fnv = fnv1a64(&first);
+            println!(
+                "VCPU-HAMMER: rom edu={edu} bytes={} fnv={fnv:#x}",
+                first.len()
+            );
+            Some((edu, fnv))
+        }
+        Err(_) => None,
+    };
     println!(
         "VCPU-HAMMER: nic={nic} msix_bar={table_bar} table={table:#x} entries={entries} vcpus={}",
         a.cpus
@@ -232,23 +282,28 @@ fn run(a: &Args) -> Result<()> {
     let mut baseline = probe(&bridge, a.phase)?;
 
     let go = Arc::new(AtomicBool::new(true));
-    let ops: Arc<[AtomicU64; 2]> = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
+    let ops: Arc<[AtomicU64; 3]> = Arc::new(Default::default());
     let mut hammers = Vec::new();
     for cpu in 1..a.cpus {
         let (go, ops, config, nic) = (go.clone(), ops.clone(), config.clone(), nic.clone());
+        let rom = rom.clone();
         hammers.push(std::thread::spawn(move || -> Result<()> {
             pin(cpu)?;
             let bar = sysfs::map_resource(&nic, table_bar)?;
             let mut round = 0u32;
             while go.load(Ordering::Relaxed) {
                 round = round.wrapping_add(1);
-                // Config and MSI-X passes alternate on each hammer vCPU (the lab's L2 kernel
-                // has NR_CPUS=2: one hammer vCPU does both).
-                if (round as usize + cpu).is_multiple_of(2) {
-                    ops[0].fetch_add(hammer_config(&config)?, Ordering::Relaxed);
-                } else {
-                    ops[1].fetch_add(hammer_msix(&bar, table, entries, round)?, Ordering::Relaxed);
-                }
+                // The passes take turns on each hammer vCPU (the lab's L2 kernel has
+                // NR_CPUS=2: one hammer vCPU does them all).
+                let passes = if rom.is_some() { 3 } else { 2 };
+                match ((round as usize + cpu) % passes, &rom) {
+                    (0, _) => ops[0].fetch_add(hammer_config(&config)?, Ordering::Relaxed),
+                    (2, Some((edu, fnv))) => {
+                        ops[2].fetch_add(hammer_rom(edu, *fnv)?, Ordering::Relaxed)
+                    }
+                    _ => ops[1]
+                        .fetch_add(hammer_msix(&bar, table, entries, round)?, Ordering::Relaxed),
+                };
             }
             Ok(())
         }));
@@ -266,12 +321,12 @@ fn run(a: &Args) -> Result<()> {
         }
     }
     let secs = a.phase.as_secs_f64();
+    let [config_ops, msix_ops, rom_bytes] = [0, 1, 2].map(|i| ops[i].load(Ordering::Relaxed));
     println!(
-        "VCPU-HAMMER: hammer config_accesses={} msix_accesses={} per_s={:.0},{:.0}",
-        ops[0].load(Ordering::Relaxed),
-        ops[1].load(Ordering::Relaxed),
-        ops[0].load(Ordering::Relaxed) as f64 / secs,
-        ops[1].load(Ordering::Relaxed) as f64 / secs
+        "VCPU-HAMMER: hammer config_accesses={config_ops} msix_accesses={msix_ops} \
+         rom_bytes={rom_bytes} per_s={:.0},{:.0}",
+        config_ops as f64 / secs,
+        msix_ops as f64 / secs
     );
     Ok(())
 }
