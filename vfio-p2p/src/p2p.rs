@@ -434,24 +434,47 @@ impl P2pTable {
     /// Where the guest has `bar` now (the BAR observer's word). Every area of the BAR follows:
     /// unmapped from the old address, mapped at the new one when placed and decoding.
     pub fn bar_moved(&self, bar: BarKey, placement: BarPlacement) -> Result<(), P2pError> {
+        self.bars_moved(&[(bar, placement)])
+    }
+
+    /// [`bar_moved`](Self::bar_moved) for several BARs at once, with one reconcile after all of
+    /// them: what one guest access did to a function's BARs (decode off ends them all), so no
+    /// area is mapped on the strength of another BAR's stale placement. All or nothing: an
+    /// unknown BAR changes none.
+    pub fn bars_moved(&self, moves: &[(BarKey, BarPlacement)]) -> Result<(), P2pError> {
         let mut inner = self.lock();
-        let keys: Vec<P2pKey> = inner
-            .entries
-            .keys()
-            .filter(|k| k.bar == bar)
-            .copied()
-            .collect();
-        if keys.is_empty() {
-            return Err(P2pError::UnknownBar { bar });
+        let mut keys = Vec::new();
+        for &(bar, placement) in moves {
+            let of_bar: Vec<P2pKey> = inner
+                .entries
+                .keys()
+                .filter(|k| k.bar == bar)
+                .copied()
+                .collect();
+            if of_bar.is_empty() {
+                return Err(P2pError::UnknownBar { bar });
+            }
+            keys.extend(of_bar.into_iter().map(|k| (k, placement)));
         }
-        for key in &keys {
+        for (key, placement) in &keys {
             if let Some(e) = inner.entries.get_mut(key) {
-                e.placement = placement;
+                e.placement = *placement;
             }
         }
+        let keys: Vec<P2pKey> = keys.into_iter().map(|(k, _)| k).collect();
         inner.clear_failures(&keys);
         self.reconcile(&mut inner);
         Ok(())
+    }
+
+    /// Where the table has `bar` now, if it knows the BAR.
+    pub fn placement(&self, bar: BarKey) -> Option<BarPlacement> {
+        let inner = self.lock();
+        inner
+            .entries
+            .iter()
+            .find(|(k, _)| k.bar == bar)
+            .map(|(_, e)| e.placement)
     }
 
     /// Runs `reset` (e.g. `|| dev.reset()`) with every area of `device` out of the IOMMU, then

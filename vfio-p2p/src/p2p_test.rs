@@ -406,6 +406,56 @@ fn of_two_bars_placed_on_each_other_one_maps_and_the_other_follows_when_it_moves
     );
 }
 
+/// Decode off of a function whose two BARs sit on each other: told together, the waiting BAR
+/// is not mapped in between (a map of a revoked dmabuf, which `FakeIommu` refuses as the kernel
+/// would with ENODEV).
+#[test]
+fn bars_that_stop_decoding_together_map_nothing_in_between() {
+    let vm = Vm::new(BackendKind::Iommufd);
+    let a = area(dev(1), 2, 0);
+    let b = area(dev(1), 4, 0);
+    let _b1 = vm.add_dmabuf(a, MIB);
+    let _b2 = vm.add_dmabuf(b, MIB);
+    vm.decode(dev(1), true);
+    vm.place(a.bar, Some(0xe000_0000)).unwrap();
+    vm.place(b.bar, Some(0xe000_0000)).unwrap();
+    assert_eq!(
+        (vm.mapped_at(a), vm.mapped_at(b)),
+        (Some(0xe000_0000), None)
+    );
+
+    vm.fake.set_decode(dev(1), false);
+    vm.table
+        .bars_moved(&[
+            (a.bar, BarPlacement::DecodeOff),
+            (b.bar, BarPlacement::DecodeOff),
+        ])
+        .unwrap();
+
+    assert_eq!((vm.mapped_at(a), vm.mapped_at(b)), (None, None));
+    assert_eq!(vm.table.placement(b.bar), Some(BarPlacement::DecodeOff));
+}
+
+#[test]
+fn a_batch_with_an_unknown_bar_changes_nothing() {
+    let vm = Vm::new(BackendKind::Iommufd);
+    let a = area(dev(1), 2, 0);
+    let _b1 = vm.add_dmabuf(a, MIB);
+    vm.decode(dev(1), true);
+
+    let e = vm
+        .table
+        .bars_moved(&[
+            (a.bar, BarPlacement::Placed(0xe000_0000)),
+            (bar(dev(1), 5), BarPlacement::Placed(0xe010_0000)),
+        ])
+        .unwrap_err();
+
+    assert!(matches!(e, P2pError::UnknownBar { .. }), "{e}");
+    assert_eq!(vm.mapped_at(a), None);
+    assert_eq!(vm.table.placement(a.bar), Some(BarPlacement::Unplaced));
+}
+
 #[test]
 fn removing_a_device_lets_a_blocked_peer_map() {
     let vm = Vm::new(BackendKind::Iommufd);

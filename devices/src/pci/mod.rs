@@ -34,6 +34,7 @@ pub mod hotplug;
 pub mod intx;
 pub mod msi;
 pub mod msix;
+pub mod p2p_placement;
 pub mod pcie_cap;
 pub mod port;
 pub mod regs;

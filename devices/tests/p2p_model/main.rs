@@ -8,18 +8,17 @@
 //!
 //! Findings that need more than this crate and vfio-p2p, kept out of the checked space:
 //!
-//! FINDING 1 (excluded: `P2pObserver::own_clash`). Two BARs of one function placed over each
-//! other (only possible where the observer does not refuse overlaps; the VMM's bus does): the
-//! table maps one, the other waits as "another BAR is mapped there". When an access ends the
-//! function's decoding as a whole (memory decode off, secondary bus reset), the observer reports
-//! it one BAR at a time, and the table's reconcile after the first report maps the waiting BAR,
-//! whose own report has not arrived yet, with the function no longer decoding: `FakeIommu`
-//! panics ("map of a dmabuf ... while its memory decoding is off"); the kernel would fail it with
-//! ENODEV and the row would say "revoked" until the next report. Sequence: place `a1` BAR 4 and
-//! BAR 2 over each other in the 64-bit window, then a secondary bus reset of `ga-down0`.
-//! Expected: no map call. The fix is to hand a whole access's changes to the table at once
-//! (a batch `BarObserver` call from `update_decode` and a `P2pTable` batch update that
-//! reconciles once), which changes vmm/src/device_manager/bar_mapper.rs.
+//! FINDING 1 (fixed). Two BARs of one function placed over each other (only possible where the
+//! observer does not refuse overlaps; the VMM's bus does): the table maps one, the other waits
+//! as "another BAR is mapped there". When an access ends the function's decoding as a whole
+//! (memory decode off, secondary bus reset), the observer reports it one BAR at a time, and the
+//! table's reconcile after the first report mapped the waiting BAR, whose own report had not
+//! arrived yet, with the function no longer decoding (`FakeIommu` panics; the kernel fails it
+//! with ENODEV). Sequence: place `a1` BAR 4 and BAR 2 over each other in the 64-bit window, then
+//! a secondary bus reset of `ga-down0`. Fixed by `devices::pci::p2p_placement` (each report
+//! carries every BAR of the function that stopped decoding) and `P2pTable::bars_moved` (one
+//! reconcile for all), which the VMM's `BarMapper` and this test's observer both use; the
+//! model now explores overlapping BARs of one function too.
 //!
 //! FINDING 2 (relaxed: `model::Shown::NotDecoding`). The table hears only of decoded-range
 //! changes, so a row can say "unplaced" for a BAR that is placed with memory decoding off (it

@@ -13,6 +13,7 @@ use std::os::unix::fs::MetadataExt;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use devices::pci::fake::FakeEndpoint;
+use devices::pci::p2p_placement::p2p_placements;
 use devices::pci::regs::{COMMAND, COMMAND_MEMORY};
 use devices::pci::{
     BarChange, BarDef, BarInfo, BarKind, BarObserver, Bdf, ObserverError, PciDevice, PciLayout,
@@ -310,7 +311,7 @@ impl P2pObserver {
         let clash = lock(&self.live)
             .values()
             .any(|(r, k)| io(*k) == io(change.kind) && r.overlaps(&range));
-        let clash = clash && (self.reject || self.own_clash(device, change, range));
+        let clash = clash && self.reject;
         let slots = self.reject && slots(self, device, change);
         let over_ram = !io(change.kind)
             && RAM
@@ -319,49 +320,28 @@ impl P2pObserver {
         clash || (slots && over_ram)
     }
 
-    /// Whether `range` overlaps a live BAR of the same function. Refused even with `reject`
-    /// off: FINDING 1 (see the report in main.rs) makes two overlapping BARs of one function
-    /// map a dmabuf of a function that has stopped decoding.
-    fn own_clash(&self, device: &SharedPciDevice, change: &BarChange, range: BusRange) -> bool {
-        let io = |k: BarKind| k == BarKind::Io;
-        lock(&self.live).iter().any(|((d, _), (r, k))| {
-            *d == device_id(device) && io(*k) == io(change.kind) && r.overlaps(&range)
-        })
-    }
-
-    /// `BarMapper::update_p2p`, line for line.
+    /// `BarMapper::update_p2p`: the same placements (`p2p_placements`), one batch per change.
     fn update_p2p(&self, device: &SharedPciDevice, change: &BarChange) {
         let Some((key, p2p)) = self.p2p_of(device) else {
             return;
         };
-        let region = u32::from(change.bar);
-        let has_areas = p2p.keys_of(key).iter().any(|k| k.bar.region == region);
-        if change.kind == BarKind::Io || change.bar == ROM_BAR || !has_areas {
-            return;
-        }
-        let placement = match change.new {
-            Some(range) => BarPlacement::Placed(range.base),
-            None => {
-                let dev = lock(device);
-                let addressed = dev
-                    .bars()
-                    .get(usize::from(change.bar))
-                    .copied()
-                    .flatten()
-                    .is_some_and(|b| b.address != 0);
-                if addressed && dev.command() & COMMAND_MEMORY == 0 {
-                    BarPlacement::DecodeOff
-                } else {
-                    BarPlacement::Unplaced
-                }
-            }
-        };
-        let bar = BarKey {
+        let regions: BTreeSet<u32> = p2p.keys_of(key).iter().map(|k| k.bar.region).collect();
+        let bar = |region| BarKey {
             device: key,
             region,
         };
-        if let Err(e) = p2p.bar_moved(bar, placement) {
-            panic!("{change}: bar_moved: {e}");
+        let placements = p2p_placements(
+            &*lock(device),
+            change,
+            |r| regions.contains(&r),
+            |r| matches!(p2p.placement(bar(r)), Some(BarPlacement::Placed(_))),
+        );
+        if placements.is_empty() {
+            return;
+        }
+        let moves: Vec<_> = placements.into_iter().map(|(r, p)| (bar(r), p)).collect();
+        if let Err(e) = p2p.bars_moved(&moves) {
+            panic!("{change}: bars_moved: {e}");
         }
     }
 }

@@ -4,18 +4,16 @@
 //! For every BAR: a trap region on the MMIO (or port I/O) bus covering the whole BAR. For
 //! passthrough BARs additionally: KVM memory slots over the mmappable areas (so guest CPU access
 //! goes straight to the device) and the peer-to-peer IOMMU mappings (so other devices' DMA to
-//! the BAR's guest address reaches it). An expansion ROM (BAR [`ROM_BAR`]) stays trapped (its
+//! the BAR's guest address reaches it). An expansion ROM (BAR [`ROM_BAR`](devices::pci::ROM_BAR)) stays trapped (its
 //! model serves reads from a copy) and gets no peer mapping: Linux enables and disables a ROM per
 //! 4 KiB it reads, and a KVM slot per toggle cost more than the traps (lab, 64 KiB through sysfs:
 //! 15-25 s with slots, 7-9.5 s trapped). Each change is all-or-nothing.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
-use devices::pci::regs::COMMAND_MEMORY;
-use devices::pci::{
-    BarChange, BarKind, BarObserver, BarRegion, ObserverError, SharedPciDevice, ROM_BAR,
-};
+use devices::pci::p2p_placement::p2p_placements;
+use devices::pci::{BarChange, BarKind, BarObserver, BarRegion, ObserverError, SharedPciDevice};
 use devices::{Bus, BusRange};
 use vfio_p2p::{BarKey, BarPlacement, DeviceKey, P2pTable, RegionMapping};
 
@@ -163,42 +161,33 @@ impl BarMapper {
             .and_then(|p| Some((p.key, p.p2p.clone()?)))
     }
 
-    /// Tells the P2P table where `change` leaves the BAR. The table hears of placement and
-    /// decoding only from here (the one source of truth): a BAR that stops decoding while it
-    /// keeps its address has had its memory decoding turned off.
+    /// Tells the P2P table where `change` leaves the BAR, with any other BAR of the function
+    /// that stopped decoding in the same access (`p2p_placements`). The table hears of
+    /// placement and decoding only from here (the one source of truth).
     fn update_p2p(&self, device: &SharedPciDevice, change: &BarChange) {
         let Some((key, p2p)) = self.p2p_of(device) else {
             return;
         };
-        let region = u32::from(change.bar);
-        // Sub-page and trapped BARs have no peer areas: nothing to map for them.
-        let has_areas = p2p.keys_of(key).iter().any(|k| k.bar.region == region);
-        if change.kind == BarKind::Io || change.bar == ROM_BAR || !has_areas {
-            return;
-        }
-        let placement = match change.new {
-            Some(range) => BarPlacement::Placed(range.base),
-            None => {
-                let dev = device.lock().unwrap_or_else(|e| e.into_inner());
-                let addressed = dev
-                    .bars()
-                    .get(usize::from(change.bar))
-                    .copied()
-                    .flatten()
-                    .is_some_and(|b| b.address != 0);
-                if addressed && dev.command() & COMMAND_MEMORY == 0 {
-                    BarPlacement::DecodeOff
-                } else {
-                    BarPlacement::Unplaced
-                }
-            }
-        };
-        let bar = BarKey {
+        let regions: BTreeSet<u32> = p2p.keys_of(key).iter().map(|k| k.bar.region).collect();
+        let bar = |region| BarKey {
             device: key,
             region,
         };
+        let placements = {
+            let dev = device.lock().unwrap_or_else(|e| e.into_inner());
+            p2p_placements(
+                &*dev,
+                change,
+                |r| regions.contains(&r),
+                |r| matches!(p2p.placement(bar(r)), Some(BarPlacement::Placed(_))),
+            )
+        };
+        if placements.is_empty() {
+            return;
+        }
+        let moves: Vec<_> = placements.into_iter().map(|(r, p)| (bar(r), p)).collect();
         // Peer access is best effort: a BAR the IOMMU cannot map still works for the CPU.
-        if let Err(e) = p2p.bar_moved(bar, placement) {
+        if let Err(e) = p2p.bars_moved(&moves) {
             log::warn!("{change}: peer-to-peer mapping unavailable: {e}");
         }
         self.reporter.changed();
