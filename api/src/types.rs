@@ -377,12 +377,6 @@ impl MemoryConfig {
         if self.shared {
             return unsupported("shared");
         }
-        if self.hugepages {
-            return unsupported("hugepages");
-        }
-        if self.hugepage_size.is_some() {
-            return unsupported("hugepage_size");
-        }
         if self.prefault {
             return unsupported("prefault");
         }

@@ -48,13 +48,14 @@ fn max_vcpus_must_repeat_boot_vcpus() {
 }
 
 #[test]
-fn memory_accepts_ch_defaults_and_names_a_non_default() {
+fn memory_accepts_ch_defaults_and_huge_pages_and_names_a_non_default() {
     let defaults = r#"{"payload":{"kernel":"k"},"memory":{"size":1073741824,"mergeable":false,
         "hotplug_method":"Acpi","hotplug_size":null,"hotplugged_size":null,"shared":false,
         "hugepages":false,"hugepage_size":null,"prefault":false,"reserve":false,"thp":true,
         "zones":null}}"#;
     let no_thp = config(r#"{"payload":{"kernel":"k"},"memory":{"size":1,"thp":false}}"#);
     let huge = config(r#"{"payload":{"kernel":"k"},"memory":{"size":1,"hugepages":true}}"#);
+    let prefault = config(r#"{"payload":{"kernel":"k"},"memory":{"size":1,"prefault":true}}"#);
     let hotplug =
         config(r#"{"payload":{"kernel":"k"},"memory":{"size":1,"hotplug_method":"VirtioMem"}}"#);
 
@@ -67,9 +68,11 @@ fn memory_accepts_ch_defaults_and_names_a_non_default() {
         invalid(no_thp.validate()),
         "memory.thp: not supported by p2pvmm"
     );
+    // Huge pages are p2pvmm's too (checked against the host when the VM is built).
+    assert_eq!(huge.validate().unwrap(), ());
     assert_eq!(
-        invalid(huge.validate()),
-        "memory.hugepages: not supported by p2pvmm"
+        invalid(prefault.validate()),
+        "memory.prefault: not supported by p2pvmm"
     );
     assert!(invalid(hotplug.validate()).starts_with("memory.hotplug_method: "));
 }

@@ -134,7 +134,7 @@ impl Vm {
             .find(|e| e.function == 0x8000_0008)
             .map(|e| (e.eax & 0xff) as u8)
             .unwrap_or(DEFAULT_PHYS_BITS);
-        let layout = MemoryLayout::new(config.memory.0, phys_bits)?;
+        let layout = MemoryLayout::new(config.memory.size.0, phys_bits)?;
         log::debug!("guest layout ({phys_bits} physical address bits): {layout:x?}");
 
         let vm = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);

@@ -11,7 +11,9 @@ use std::path::PathBuf;
 use clap::{ArgAction, Parser};
 
 use super::layer::PartialConfig;
-use super::{device, file, p2p_group, ByteSize, ConfigError, LoadedConfig, SerialConfig, Startup};
+use super::{
+    device, file, p2p_group, ConfigError, LoadedConfig, MemoryConfig, SerialConfig, Startup,
+};
 use crate::seccomp::SeccompMode;
 
 /// p2pvmm: boot a Linux guest on KVM.
@@ -156,7 +158,7 @@ impl Cli {
                     .map_err(|_| "expected a vCPU count from 1 to 255".to_string())
             })?,
             memory: parse_flag("--memory", self.memory.as_deref(), |v| {
-                v.parse::<ByteSize>().map_err(|e| e.to_string())
+                v.parse::<MemoryConfig>()
             })?,
             serial: parse_flag("--serial", self.serial.as_deref(), |v| {
                 v.parse::<SerialConfig>().map_err(|e| e.to_string())

@@ -409,7 +409,7 @@ mod tests {
             initramfs: None,
             cmdline: String::new(),
             cpus: 1,
-            memory: super::super::ByteSize(512 << 20),
+            memory: super::super::MemoryConfig::of_size(super::super::ByteSize(512 << 20)),
             serial: Default::default(),
             devices,
             p2p_groups: groups,

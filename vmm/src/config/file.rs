@@ -141,7 +141,7 @@ mod tests {
         assert_eq!(cfg.initramfs.as_deref(), Some(Path::new("/boot/initrd")));
         assert_eq!(cfg.cmdline.as_deref(), Some("console=ttyS0"));
         assert_eq!(cfg.cpus, Some(4));
-        assert_eq!(cfg.memory, Some(ByteSize(2 << 30)));
+        assert_eq!(cfg.memory.map(|m| m.size), Some(ByteSize(2 << 30)));
         assert_eq!(
             cfg.serial,
             Some(SerialConfig::File("/tmp/guest.log".into()))

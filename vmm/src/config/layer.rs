@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use super::device::{self, DeviceEntry};
 use super::p2p_group::P2pGroupConfig;
-use super::{ByteSize, ConfigError, SerialConfig, VmConfig};
+use super::{ConfigError, MemoryConfig, SerialConfig, VmConfig};
 
 /// One layer of settings; field meanings are those of [`VmConfig`].
 ///
@@ -30,7 +30,7 @@ pub(super) struct PartialConfig {
     /// See [`VmConfig::cpus`].
     pub cpus: Option<u8>,
     /// See [`VmConfig::memory`].
-    pub memory: Option<ByteSize>,
+    pub memory: Option<MemoryConfig>,
     /// See [`VmConfig::serial`].
     pub serial: Option<SerialConfig>,
     /// See [`VmConfig::devices`]; a list rather than an option, since

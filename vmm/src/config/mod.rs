@@ -50,6 +50,7 @@ mod device_check;
 mod error;
 mod file;
 mod layer;
+pub mod memory;
 mod p2p_group;
 mod serial;
 mod size;
@@ -69,6 +70,7 @@ pub use device::IommuBackendKind;
 pub use device::{DeviceConfig, Placement};
 pub use device_check::host_vendor;
 pub use error::ConfigError;
+pub use memory::{HugePageSize, MemoryConfig};
 pub use p2p_group::{DomainPlan, P2pGroupConfig, P2pMode};
 #[allow(
     unused_imports,
@@ -98,8 +100,10 @@ pub struct VmConfig {
     /// Number of vCPUs, from 1 to the host's KVM limit. Default 1.
     pub cpus: u8,
     /// Guest RAM size ("512M", "4G" or bytes): at least 64M, a multiple of
-    /// 4K, and no more than host RAM. Default 512M.
-    pub memory: ByteSize,
+    /// 4K, and no more than host RAM. Default 512M. With huge pages:
+    /// "size=4G,hugepages=on[,hugepage_size=2M|1G]" (the size a multiple of
+    /// the huge page size, the pages reserved on the host).
+    pub memory: MemoryConfig,
     /// Where the guest's serial console goes: "stdout", "off" or
     /// "file=PATH". Default stdout.
     pub serial: SerialConfig,
@@ -133,8 +137,8 @@ fn default_cpus() -> u8 {
 }
 
 /// Default guest RAM: comfortably boots a distro kernel with an initramfs.
-fn default_memory() -> ByteSize {
-    ByteSize(512 << 20)
+fn default_memory() -> MemoryConfig {
+    MemoryConfig::of_size(ByteSize(512 << 20))
 }
 
 /// The result of [`load`]: the VM settings plus how chatty to be.

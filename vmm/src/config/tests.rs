@@ -58,7 +58,7 @@ fn valid_config(scratch: &Scratch) -> VmConfig {
         initramfs: None,
         cmdline: "console=ttyS0".into(),
         cpus: 2,
-        memory: ByteSize(512 * MIB),
+        memory: MemoryConfig::of_size(ByteSize(512 * MIB)),
         serial: SerialConfig::Stdout,
         devices: Vec::new(),
         p2p_groups: Vec::new(),
@@ -75,7 +75,7 @@ fn defaults_apply_when_only_kernel_is_given() {
             initramfs: None,
             cmdline: String::new(),
             cpus: 1,
-            memory: ByteSize(512 * MIB),
+            memory: MemoryConfig::of_size(ByteSize(512 * MIB)),
             serial: SerialConfig::Stdout,
             devices: Vec::new(),
             p2p_groups: Vec::new(),
@@ -106,7 +106,7 @@ fn all_flags_are_applied() {
     assert_eq!(loaded.vm.initramfs.as_deref(), Some(Path::new("/i")));
     assert_eq!(loaded.vm.cmdline, "console=ttyS0 panic=1");
     assert_eq!(loaded.vm.cpus, 8);
-    assert_eq!(loaded.vm.memory, ByteSize(3584 * MIB));
+    assert_eq!(loaded.vm.memory.size, ByteSize(3584 * MIB));
     assert_eq!(loaded.vm.serial, SerialConfig::Off);
     assert_eq!(loaded.log_level(), log::LevelFilter::Debug);
 }
@@ -129,7 +129,7 @@ fn cli_overrides_file_field_by_field() {
     let from_file = load_args(&["--config", file]).unwrap().vm;
     assert_eq!(from_file.kernel, PathBuf::from("/file/bzImage"));
     assert_eq!(from_file.cpus, 2);
-    assert_eq!(from_file.memory, ByteSize(GIB));
+    assert_eq!(from_file.memory.size, ByteSize(GIB));
 
     let overridden = load_args(&["--config", file, "--cpus", "4", "--kernel", "/cli/k"])
         .unwrap()
@@ -138,7 +138,7 @@ fn cli_overrides_file_field_by_field() {
     assert_eq!(overridden.cpus, 4);
     // Fields not given on the command line keep the file's values.
     assert_eq!(overridden.cmdline, "from-file");
-    assert_eq!(overridden.memory, ByteSize(GIB));
+    assert_eq!(overridden.memory.size, ByteSize(GIB));
     assert_eq!(overridden.serial, SerialConfig::Off);
     // Fields in neither source get defaults.
     assert_eq!(overridden.initramfs, None);
@@ -242,19 +242,19 @@ fn zero_and_too_many_cpus_are_rejected() {
 fn memory_too_small_or_too_large_is_rejected() {
     let scratch = Scratch::new("memory");
     let mut cfg = valid_config(&scratch);
-    cfg.memory = ByteSize(32 * MIB);
+    cfg.memory.size = ByteSize(32 * MIB);
     assert_eq!(
         cfg.validate(&BIG_HOST).unwrap_err().to_string(),
         "memory = 32M: at least 64M is required"
     );
-    cfg.memory = ByteSize(64 * MIB);
+    cfg.memory.size = ByteSize(64 * MIB);
     assert!(cfg.validate(&BIG_HOST).is_ok());
 
     let host = HostLimits {
         memory_bytes: 25_126_117_376, // 23.4G
         ..BIG_HOST
     };
-    cfg.memory = ByteSize(64 * GIB);
+    cfg.memory.size = ByteSize(64 * GIB);
     assert_eq!(
         cfg.validate(&host).unwrap_err().to_string(),
         "memory = 64G: exceeds host memory 23.4G"
@@ -299,7 +299,7 @@ fn vm_config_round_trips_through_toml() {
         initramfs: Some("/boot/initrd".into()),
         cmdline: "console=ttyS0".into(),
         cpus: 4,
-        memory: ByteSize(3 * GIB / 2),
+        memory: MemoryConfig::of_size(ByteSize(3 * GIB / 2)),
         serial: SerialConfig::File("/tmp/guest.log".into()),
         devices: Vec::new(),
         p2p_groups: Vec::new(),
@@ -311,7 +311,7 @@ fn vm_config_round_trips_through_toml() {
 
     let minimal: VmConfig = toml::from_str(r#"kernel = "/k""#).unwrap();
     assert_eq!(minimal.cpus, 1);
-    assert_eq!(minimal.memory, ByteSize(512 * MIB));
+    assert_eq!(minimal.memory.size, ByteSize(512 * MIB));
     assert!(toml::from_str::<VmConfig>("kernel = \"/k\"\nmem = 1\n").is_err());
 }
 

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use super::device_check::{check_device_dirs, check_device_rules, check_p2p_host, DEV};
 use super::p2p_group;
-use super::{ByteSize, ConfigError, VmConfig};
+use super::{ByteSize, ConfigError, MemoryConfig, VmConfig};
 
 /// Smallest guest RAM accepted: below this a stock kernel plus initramfs
 /// does not boot, and the failure would be an obscure guest panic.
@@ -85,7 +85,8 @@ impl VmConfig {
             check_readable_file("initramfs", initramfs)?;
         }
         check_cpus(self.cpus, host.max_vcpus)?;
-        check_memory(self.memory, host.memory_bytes)?;
+        check_memory(self.memory.size, host.memory_bytes)?;
+        check_huge_pages(self.memory)?;
         check_cmdline(&self.cmdline)?;
         // Rules between devices first: they need no file system access.
         check_device_rules(&self.devices)?;
@@ -156,6 +157,25 @@ fn check_memory(memory: ByteSize, host_bytes: u64) -> Result<(), ConfigError> {
         )));
     }
     Ok(())
+}
+
+/// Huge pages back guest RAM whole: the size must be a number of them. (Whether the host has
+/// that many free is checked when the memory is allocated, like every other host resource.)
+fn check_huge_pages(memory: MemoryConfig) -> Result<(), ConfigError> {
+    let Some(page) = memory.hugepages else {
+        return Ok(());
+    };
+    if memory.size.0.is_multiple_of(page.bytes()) {
+        return Ok(());
+    }
+    Err(ConfigError::Invalid {
+        field: "memory",
+        value: memory.to_string(),
+        reason: format!(
+            "the size must be a multiple of the {page} huge page size (e.g. {})",
+            ByteSize((memory.size.0 / page.bytes()).max(1) * page.bytes())
+        ),
+    })
 }
 
 fn check_cmdline(cmdline: &str) -> Result<(), ConfigError> {

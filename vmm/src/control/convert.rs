@@ -28,7 +28,7 @@ pub fn vm_config(api: &api::VmConfig) -> Result<config::VmConfig, String> {
         file.insert("cpus".into(), json!(cpus.boot_vcpus));
     }
     if let Some(memory) = &api.memory {
-        file.insert("memory".into(), json!(memory.size));
+        file.insert("memory".into(), memory_value(memory)?);
     }
     if let Some(serial) = serial(api)? {
         file.insert("serial".into(), json!(serial));
@@ -52,6 +52,31 @@ pub fn vm_config(api: &api::VmConfig) -> Result<config::VmConfig, String> {
         file.insert("p2p_group".into(), Value::Array(groups));
     }
     serde_json::from_value(Value::Object(file)).map_err(|e| e.to_string())
+}
+
+/// CH's `memory` as the file's `memory` value: the size in bytes, or with `hugepages` the
+/// `size=...,hugepages=on,hugepage_size=...` text (CH's default huge page size is the host's,
+/// 2M on x86).
+fn memory_value(memory: &api::MemoryConfig) -> Result<Value, String> {
+    if !memory.hugepages {
+        if memory.hugepage_size.is_some() {
+            return Err("memory.hugepage_size: needs memory.hugepages".to_owned());
+        }
+        return Ok(json!(memory.size));
+    }
+    let page = match memory.hugepage_size {
+        None | Some(0x20_0000) => "2M",
+        Some(0x4000_0000) => "1G",
+        Some(other) => {
+            return Err(format!(
+                "memory.hugepage_size: {other} bytes: use 2097152 (2M) or 1073741824 (1G)"
+            ))
+        }
+    };
+    Ok(json!(format!(
+        "size={},hugepages=on,hugepage_size={page}",
+        memory.size
+    )))
 }
 
 /// CH's `serial` (or, when that is absent, `console`) as p2pvmm's serial setting.
@@ -151,7 +176,11 @@ pub fn api_vm_config(config: &config::VmConfig) -> api::VmConfig {
             boot_vcpus: config.cpus,
             max_vcpus: Some(config.cpus),
         }),
-        memory: Some(api::MemoryConfig::of_size(config.memory.0)),
+        memory: Some(api::MemoryConfig {
+            hugepages: config.memory.hugepages.is_some(),
+            hugepage_size: config.memory.hugepages.map(|p| p.bytes()),
+            ..api::MemoryConfig::of_size(config.memory.size.0)
+        }),
         devices: Some(
             config
                 .devices

@@ -16,7 +16,7 @@ fn a_ch_body_becomes_the_config_a_file_would_give() {
     ))
     .unwrap();
     assert_eq!(config.kernel, std::path::Path::new("/k"));
-    assert_eq!((config.cpus, config.memory.0), (2, 1 << 30));
+    assert_eq!((config.cpus, config.memory.size.0), (2, 1 << 30));
     assert_eq!(config.serial, SerialConfig::File("/tmp/s.log".into()));
     let ids: Vec<_> = config.devices.iter().map(|d| d.id.as_str()).collect();
     assert_eq!(ids, ["gpu0", "dev1"]);
@@ -68,4 +68,36 @@ fn vm_info_shows_the_config_back_in_chs_shape() {
     assert_eq!(device.placement.as_deref(), Some("root-port"));
     // And it converts back to the same configuration.
     assert_eq!(vm_config(&shown).unwrap(), config);
+}
+
+#[test]
+fn ch_huge_pages_become_the_memory_setting_and_show_back() {
+    let config = |memory: &str| {
+        vm_config(&body(&format!(
+            r#"{{"payload": {{"kernel": "/k"}}, "memory": {memory}}}"#
+        )))
+    };
+    let default_page = config(r#"{"size": 1073741824, "hugepages": true}"#).unwrap();
+    assert_eq!(
+        default_page.memory.hugepages,
+        Some(crate::config::HugePageSize::Size2M)
+    );
+    let gig =
+        config(r#"{"size": 2147483648, "hugepages": true, "hugepage_size": 1073741824}"#).unwrap();
+    assert_eq!(
+        gig.memory.hugepages,
+        Some(crate::config::HugePageSize::Size1G)
+    );
+    let shown = api_vm_config(&gig).memory.unwrap();
+    assert_eq!(
+        (shown.size, shown.hugepages, shown.hugepage_size),
+        (2 << 30, true, Some(1 << 30))
+    );
+
+    let odd = config(r#"{"size": 1073741824, "hugepages": true, "hugepage_size": 4194304}"#);
+    assert!(odd
+        .unwrap_err()
+        .contains("memory.hugepage_size: 4194304 bytes"));
+    let without = config(r#"{"size": 1073741824, "hugepage_size": 2097152}"#);
+    assert!(without.unwrap_err().contains("needs memory.hugepages"));
 }

@@ -121,7 +121,7 @@ impl ApiService {
                 ApiReply::json(&api::VmInfoResponse {
                     config: convert::api_vm_config(config),
                     state,
-                    memory_actual_size: Some(config.memory.0),
+                    memory_actual_size: Some(config.memory.size.0),
                     device_tree: Default::default(),
                 })
             }

@@ -124,7 +124,7 @@ fn info(vm: &RunningVm<'_>) -> ApiResult {
     ApiReply::json(&api::VmInfoResponse {
         config: convert::api_vm_config(vm.config),
         state,
-        memory_actual_size: Some(vm.config.memory.0),
+        memory_actual_size: Some(vm.config.memory.size.0),
         device_tree,
     })
 }

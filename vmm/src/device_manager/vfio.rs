@@ -74,8 +74,13 @@ fn backend_kind(requested: Option<IommuBackendKind>) -> BackendKind {
 
 /// What guest RAM should be for the configured devices: a memfd when any domain is iommufd
 /// (it maps RAM by file) or there are no devices (a VM without devices keeps the file); anonymous
-/// huge pages when every domain is type1, which pins RAM through the process page tables.
+/// huge pages when every domain is type1, which pins RAM through the process page tables; a
+/// hugetlb memfd whenever the configuration asks for huge pages.
 pub fn ram_backing(config: &VmConfig) -> RamBacking {
+    // Huge pages asked for: a hugetlb memfd, which both backends map (by file or by address).
+    if let Some(page) = config.memory.hugepages {
+        return RamBacking::HugetlbMemfd(page);
+    }
     let domains = config.domains();
     let all_type1 = domains
         .iter()
