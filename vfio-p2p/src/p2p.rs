@@ -505,44 +505,6 @@ impl P2pTable {
         result
     }
 
-    /// The device's power state changed (the guest's write to its power management capability,
-    /// already passed to VFIO): out of D0 (`low_power`), VFIO has revoked its dmabufs, so every
-    /// area of it leaves the IOMMU (the revoked IOVA areas would otherwise stay, untranslated,
-    /// where the next map must go) and shows as revoked; back in D0, each placed area is mapped
-    /// again. Call it after the power state reached the device.
-    pub fn set_low_power(&self, device: DeviceKey, low_power: bool) {
-        let mut inner = self.lock();
-        let Some(state) = inner.devices.get_mut(&device) else {
-            return;
-        };
-        if state.low_power == low_power {
-            return;
-        }
-        state.low_power = low_power;
-        let who = format!("{} ({})", state.id, state.bdf);
-        let keys = inner.keys_of(&device);
-        if low_power {
-            let mapped = keys
-                .iter()
-                .filter(|k| inner.entries[*k].mapped_at.is_some())
-                .count();
-            for key in &keys {
-                self.unmap_entry(&mut inner, key);
-                if let Some(e) = inner.entries.get_mut(key) {
-                    e.failed_since_mapped |= e.mapped_at.is_none();
-                }
-            }
-            warn!(
-                "{who} (P2P group {}): left D0, VFIO revoked its dmabufs; {mapped} BAR area(s) \
-                 unmapped, peers cannot DMA to it until it is back in D0",
-                self.domain
-            );
-        } else {
-            inner.clear_failures(&keys);
-        }
-        self.reconcile(&mut inner);
-    }
-
     /// Unmaps and forgets every area of `device` (closing its dmabufs or dropping its mmaps).
     /// Call before closing the device (hot-unplug, teardown), so nothing of it stays in the
     /// IOMMU. Other devices' areas that were blocked by it get mapped.
@@ -778,6 +740,9 @@ impl fmt::Display for Failure {
         }
     }
 }
+
+#[path = "p2p_revoke.rs"]
+mod revoke;
 
 #[cfg(test)]
 #[path = "p2p_test.rs"]

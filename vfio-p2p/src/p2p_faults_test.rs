@@ -230,3 +230,45 @@ fn a_device_out_of_d0_with_decoding_off_is_decode_off() {
     // An unknown device is ignored.
     vm.table.set_low_power(dev(7), true);
 }
+
+#[test]
+fn a_refused_decode_off_leaves_the_revoked_areas_shown_until_the_next_toggle() {
+    let vm = Vm::new(BackendKind::Iommufd);
+    let (a, b) = (area(dev(1), 2, 0), area(dev(2), 2, 0));
+    let _bufs = (vm.add_dmabuf(a, MIB), vm.add_dmabuf(b, MIB));
+    vm.decode(dev(1), true);
+    vm.place(a.bar, Some(0xe000_0000)).unwrap();
+    vm.fake.take_events();
+
+    vm.table.decode_bounced(dev(1));
+    assert_eq!(vm.fake.take_events(), vec![unmap(0xe000_0000, MIB)]);
+    assert_eq!(state(&vm), P2pAreaState::Revoked);
+    // Not mapped again behind the guest's back: the dmabuf's old attachment is dead, and the
+    // table waits for the guest's next change of this BAR.
+    vm.decode(dev(2), true);
+    assert!(vm.fake.take_events().is_empty());
+
+    vm.decode(dev(1), false);
+    vm.decode(dev(1), true);
+    assert_eq!(vm.fake.take_events(), vec![map(0xe000_0000, MIB)]);
+    assert_eq!(state(&vm), P2pAreaState::Mapped);
+}
+
+#[test]
+fn a_refused_decode_off_changes_nothing_on_type1() {
+    let vm = Vm::new(BackendKind::Type1);
+    vm.join(dev(1));
+    let a = area(dev(1), 2, 0);
+    let mapping = Arc::new(RegionMapping::anonymous(MIB).unwrap());
+    vm.table
+        .register(a, BarBacking::Mmap(mapping), MIB)
+        .unwrap();
+    vm.decode(dev(1), true);
+    vm.place(a.bar, Some(0xe000_0000)).unwrap();
+    vm.fake.take_events();
+
+    vm.table.decode_bounced(dev(1));
+
+    assert!(vm.fake.take_events().is_empty());
+    assert_eq!(state(&vm), P2pAreaState::Mapped);
+}
