@@ -67,6 +67,8 @@ struct State {
     /// The devices of this domain.
     members: HashSet<DeviceKey>,
     fail_next: Vec<i32>,
+    /// `iova_ranges` fails (ENOTTY), as on a kernel that cannot say.
+    ranges_unknown: bool,
 }
 
 /// A recording, invariant-checking IOMMU.
@@ -157,6 +159,12 @@ impl FakeIommu {
     /// The live mappings, by IOVA.
     pub fn live(&self) -> Vec<FakeMapping> {
         self.lock().live.values().copied().collect()
+    }
+
+    /// Makes `iova_ranges` fail from now on: the table cannot check a placement against the
+    /// ranges and the map's own refusal (`EINVAL` outside them) is all it gets.
+    pub fn hide_ranges(&self) {
+        self.lock().ranges_unknown = true;
     }
 
     /// The live mapping starting at `iova`.
@@ -277,6 +285,12 @@ impl IommuBackend for FakeIommu {
     }
 
     fn iova_ranges(&self) -> Result<Vec<IovaRange>, IommuError> {
+        if self.lock().ranges_unknown {
+            return Err(IommuError::IovaRanges {
+                backend: self.kind,
+                source: io::Error::from_raw_os_error(libc::ENOTTY),
+            });
+        }
         Ok(self.ranges.clone())
     }
 }

@@ -30,7 +30,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
-use log::{debug, error, warn};
+use log::{debug, error, info, warn};
 
 use crate::bdf::Bdf;
 use crate::device::{BarArea, DeviceError, DeviceKey, HostPciDevice};
@@ -136,6 +136,13 @@ pub(crate) enum Failure {
     Unbacked(String),
     Unaligned,
     OutsideWindows,
+    /// Past the last IOVA the host IOMMU translates (e.g. 39 bits of an emulated VT-d): the
+    /// kernel would refuse the map. Checked against the domain's IOVA ranges before asking.
+    BeyondIommu {
+        max_iova: u64,
+    },
+    /// In a hole of the host IOMMU's IOVA ranges (a reserved region, such as the MSI window).
+    IommuHole,
     /// Another P2P area is mapped there; retried whenever the table changes.
     Overlap,
     /// The IOMMU refused (with ENODEV: the dmabuf is revoked); retried only when the entry's
@@ -153,12 +160,18 @@ pub(crate) struct Entry {
     /// The last failure and the IOVA it happened at (0 for a missing backing), so each is
     /// logged once and shown in the table.
     pub(crate) failure: Option<(u64, Failure)>,
+    /// A failure kept the area out of the IOMMU since it was last mapped: its next map is a
+    /// recovery, logged as such.
+    pub(crate) failed_since_mapped: bool,
 }
 
 /// Who a device is, for the visible table.
 pub(crate) struct DeviceState {
     pub(crate) id: String,
     pub(crate) bdf: Bdf,
+    /// Out of D0 (the guest wrote D3hot to its power management capability): VFIO revoked the
+    /// device's dmabufs and zapped its mmaps, so nothing of it is mapped until it is back in D0.
+    pub(crate) low_power: bool,
 }
 
 /// What [`P2pTable::add_device`] needs of a device, so tests can stand in for one.
@@ -203,6 +216,9 @@ impl Inner {
     fn desired(&self, key: &P2pKey) -> Option<u64> {
         let entry = self.entries.get(key)?;
         entry.backing.as_ref()?;
+        if self.devices.get(&key.bar.device)?.low_power {
+            return None;
+        }
         match entry.placement {
             BarPlacement::Placed(base) => base.checked_add(key.area_offset),
             _ => None,
@@ -215,6 +231,18 @@ impl Inner {
             .filter(|k| k.bar.device == *device)
             .copied()
             .collect()
+    }
+
+    /// How warnings name an area: the device's id and host address, the BAR and the offset
+    /// (`shm (0000:00:03.0) BAR2 +0x0`), falling back to the key for an unnamed device.
+    fn label(&self, key: &P2pKey) -> String {
+        match self.devices.get(&key.bar.device) {
+            Some(d) => format!(
+                "{} ({}) BAR{} +{:#x}",
+                d.id, d.bdf, key.bar.region, key.area_offset
+            ),
+            None => key.to_string(),
+        }
     }
 
     fn clear_failures(&mut self, keys: &[P2pKey]) {
@@ -364,6 +392,7 @@ impl P2pTable {
         let state = DeviceState {
             id: id.to_owned(),
             bdf,
+            low_power: false,
         };
         inner.devices.insert(device, state);
         Ok(())
@@ -426,6 +455,7 @@ impl P2pTable {
             placement: BarPlacement::Unplaced,
             mapped_at: None,
             failure,
+            failed_since_mapped: false,
         };
         inner.entries.insert(key, entry);
         Ok(())
@@ -489,6 +519,10 @@ impl P2pTable {
             self.unmap_entry(&mut inner, key);
         }
         let result = reset();
+        // VFIO puts the device in D0 for the reset.
+        if let Some(state) = inner.devices.get_mut(&device) {
+            state.low_power = false;
+        }
         inner.clear_failures(&keys);
         self.reconcile(&mut inner);
         result
@@ -561,6 +595,7 @@ impl P2pTable {
     }
 
     fn unmap_entry(&self, inner: &mut Inner, key: &P2pKey) {
+        let label = inner.label(key);
         let Some(entry) = inner.entries.get_mut(key) else {
             return;
         };
@@ -577,7 +612,7 @@ impl P2pTable {
                 entry.mapped_at = None;
             }
             // Kept as mapped so the next reconcile retries, and nothing maps over it.
-            Err(e) => error!("{key}: {e}"),
+            Err(e) => error!("{label}: {e}"),
         }
     }
 
@@ -592,6 +627,20 @@ impl P2pTable {
         let Some(end) = iova.checked_add(size) else {
             return Some(Failure::OutsideWindows);
         };
+        // Asked at every map: a device attached later (hotplug) may narrow the ranges. Without an
+        // answer the kernel's own refusal still comes back as `Failure::Iommu`.
+        match self.iommu.iova_ranges() {
+            Ok(host) if !ranges_cover(&host, iova, size) => {
+                let max_iova = host.iter().map(|r| r.last).max().unwrap_or(0);
+                return Some(if end - 1 > max_iova {
+                    Failure::BeyondIommu { max_iova }
+                } else {
+                    Failure::IommuHole
+                });
+            }
+            Ok(_) => {}
+            Err(e) => debug!("{key}: {e}; leaving the range check to the kernel"),
+        }
         let overlaps = inner.entries.iter().any(|(k, e)| {
             k != key
                 && e.mapped_at
@@ -601,6 +650,7 @@ impl P2pTable {
     }
 
     fn map_entry(&self, inner: &mut Inner, key: &P2pKey, iova: u64) {
+        let label = inner.label(key);
         let size = inner.entries[key].size;
         let failure = match &inner.entries[key].failure {
             // The IOMMU refused this very placement before; wait for it to change.
@@ -646,7 +696,10 @@ impl P2pTable {
                         _ => Failure::Iommu(e.to_string()),
                     };
                     if entry.failure.as_ref().map(|f| &f.1) != Some(&failure) {
-                        warn!("{key}: {e}; peers cannot DMA to this BAR area");
+                        warn!(
+                            "{label} (P2P group {}): {e}; peers cannot DMA to this BAR area",
+                            self.domain
+                        );
                     }
                     Some(failure)
                 }
@@ -655,21 +708,31 @@ impl P2pTable {
         match failure {
             None => {
                 debug!(
-                    "{key}: mapped at IOVA {iova:#x} (+{size:#x}) in {:?}",
+                    "{label}: mapped at IOVA {iova:#x} (+{size:#x}) in {:?}",
                     started.elapsed()
                 );
+                if entry.failed_since_mapped {
+                    // The fault that kept it out is gone: say so where the warning was.
+                    info!(
+                        "{label} (P2P group {}): mapped at IOVA {iova:#x} again",
+                        self.domain
+                    );
+                }
                 entry.mapped_at = Some(iova);
                 entry.failure = None;
+                entry.failed_since_mapped = false;
             }
             Some(f) => {
                 let logged = matches!(f, Failure::Iommu(_) | Failure::Revoked);
                 if entry.failure.as_ref() != Some(&(iova, f.clone())) && !logged {
                     warn!(
-                        "{key}: not mapping it at IOVA {iova:#x} ({f}); peers cannot DMA to it \
-                         there"
+                        "{label} (P2P group {}): not mapping it at IOVA {iova:#x} ({f}); peers \
+                         cannot DMA to it there",
+                        self.domain
                     );
                 }
                 entry.failure = Some((iova, f));
+                entry.failed_since_mapped = true;
             }
         }
     }
@@ -690,12 +753,19 @@ impl fmt::Display for Failure {
         match self {
             Failure::Unaligned => f.write_str("not page-aligned"),
             Failure::OutsideWindows => f.write_str("outside the guest MMIO windows"),
+            Failure::BeyondIommu { max_iova } => {
+                write!(f, "beyond the host IOMMU's reach (max IOVA {max_iova:#x})")
+            }
+            Failure::IommuHole => f.write_str("in a reserved hole of the host IOMMU's IOVA ranges"),
             Failure::Overlap => f.write_str("another BAR is mapped there"),
             Failure::Unbacked(why) | Failure::Iommu(why) => f.write_str(why),
             Failure::Revoked => f.write_str("dmabuf revoked"),
         }
     }
 }
+
+#[path = "p2p_revoke.rs"]
+mod revoke;
 
 #[cfg(test)]
 #[path = "p2p_test.rs"]

@@ -26,7 +26,8 @@ pub enum P2pAreaState {
     Mapped,
     Unplaced,
     DecodeOff,
-    /// The map failed with ENODEV: VFIO revoked the dmabuf (device reset or not decoding).
+    /// VFIO revoked the area: its device is out of D0 (D3hot), or a map failed with ENODEV
+    /// (device reset or not decoding).
     Revoked,
     Failed(String),
 }
@@ -81,6 +82,12 @@ impl P2pTable {
                 };
                 let state = match (&e.failure, e.mapped_at, e.placement) {
                     (_, Some(_), _) => P2pAreaState::Mapped,
+                    // VFIO revoked it with the device's move out of D0.
+                    (_, None, BarPlacement::Placed(_))
+                        if device.low_power && e.backing.is_some() =>
+                    {
+                        P2pAreaState::Revoked
+                    }
                     (Some((_, Failure::Revoked)), _, _) => P2pAreaState::Revoked,
                     (Some((_, f)), _, BarPlacement::Placed(_)) => {
                         P2pAreaState::Failed(f.to_string())

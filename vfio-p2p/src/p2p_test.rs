@@ -14,6 +14,9 @@ use crate::p2p_rows::{P2pAreaState, P2pMechanism};
 #[path = "p2p_rows_test.rs"]
 mod rows;
 
+#[path = "p2p_faults_test.rs"]
+mod faults;
+
 const MIB: u64 = 1 << 20;
 /// The guest's 32-bit MMIO hole and a 64-bit MMIO window, as the VMM would pass them.
 const WINDOWS: [IovaRange; 2] = [

@@ -86,14 +86,36 @@ pub enum LayoutError {
     Unaligned(u64),
     #[error(
         "guest physical address space of {phys_bits} bits cannot hold {ram_top:#x} bytes of RAM \
-         and a {MMIO64_MIN_SIZE:#x}-byte 64-bit MMIO window"
+         and a {mmio64_size:#x}-byte 64-bit MMIO window (mmio64_size)"
     )]
-    TooLarge { ram_top: u64, phys_bits: u8 },
+    TooLarge {
+        ram_top: u64,
+        mmio64_size: u64,
+        phys_bits: u8,
+    },
+    #[error("mmio64_size {0:#x} is not a non-zero multiple of {MMIO64_MIN_SIZE:#x}")]
+    Mmio64Size(u64),
 }
 
 impl MemoryLayout {
-    /// Lays out `ram_size` bytes of RAM for a guest with `phys_bits` physical address bits.
+    /// Lays out `ram_size` bytes of RAM for a guest with `phys_bits` physical address bits, with
+    /// the smallest 64-bit MMIO window.
+    #[cfg(test)]
     pub fn new(ram_size: u64, phys_bits: u8) -> Result<Self, LayoutError> {
+        Self::with_mmio64(ram_size, phys_bits, MMIO64_MIN_SIZE)
+    }
+
+    /// Lays out `ram_size` bytes of RAM and a 64-bit MMIO window of `mmio64_size` bytes (a
+    /// multiple of [`MMIO64_MIN_SIZE`], from the first such boundary above RAM) for a guest with
+    /// `phys_bits` physical address bits.
+    pub fn with_mmio64(
+        ram_size: u64,
+        phys_bits: u8,
+        mmio64_size: u64,
+    ) -> Result<Self, LayoutError> {
+        if mmio64_size == 0 || !mmio64_size.is_multiple_of(MMIO64_MIN_SIZE) {
+            return Err(LayoutError::Mmio64Size(mmio64_size));
+        }
         if !ram_size.is_multiple_of(4 * KIB) {
             return Err(LayoutError::Unaligned(ram_size));
         }
@@ -108,15 +130,16 @@ impl MemoryLayout {
         };
         let base = ram_top.next_multiple_of(MMIO64_MIN_SIZE);
         let limit = 1u64.checked_shl(u32::from(phys_bits)).unwrap_or(u64::MAX);
-        if base
-            .checked_add(MMIO64_MIN_SIZE)
-            .is_none_or(|end| end > limit)
-        {
-            return Err(LayoutError::TooLarge { ram_top, phys_bits });
+        if base.checked_add(mmio64_size).is_none_or(|end| end > limit) {
+            return Err(LayoutError::TooLarge {
+                ram_top,
+                mmio64_size,
+                phys_bits,
+            });
         }
         Ok(Self {
             ram,
-            mmio64: (GuestAddress(base), MMIO64_MIN_SIZE),
+            mmio64: (GuestAddress(base), mmio64_size),
         })
     }
 
@@ -156,6 +179,22 @@ mod tests {
         assert_eq!(layout.low_ram_end(), 3 * GIB);
         // Ends exactly at 2^39: still inside a 39-bit IOMMU.
         assert_eq!(layout.mmio64.0 .0 + layout.mmio64.1, 1 << 39);
+    }
+
+    #[test]
+    fn a_wider_64_bit_window_starts_at_the_same_boundary_and_must_fit_the_address_width() {
+        let layout = MemoryLayout::with_mmio64(512 * MIB, 40, 512 * GIB).unwrap();
+        // Its upper half lies beyond a 39-bit IOMMU: the lab's unreachable-BAR scenario.
+        assert_eq!(layout.mmio64, (GuestAddress(256 * GIB), 512 * GIB));
+        assert!(matches!(
+            MemoryLayout::with_mmio64(512 * MIB, 39, 512 * GIB),
+            Err(LayoutError::TooLarge { .. })
+        ));
+        assert_eq!(
+            MemoryLayout::with_mmio64(512 * MIB, 40, 300 * GIB).unwrap_err(),
+            LayoutError::Mmio64Size(300 * GIB)
+        );
+        assert!(MemoryLayout::with_mmio64(512 * MIB, 40, 0).is_err());
     }
 
     #[test]

@@ -94,8 +94,12 @@ impl MemorySlots {
     }
 
     /// Removes a slot made by [`MemorySlots::map`].
-    pub fn unmap(&self, slot: Slot) -> Result<(), SlotError> {
-        self.set(slot.slot, slot.gpa, 0, 0)?;
+    /// Removes `slot`. When KVM refuses (deleting allocates: ENOMEM), the slot is still in
+    /// KVM and comes back with the error, still owned by the caller.
+    pub fn unmap(&self, slot: Slot) -> Result<(), (Slot, SlotError)> {
+        if let Err(e) = self.set(slot.slot, slot.gpa, 0, 0) {
+            return Err((slot, e));
+        }
         self.release(slot.slot);
         Ok(())
     }

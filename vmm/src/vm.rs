@@ -134,7 +134,10 @@ impl Vm {
             .find(|e| e.function == 0x8000_0008)
             .map(|e| (e.eax & 0xff) as u8)
             .unwrap_or(DEFAULT_PHYS_BITS);
-        let layout = MemoryLayout::new(config.memory.size.0, phys_bits)?;
+        let mmio64_size = config
+            .mmio64_size
+            .map_or(crate::layout::MMIO64_MIN_SIZE, |s| s.0);
+        let layout = MemoryLayout::with_mmio64(config.memory.size.0, phys_bits, mmio64_size)?;
         log::debug!("guest layout ({phys_bits} physical address bits): {layout:x?}");
 
         let vm = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);

@@ -168,8 +168,10 @@ pub trait BarObserver: Send + Sync {
 /// The observer refused a change; the BAR and command registers were rolled back and every
 /// change of the same access already applied was undone.
 #[derive(Debug, thiserror::Error)]
-#[error("{change}: rejected, BAR registers rolled back")]
+#[error("{device} ({change}): rejected, BAR registers rolled back: {source}")]
 pub struct BarRejected {
+    /// The device's name in the VM (its id), so the warning says whose BAR it was.
+    pub device: String,
     pub change: BarChange,
     #[source]
     pub source: ObserverError,
@@ -283,13 +285,18 @@ pub fn update_decode(
     };
     for (applied, change) in changes.iter().enumerate() {
         if let Err(source) = observer.bar_changed(device, change) {
-            snapshot.restore(&mut *lock(device));
+            let name = {
+                let mut dev = lock(device);
+                snapshot.restore(&mut *dev);
+                dev.name().to_owned()
+            };
             for done in changes[..applied].iter().rev() {
                 if let Err(e) = observer.bar_changed(device, &done.inverse()) {
                     log::error!("{done}: cannot undo after a rejected BAR change: {e}");
                 }
             }
             return Err(BarRejected {
+                device: name,
                 change: change.clone(),
                 source,
             });

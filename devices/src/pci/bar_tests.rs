@@ -434,6 +434,11 @@ fn a_rejected_move_rolls_the_bar_register_back() {
     })
     .unwrap_err();
     assert_eq!(err.change.bar, 0);
+    // The warning the VMM logs names the device and says why.
+    let text = err.to_string();
+    let name = lock(&dev).name().to_owned();
+    assert!(text.starts_with(&format!("{name} (")), "{text}");
+    assert!(text.contains(&err.source.to_string()), "{text}");
     assert_eq!(lock(&dev).bars()[0].unwrap().address, 0xc000_0000);
     assert_eq!(
         observer.range_of(BDF, 0),

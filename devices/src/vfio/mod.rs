@@ -15,6 +15,7 @@
 mod intx;
 mod irq;
 mod options;
+mod pm;
 mod probe;
 mod rom;
 
@@ -32,6 +33,7 @@ use crate::pci::{
 pub use intx::{IntxHost, VfioIntx};
 pub use irq::VfioMsi;
 pub use options::{VfioOptionsError, VfioPciOptions, GPUDIRECT_CAP_OFFSET, MAX_CLIQUE_ID};
+pub use pm::{PowerState, VfioPm};
 pub use probe::{probe, ConfigSource, HostFunction};
 pub use rom::VfioRom;
 
@@ -79,6 +81,8 @@ pub struct VfioPciDevice {
     intx: Option<VfioIntx>,
     /// Present when the host function has an expansion ROM.
     rom: Option<VfioRom>,
+    /// Present when the host function has a power management capability.
+    pm: Option<VfioPm>,
     p2p: Option<Arc<P2pTable>>,
 }
 
@@ -128,6 +132,13 @@ impl VfioPciDevice {
         )
         .map_err(config_err)?;
         let cap_err = |what, detail: String| VfioPciError::Capability { bdf, what, detail };
+        let pm = match function.pm {
+            Some((at, pmc, pmcsr)) => Some(
+                VfioPm::add(&mut config, at, pmc, pmcsr)
+                    .map_err(|e| cap_err("PM", e.to_string()))?,
+            ),
+            None => None,
+        };
         let msi = match function.msi {
             Some(cfg) => {
                 let cap =
@@ -165,6 +176,7 @@ impl VfioPciDevice {
             msix,
             intx,
             rom,
+            pm,
             p2p,
         };
         // Start from a clean function that decodes nothing, as after a PCI reset.
@@ -209,6 +221,31 @@ impl VfioPciDevice {
             .as_ref()
             .map(|(cap, _)| vec![cap.table_range(), cap.pba_range()])
             .unwrap_or_default()
+    }
+
+    /// Passes the guest's new power state to the host's PMCSR (VFIO acts on it: D3hot revokes
+    /// the device's dmabufs), then tells the P2P table, which unmaps or maps the device's BARs.
+    fn set_power(&self, state: PowerState) {
+        let Some(pm) = &self.pm else {
+            return;
+        };
+        let at = u64::from(pm.host_pmcsr());
+        let mut raw = [0u8; 2];
+        let written = self
+            .host
+            .read_region(CONFIG_REGION, at, &mut raw)
+            .and_then(|()| {
+                let value = VfioPm::host_value(u16::from_le_bytes(raw), state);
+                self.host
+                    .write_region(CONFIG_REGION, at, &value.to_le_bytes())
+            });
+        match written {
+            Ok(()) => log::info!("{}: power state {state:?}", self.name),
+            Err(e) => log::warn!("{}: setting power state {state:?}: {e}", self.name),
+        }
+        if let Some(p2p) = &self.p2p {
+            p2p.set_low_power(self.host.key(), state != PowerState::D0);
+        }
     }
 
     fn reset_host(&self) {
@@ -296,6 +333,13 @@ impl PciDevice for VfioPciDevice {
                 cap.update(self.config.regs(), &**sink);
             }
         }
+        if let Some(pm) = &mut self.pm {
+            if overlaps(&pm.range(), offset, data.len()) {
+                if let Some(state) = pm.update(&mut self.config) {
+                    self.set_power(state);
+                }
+            }
+        }
         if !msi_on {
             self.set_intx_wanted(true);
         }
@@ -356,6 +400,10 @@ impl PciDevice for VfioPciDevice {
     fn reset(&mut self) {
         self.reset_host();
         self.config.reset();
+        // VFIO's reset brought the host to D0 (without a reset, the state is passed on).
+        if let Some(state) = self.pm.as_mut().and_then(VfioPm::reset) {
+            self.set_power(state);
+        }
         if let Some((cap, sink)) = &mut self.msi {
             cap.update(self.config.regs_mut(), &**sink);
         }

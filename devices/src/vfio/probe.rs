@@ -25,6 +25,8 @@ pub struct HostFunction {
     pub msi: Option<MsiConfig>,
     pub msix: Option<MsixConfig>,
     pub is_pcie: bool,
+    /// The power management capability: its offset, PMC and PMCSR.
+    pub pm: Option<(u16, u16, u16)>,
     pub interrupt_pin: u8,
     /// Size of the expansion ROM region (VFIO region 6); 0 when the function has no ROM (VFIO
     /// also reports 0 for a ROM BAR without a valid image).
@@ -135,6 +137,7 @@ pub fn probe(src: &dyn ConfigSource) -> Result<HostFunction, DeviceError> {
     let mut msi = None;
     let mut msix = None;
     let mut is_pcie = false;
+    let mut pm = None;
     for (id, offset) in capabilities(src)? {
         match id {
             CAP_ID_MSI => {
@@ -158,6 +161,13 @@ pub fn probe(src: &dyn ConfigSource) -> Result<HostFunction, DeviceError> {
                 });
             }
             CAP_ID_EXP => is_pcie = true,
+            super::pm::CAP_ID_PM => {
+                pm = Some((
+                    offset,
+                    read_u16(src, offset + 2)?,
+                    read_u16(src, offset + 4)?,
+                ));
+            }
             _ => {}
         }
     }
@@ -167,6 +177,7 @@ pub fn probe(src: &dyn ConfigSource) -> Result<HostFunction, DeviceError> {
         msi,
         msix,
         is_pcie,
+        pm,
         interrupt_pin: read_u8(src, INTERRUPT_PIN)?,
         rom_size: src.region_size(ROM_REGION),
     })

@@ -12,7 +12,8 @@ use clap::{ArgAction, Parser};
 
 use super::layer::PartialConfig;
 use super::{
-    device, file, p2p_group, ConfigError, LoadedConfig, MemoryConfig, SerialConfig, Startup,
+    device, file, p2p_group, ByteSize, ConfigError, LoadedConfig, MemoryConfig, SerialConfig,
+    Startup,
 };
 use crate::seccomp::SeccompMode;
 
@@ -24,7 +25,7 @@ use crate::seccomp::SeccompMode;
 #[command(name = "p2pvmm", version, about, long_about = None)]
 pub struct Cli {
     /// TOML file with VM settings (keys: kernel, initramfs, cmdline, cpus,
-    /// memory, serial, [[device]] tables with the --device keys and
+    /// memory, serial, mmio64_size, [[device]] tables with the --device keys and
     /// [[p2p_group]] tables with the --p2p-group keys);
     /// relative paths in it are relative to the file.
     #[arg(long, value_name = "FILE")]
@@ -55,6 +56,12 @@ pub struct Cli {
     /// Guest serial console: stdout, off or file=PATH [default: stdout].
     #[arg(long, value_name = "MODE")]
     pub serial: Option<String>,
+
+    /// Size of the 64-bit prefetchable MMIO window, from the first 256 GiB boundary above RAM:
+    /// a multiple of 256G [default: 256G]. BARs the guest places past what the host IOMMU
+    /// translates (39 bits on many IOMMUs) get no peer mapping, with a warning.
+    #[arg(long, value_name = "SIZE")]
+    pub mmio64_size: Option<String>,
 
     /// Host PCI device to pass through with VFIO; repeatable. Keys:
     /// path=/sys/bus/pci/devices/BDF or a bare BDF such as 0000:00:03.0 or
@@ -162,6 +169,9 @@ impl Cli {
             })?,
             serial: parse_flag("--serial", self.serial.as_deref(), |v| {
                 v.parse::<SerialConfig>().map_err(|e| e.to_string())
+            })?,
+            mmio64_size: parse_flag("--mmio64-size", self.mmio64_size.as_deref(), |v| {
+                v.parse::<ByteSize>().map_err(|e| e.to_string())
             })?,
             devices: self
                 .devices

@@ -411,6 +411,7 @@ mod tests {
             cpus: 1,
             memory: super::super::MemoryConfig::of_size(super::super::ByteSize(512 << 20)),
             serial: Default::default(),
+            mmio64_size: None,
             devices,
             p2p_groups: groups,
         }

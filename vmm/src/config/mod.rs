@@ -15,6 +15,7 @@
 //! cpus = 4
 //! memory = "2G"                 # or an integer number of bytes
 //! serial = "file=/tmp/guest.log" # or "stdout" / "off"
+//! mmio64_size = "256G"         # 64-bit MMIO window, a multiple of 256G
 //!
 //! [[device]]                    # VFIO passthrough; repeat per device
 //! id = "gpu0"                   # default dev<N>, N = position from 0
@@ -107,6 +108,12 @@ pub struct VmConfig {
     /// Where the guest's serial console goes: "stdout", "off" or
     /// "file=PATH". Default stdout.
     pub serial: SerialConfig,
+    /// Size of the guest's 64-bit prefetchable MMIO window ("512G"), which starts at the first
+    /// 256 GiB boundary above RAM: a multiple of 256 GiB. Default 256 GiB, which keeps the
+    /// window inside a 39-bit host IOMMU with up to 252 GiB of RAM; a larger window may reach
+    /// past what the host IOMMU translates, and BARs the guest puts there get no peer mapping.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mmio64_size: Option<ByteSize>,
     /// Host PCI functions passed through with VFIO, as `[[device]]` tables
     /// (file devices first, then `--device` flags). Placements are the
     /// effective ones (a device's own, else its group's topology). None by

@@ -60,6 +60,7 @@ fn valid_config(scratch: &Scratch) -> VmConfig {
         cpus: 2,
         memory: MemoryConfig::of_size(ByteSize(512 * MIB)),
         serial: SerialConfig::Stdout,
+        mmio64_size: None,
         devices: Vec::new(),
         p2p_groups: Vec::new(),
     }
@@ -77,6 +78,7 @@ fn defaults_apply_when_only_kernel_is_given() {
             cpus: 1,
             memory: MemoryConfig::of_size(ByteSize(512 * MIB)),
             serial: SerialConfig::Stdout,
+            mmio64_size: None,
             devices: Vec::new(),
             p2p_groups: Vec::new(),
         }
@@ -169,7 +171,7 @@ fn unknown_key_in_file_is_rejected() {
         msg,
         format!(
             "config file {file:?}, line 2: unknown field `cpu`, expected one of \
-             `kernel`, `initramfs`, `cmdline`, `cpus`, `memory`, `serial`, `device`, `p2p_group`"
+             `kernel`, `initramfs`, `cmdline`, `cpus`, `memory`, `serial`, `mmio64_size`, `device`, `p2p_group`"
         )
     );
 }
@@ -301,6 +303,7 @@ fn vm_config_round_trips_through_toml() {
         cpus: 4,
         memory: MemoryConfig::of_size(ByteSize(3 * GIB / 2)),
         serial: SerialConfig::File("/tmp/guest.log".into()),
+        mmio64_size: None,
         devices: Vec::new(),
         p2p_groups: Vec::new(),
     };
@@ -659,4 +662,32 @@ fn devices_round_trip_through_toml() {
         direct.devices,
         [device("dev0", sysfs("0000:00:03.0"), None)]
     );
+}
+
+#[test]
+fn the_64_bit_window_size_comes_from_the_flag_or_the_file_and_must_be_a_multiple_of_256g() {
+    let loaded = load_args(&["--kernel", "/k", "--mmio64-size", "512G"]).unwrap();
+    assert_eq!(loaded.vm.mmio64_size, Some(ByteSize(512 << 30)));
+    let file = parse_file_text(
+        "kernel = \"/k\"\nmmio64_size = \"768G\"\n",
+        Path::new("vm.toml"),
+    )
+    .unwrap();
+    assert_eq!(file.mmio64_size, Some(ByteSize(768 << 30)));
+    let err = load_args(&["--kernel", "/k", "--mmio64-size", "lots"]).unwrap_err();
+    assert!(err.to_string().contains("--mmio64-size"), "{err}");
+
+    let scratch = Scratch::new("mmio64");
+    let mut cfg = valid_config(&scratch);
+    cfg.mmio64_size = Some(ByteSize(300 << 30));
+    let err = cfg.validate(&BIG_HOST).unwrap_err().to_string();
+    assert!(
+        err.starts_with("mmio64_size = ") && err.contains("multiple of 256"),
+        "{err}"
+    );
+    assert!(!err.contains('\n'));
+    cfg.mmio64_size = Some(ByteSize(0));
+    assert!(cfg.validate(&BIG_HOST).is_err());
+    cfg.mmio64_size = Some(ByteSize(512 << 30));
+    assert!(cfg.validate(&BIG_HOST).is_ok());
 }

@@ -24,6 +24,9 @@ pub const CMDLINE_CAPACITY: usize = 2048;
 
 const MEMINFO: &str = "/proc/meminfo";
 
+/// The 64-bit MMIO window's alignment and size granule: 256 GiB.
+pub const MMIO64_GRANULE: u64 = 256 << 30;
+
 /// Host resources a configuration must fit into.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HostLimits {
@@ -87,6 +90,7 @@ impl VmConfig {
         check_cpus(self.cpus, host.max_vcpus)?;
         check_memory(self.memory.size, host.memory_bytes)?;
         check_huge_pages(self.memory)?;
+        check_mmio64_size(self.mmio64_size)?;
         check_cmdline(&self.cmdline)?;
         // Rules between devices first: they need no file system access.
         check_device_rules(&self.devices)?;
@@ -176,6 +180,25 @@ fn check_huge_pages(memory: MemoryConfig) -> Result<(), ConfigError> {
             ByteSize((memory.size.0 / page.bytes()).max(1) * page.bytes())
         ),
     })
+}
+
+/// The 64-bit window keeps its 256 GiB alignment and granule (`layout::MMIO64_MIN_SIZE`); the
+/// guest's physical address width is checked when the VM is laid out.
+fn check_mmio64_size(size: Option<ByteSize>) -> Result<(), ConfigError> {
+    let Some(size) = size else {
+        return Ok(());
+    };
+    if size.0 == 0 || !size.0.is_multiple_of(MMIO64_GRANULE) {
+        return Err(ConfigError::Invalid {
+            field: "mmio64_size",
+            value: size.to_string(),
+            reason: format!(
+                "must be a non-zero multiple of {} (the window's alignment)",
+                ByteSize(MMIO64_GRANULE)
+            ),
+        });
+    }
+    Ok(())
 }
 
 fn check_cmdline(cmdline: &str) -> Result<(), ConfigError> {

@@ -13,6 +13,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use devices::pci::p2p_placement::p2p_placements;
+use devices::pci::regs::COMMAND_MEMORY;
 use devices::pci::{BarChange, BarKind, BarObserver, BarRegion, ObserverError, SharedPciDevice};
 use devices::{Bus, BusRange};
 use vfio_p2p::{BarKey, BarPlacement, DeviceKey, P2pTable, RegionMapping};
@@ -41,7 +42,8 @@ pub struct PassthroughBars {
 struct LiveBar {
     range: BusRange,
     kind: BarKind,
-    slots: Vec<Slot>,
+    /// Each memory slot with the host address it maps (to put it back after a failed removal).
+    slots: Vec<(Slot, u64)>,
 }
 
 pub struct BarMapper {
@@ -99,15 +101,39 @@ impl BarMapper {
         }
     }
 
-    /// Undoes a live BAR: slots, then the trap region.
-    fn tear_down(&self, bar: LiveBar) {
-        for slot in bar.slots {
-            if let Err(e) = self.slots.unmap(slot) {
-                log::error!("removing a BAR memory slot: {e}");
+    /// Undoes a live BAR: slots, then the trap region. All or nothing: when KVM refuses to
+    /// remove a slot (it allocates to delete one, so ENOMEM is possible), the slots already
+    /// removed are put back and the BAR is returned as it was, with the error; forgetting a slot
+    /// KVM still has would make every later slot at that address fail as overlapping.
+    fn tear_down(&self, mut bar: LiveBar) -> Result<(), (LiveBar, ObserverError)> {
+        let mut removed = Vec::new();
+        while let Some((slot, host)) = bar.slots.pop() {
+            let (gpa, size) = (slot.gpa, slot.size);
+            if let Err((slot, e)) = self.slots.unmap(slot) {
+                bar.slots.push((slot, host));
+                for (gpa, size, host) in removed {
+                    // SAFETY: as in `set_up`: the mapping lives as long as the device, and this
+                    // slot is removed again before the BAR stops decoding.
+                    match unsafe { self.slots.map(gpa, size, host) } {
+                        Ok(slot) => bar.slots.push((slot, host)),
+                        Err(e) => log::error!("restoring a BAR memory slot at {gpa:#x}: {e}"),
+                    }
+                }
+                return Err((bar, e.into()));
             }
+            removed.push((gpa, size, host));
         }
         if let Err(e) = self.bus(bar.kind).remove(bar.range) {
             log::error!("removing BAR trap at {}: {e}", bar.range);
+        }
+        Ok(())
+    }
+
+    /// [`tear_down`](Self::tear_down) where nothing can be refused (undoing a half-built BAR):
+    /// a slot KVM keeps is logged.
+    fn tear_down_logged(&self, bar: LiveBar) {
+        if let Err((bar, e)) = self.tear_down(bar) {
+            log::error!("removing a BAR memory slot at {}: {e}", bar.range);
         }
     }
 
@@ -141,10 +167,10 @@ impl BarMapper {
             // SAFETY: the mapping lives in `self.passthrough` as long as the device does, and
             // every slot over it is removed before (tear_down runs when the BAR stops decoding).
             match unsafe { self.slots.map(gpa, size, host) } {
-                Ok(slot) => live.slots.push(slot),
+                Ok(slot) => live.slots.push((slot, host)),
                 Err(e) => {
                     drop(passthrough);
-                    self.tear_down(live);
+                    self.tear_down_logged(live);
                     return Err(e.into());
                 }
             }
@@ -159,6 +185,20 @@ impl BarMapper {
             .unwrap_or_else(|e| e.into_inner())
             .get(&device_id(device))
             .and_then(|p| Some((p.key, p.p2p.clone()?)))
+    }
+
+    /// `change` was refused after its decode-off reached the device (the rollback turns decoding
+    /// back on): VFIO revoked the device's dmabufs on the way, which the table must show.
+    fn decode_bounced(&self, device: &SharedPciDevice, change: &BarChange) {
+        let decode_off = change.new.is_none()
+            && device.lock().unwrap_or_else(|e| e.into_inner()).command() & COMMAND_MEMORY == 0;
+        if !decode_off {
+            return;
+        }
+        if let Some((key, p2p)) = self.p2p_of(device) {
+            p2p.decode_bounced(key);
+            self.reporter.changed();
+        }
     }
 
     /// Tells the P2P table where `change` leaves the BAR, with any other BAR of the function
@@ -208,7 +248,15 @@ impl BarObserver for BarMapper {
             .unwrap_or_else(|e| e.into_inner())
             .remove(&id);
         if let Some(old) = old {
-            self.tear_down(old);
+            if let Err((old, e)) = self.tear_down(old) {
+                // Still decoding where it was: the change is refused and rolled back.
+                self.live
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(id, old);
+                self.decode_bounced(device, change);
+                return Err(e);
+            }
         }
         if let Some(range) = change.new {
             match self.set_up(device, change.bar, change.kind, range) {
