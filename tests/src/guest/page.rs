@@ -6,7 +6,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::ptr::NonNull;
 
-use p2pvmm_tests::guest::{Fail, Result};
+use super::{Fail, Result};
 
 const PM_PRESENT: u64 = 1 << 63;
 const PM_PFN_MASK: u64 = (1 << 55) - 1;
