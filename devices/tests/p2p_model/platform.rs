@@ -340,7 +340,9 @@ impl P2pObserver {
             return;
         }
         let placement = match change.new {
-            Some(range) => BarPlacement::Placed(range.base),
+            Some(range) if change.forwarded => BarPlacement::Placed(range.base),
+            // A bridge above does not forward it: peers cannot reach it, as on hardware.
+            Some(range) => BarPlacement::Unforwarded(range.base),
             None => {
                 let dev = lock(device);
                 let addressed = dev
@@ -385,6 +387,11 @@ impl BarObserver for P2pObserver {
         }
         self.update_p2p(device, change);
         Ok(())
+    }
+
+    /// `BarMapper::forwarding_changed`.
+    fn forwarding_changed(&self, device: &SharedPciDevice, change: &BarChange) {
+        self.update_p2p(device, change);
     }
 }
 

@@ -177,7 +177,9 @@ impl BarMapper {
             return;
         }
         let placement = match change.new {
-            Some(range) => BarPlacement::Placed(range.base),
+            Some(range) if change.forwarded => BarPlacement::Placed(range.base),
+            // A bridge above does not forward it: peers cannot reach it, as on hardware.
+            Some(range) => BarPlacement::Unforwarded(range.base),
             None => {
                 let dev = device.lock().unwrap_or_else(|e| e.into_inner());
                 let addressed = dev
@@ -248,5 +250,9 @@ impl BarObserver for BarMapper {
         }
         self.update_p2p(device, change);
         Ok(())
+    }
+
+    fn forwarding_changed(&self, device: &SharedPciDevice, change: &BarChange) {
+        self.update_p2p(device, change);
     }
 }
