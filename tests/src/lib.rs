@@ -16,5 +16,6 @@ mod l1;
 pub use console::{expect_scenario, run_retrying_lab_failure, Console, L2Report, Scenario};
 pub use l1::{
     api_probe_static, bar_walk_static, edu_dma_static, lab_kernel, lab_vmlinux, msix_probe_static,
-    p2pvmm_static, repo_root, vcpu_hammer_static, L1Run, BIND_EDU_AND_IVSHMEM, L2_CMDLINE, L2_HELPERS,
+    p2pvmm_static, repo_root, vcpu_hammer_static, L1Run, BIND_EDU_AND_IVSHMEM, L2_CMDLINE,
+    L2_HELPERS,
 };

@@ -1,20 +1,26 @@
 //! A seeded random walk of ivshmem's BAR in the nested lab, per backend (iommufd and legacy
-//! type1): L2 (edu and ivshmem in one P2P group behind a switch) runs `bar-walk` (tests/src/bin),
-//! which for 200 steps moves ivshmem's BAR2 to random slots of its downstream port's window (the
-//! first and last slot included) or outside every window, or toggles memory decoding, and after
-//! each step has edu DMA a pattern of its own to the BAR's current address and to former ones.
-//! The CPU then reads back every DMA's place in the BAR: each must hold its pattern exactly when
-//! the BAR decoded at that address inside its window (and nothing otherwise).
+//! type1), both at once in one L1 boot, each with an edu and ivshmem of its own: L2 (edu and ivshmem in one P2P group behind a switch) runs
+//! `bar-walk` (tests/src/bin), which for 200 steps moves ivshmem's 64 MiB BAR2 (to a random
+//! slot of its downstream port's window, its first or last slot, the slot right past either
+//! end of the window, a slot at or right below a 4 GiB boundary, inside the host bridge's
+//! window but outside every bridge window, or outside every window), its halves written in a
+//! random order and a third of the moves with decoding left on (so the BAR decodes at a mixed
+//! address between the two writes), or toggles memory decoding; after each step edu DMAs a
+//! pattern of its own to the BAR's current address, to the previous one and to the mixed one
+//! or (every other step) an older one. Every 25 steps and at the end the CPU reads back every DMA's place in the
+//! BAR: each must hold its pattern exactly when the BAR decoded at that address inside its
+//! bridge's window, and its fill otherwise.
 //!
-//! The seed of each walk is printed (`BAR-WALK: seed=S` in the console, and by the test); set
-//! `BAR_WALK_SEED=S` to walk the same way again, `BAR_WALK_STEPS=N` for another length.
+//! The seeds are printed (`bar_walk: seeds ...` on stderr, `BAR-WALK: seed=S` in the console)
+//! and differ per run (from the clock); `BAR_WALK_SEED=S` walks both backends with seed S
+//! again, `BAR_WALK_STEPS=N` for another length.
 
 use std::sync::OnceLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use p2pvmm_tests::{
     bar_walk_static, expect_scenario, run_retrying_lab_failure, Console, L1Run, Scenario,
-    BIND_EDU_AND_IVSHMEM, L2_CMDLINE,
+    L2_CMDLINE,
 };
 
 const VMM: &str = "p2pvmm --kernel /l2/bzImage --initramfs /l2/initramfs.cpio.gz --memory 512M";
@@ -28,10 +34,33 @@ arg() { sed -n "s/.*lab\.$1=\([0-9a-z-]*\).*/\1/p" /proc/cmdline; }
 edu=$(find_dev 0x1234:0x11e8)
 shm=$(find_dev 0x1af4:0x1110)
 echo "BAR-WALK-DEVICES edu=$edu ivshmem=$shm"
-/usr/bin/bar-walk $edu $shm --steps $(arg steps) --seed $(arg seed) $(arg extra) 2>&1
+/usr/bin/bar-walk $edu $shm --steps $(arg steps) --seed $(arg seed) 2>&1
 "#;
 
-const BACKENDS: [&str; 2] = ["iommufd", "legacy"];
+/// Each backend walks its own edu and ivshmem (L1's first pair for iommufd, this second pair
+/// for legacy), so both walks run at once: edu's DMA timer (100 ms a transfer) sets their pace,
+/// not L1's CPUs.
+const QEMU_ARGS: &[&str] = &[
+    "-device",
+    "edu,dma_mask=0xffffffffffffffff",
+    "-object",
+    "memory-backend-ram,id=shm1,size=64M,share=on",
+    "-device",
+    "ivshmem-plain,memdev=shm1",
+];
+
+/// Binds both pairs to vfio-pci; the second pair comes after the first on L1's bus.
+const BIND: &str = r#"
+EDU=$(bind_vfio 1234 11e8 1)
+SHM=$(bind_vfio 1af4 1110 1)
+EDU2=$(bind_vfio 1234 11e8 2)
+SHM2=$(bind_vfio 1af4 1110 2)
+echo "L1: edu=$EDU ivshmem=$SHM edu2=$EDU2 ivshmem2=$SHM2"
+"#;
+
+/// (backend, its edu and ivshmem in L1)
+const BACKENDS: [(&str, &str, &str); 2] =
+    [("iommufd", "$EDU", "$SHM"), ("legacy", "$EDU2", "$SHM2")];
 
 fn steps() -> u32 {
     std::env::var("BAR_WALK_STEPS")
@@ -44,7 +73,9 @@ fn steps() -> u32 {
 fn seed(backend: &str) -> u64 {
     static SEEDS: OnceLock<(u64, u64)> = OnceLock::new();
     let (a, b) = *SEEDS.get_or_init(|| {
-        let fixed = std::env::var("BAR_WALK_SEED").ok().and_then(|s| s.parse().ok());
+        let fixed = std::env::var("BAR_WALK_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok());
         let clock = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(1, |d| d.as_micros() as u64);
@@ -59,29 +90,38 @@ fn seed(backend: &str) -> u64 {
     }
 }
 
-fn command(backend: &str) -> String {
+fn command(backend: &str, edu: &str, shm: &str) -> String {
     format!(
-        "{VMM} --cmdline '{L2_CMDLINE} lab.steps={} lab.seed={} lab.extra={}' \
-         --device path=$EDU,id=edu,backend={backend} --device path=$SHM,id=shm,backend={backend} \
+        "{VMM} --cmdline '{L2_CMDLINE} lab.steps={} lab.seed={}' \
+         --device path={edu},id=edu,backend={backend} --device path={shm},id=shm,backend={backend} \
          --p2p-group name=g0,devices=edu:shm",
         steps(),
-        seed(backend),
-        std::env::var("BAR_WALK_EXTRA").unwrap_or_default()
+        seed(backend)
     )
 }
 
 fn run_lab() -> Result<Console, String> {
-    // About 0.5 s a step with the checks, twice that on a loaded machine.
+    // About 0.3 s a step (edu's 100 ms per transfer), twice that on a loaded machine.
     let limit = 120 + steps() * 2;
-    let mut run = L1Run::new("bar-walk")
-        .prelude(BIND_EDU_AND_IVSHMEM)
+    // The two scenarios run at once, each into a file of its own, printed one after the other
+    // so the console keeps one scenario between each pair of markers.
+    let mut both = String::from(BIND);
+    for (backend, edu, shm) in BACKENDS {
+        both.push_str(&format!(
+            "( scenario {backend}-walk {limit} {} ) > /tmp/{backend}-walk.log 2>&1 &\n",
+            command(backend, edu, shm)
+        ));
+    }
+    both.push_str("wait\ncat /tmp/iommufd-walk.log /tmp/legacy-walk.log\n");
+    L1Run::new("bar-walk")
+        .qemu_args(QEMU_ARGS)
+        .prelude(&both)
         .l2_file(bar_walk_static()?, "/usr/bin/bar-walk")
         .l2_script(L2_SCRIPT)
-        .timeout_s(300 + 2 * limit);
-    for backend in BACKENDS {
-        run = run.scenario(&format!("{backend}-walk"), limit, &command(backend));
-    }
-    run.run()
+        // Two L2s of 512 MiB at once plus what L1 keeps (2560 MiB, see `l1_mem_for`) fit the
+        // default 4 GiB.
+        .timeout_s(300 + limit)
+        .run()
 }
 
 fn lab() -> &'static Result<Console, String> {
@@ -108,7 +148,8 @@ fn assert_walk(backend: &str) {
         Some(seed.to_string().as_str()),
         "{name}: the walk's seed; console:\n{console}"
     );
-    let result = s.expect_result(console, "BAR-WALK: seed=", "BAR-WALK: ", "bar-walk");
+    // The result line comes after the step lines and the cases.
+    let result = s.expect_result(console, "BAR-WALK-CASES: ", "BAR-WALK: ", "bar-walk");
     let prefix = format!("ok steps={} seed={seed} ", steps());
     assert!(
         result.starts_with(&prefix),
@@ -126,6 +167,30 @@ fn assert_walk(backend: &str) {
         landed > 0 && landed < dmas,
         "{name}: {landed} of {dmas} DMAs were to land; console:\n{console}"
     );
+    // Every hard case came up at least once.
+    let cases = s.expect_result(console, "", "BAR-WALK-CASES: ", "bar-walk");
+    for case in [
+        "inside",
+        "outside-all",
+        "outside-bridge",
+        "edge",
+        "boundary",
+        "decode",
+        "high-first",
+        "live",
+        "mixed",
+    ] {
+        let n = cases.split_whitespace().find_map(|kv| {
+            kv.strip_prefix(case)?
+                .strip_prefix('=')?
+                .parse::<u32>()
+                .ok()
+        });
+        assert!(
+            n.is_some_and(|n| n > 0),
+            "{name} (seed {seed}): no '{case}' step in '{cases}'; console:\n{console}"
+        );
+    }
     s.assert_exit(console, 0);
 }
 

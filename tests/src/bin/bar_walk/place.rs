@@ -80,13 +80,21 @@ impl Bar {
     }
 
     fn cmd(&self) -> Result<u16> {
-        Ok(u16::from_le_bytes(read_at(&self.cfg, PCI_COMMAND, &self.bdf)?))
+        Ok(u16::from_le_bytes(read_at(
+            &self.cfg,
+            PCI_COMMAND,
+            &self.bdf,
+        )?))
     }
 
     /// Turns memory decoding on or off, keeping the other command bits.
     pub fn set_decode(&self, on: bool) -> Result<()> {
         let cmd = self.cmd()?;
-        let new = if on { cmd | CMD_MEMORY } else { cmd & !CMD_MEMORY };
+        let new = if on {
+            cmd | CMD_MEMORY
+        } else {
+            cmd & !CMD_MEMORY
+        };
         self.cfg
             .write_all_at(&new.to_le_bytes(), PCI_COMMAND)
             .map_err(|e| Fail::io(format!("write {} PCI_COMMAND 0x{new:x}", self.bdf), e))?;
@@ -94,7 +102,10 @@ impl Bar {
         if now & CMD_MEMORY != new & CMD_MEMORY {
             return Err(Fail::msg(
                 "memory decode",
-                format!("{}: PCI_COMMAND 0x{new:x} written, 0x{now:x} read", self.bdf),
+                format!(
+                    "{}: PCI_COMMAND 0x{new:x} written, 0x{now:x} read",
+                    self.bdf
+                ),
             ));
         }
         Ok(())
@@ -107,11 +118,29 @@ impl Bar {
         Ok((u64::from(hi) << 32) | u64::from(lo & !0xf))
     }
 
-    /// Moves BAR2 to `addr` with decoding off around the move, then restores decoding to `decode`;
-    /// checks the register reads back `addr`.
-    pub fn move_to(&self, addr: u64, decode: bool) -> Result<()> {
-        self.set_decode(false)?;
-        for (off, v) in [(BAR2, addr as u32), (BAR2 + 4, (addr >> 32) as u32)] {
+    /// Moves BAR2 to `addr` writing its two halves in `order`, then leaves decoding at
+    /// `decode`. With `live` and decoding on, the halves are written while the BAR decodes (a
+    /// guest that does not turn decoding off around a move), so between the two writes it
+    /// decodes at a mixed address, which is returned; otherwise decoding is off around the
+    /// move (as Linux does it) and `None` is returned. Checks the register reads back `addr`.
+    pub fn move_to(
+        &self,
+        addr: u64,
+        decode: bool,
+        order: Halves,
+        live: bool,
+    ) -> Result<Option<u64>> {
+        let old = self.address()?;
+        let live = live && decode && self.cmd()? & CMD_MEMORY != 0;
+        if !live {
+            self.set_decode(false)?;
+        }
+        let (lo, hi) = ((BAR2, addr as u32), (BAR2 + 4, (addr >> 32) as u32));
+        let (first, second, mixed) = match order {
+            Halves::LowFirst => (lo, hi, (old & !0xffff_ffff) | (addr & 0xffff_ffff)),
+            Halves::HighFirst => (hi, lo, (addr & !0xffff_ffff) | (old & 0xffff_ffff)),
+        };
+        for (off, v) in [first, second] {
             self.cfg
                 .write_all_at(&v.to_le_bytes(), off)
                 .map_err(|e| Fail::io(format!("write {} BAR2 0x{addr:x}", self.bdf), e))?;
@@ -120,14 +149,24 @@ impl Bar {
         if now != addr {
             return Err(Fail::msg(
                 "BAR move",
-                format!("{}: BAR2 0x{addr:x} written, 0x{now:x} read", self.bdf),
+                format!(
+                    "{}: BAR2 0x{addr:x} written ({order:?}), 0x{now:x} read",
+                    self.bdf
+                ),
             ));
         }
-        if decode {
+        if decode && !live {
             self.set_decode(true)?;
         }
-        Ok(())
+        Ok((live && mixed != old && mixed != addr).then_some(mixed))
     }
+}
+
+/// Which half of a 64-bit BAR a move writes first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Halves {
+    LowFirst,
+    HighFirst,
 }
 
 /// The 64-bit prefetchable window of the bridge directly above `bdf` (its upstream port).
@@ -160,8 +199,7 @@ pub fn bridge_window(bdf: &str) -> Result<Range> {
 
 /// `/proc/iomem` as (depth, range, name), depth 0 for the top level.
 pub fn iomem() -> Result<Vec<(usize, Range, String)>> {
-    let text =
-        fs::read_to_string("/proc/iomem").map_err(|e| Fail::io("read /proc/iomem", e))?;
+    let text = fs::read_to_string("/proc/iomem").map_err(|e| Fail::io("read /proc/iomem", e))?;
     Ok(parse_iomem(&text))
 }
 
@@ -207,6 +245,26 @@ pub fn outside_bridge_windows(
         .map(|e| e.1)
         .collect();
     free_slots(&inner, host.1.start, host.1.end, size)
+}
+
+/// Whether a BAR of `size` at `addr` would sit inside a host bridge window and touch nothing
+/// the kernel lists there but the windows that hold all of `window` (the bridges above the
+/// BAR, the host bridge): the slot right past a bridge window, inside its parent's.
+pub fn only_in_ancestors(
+    map: &[(usize, Range, String)],
+    window: Range,
+    addr: u64,
+    size: u64,
+) -> bool {
+    let span = window.end - window.start + 1;
+    let ancestor = |r: &Range| r.holds(window.start, span);
+    let in_host = map
+        .iter()
+        .any(|e| e.0 == 0 && ancestor(&e.1) && e.1.holds(addr, size));
+    in_host
+        && map
+            .iter()
+            .all(|e| ancestor(&e.1) || !e.1.overlaps(addr, size))
 }
 
 /// The largest run of size-aligned slots of `size` within `[lo, hi]` that touch none of `used`.
@@ -263,6 +321,15 @@ c0000000-dfffffff : PCI Bus 0000:00
         assert_eq!(first, 0x40_1400_0000);
         assert_eq!(first + n * (64 << 20) - 1, 0x7f_ffff_ffff);
         assert!(w.holds(0x40_0c00_0000, 64 << 20));
+        // Right past the port's window, inside its parent's: allowed; over a BAR or below the
+        // host window: not.
+        let port = Range {
+            start: 0x40_0000_0000,
+            end: 0x40_07ff_ffff,
+        };
+        assert!(only_in_ancestors(&map, port, 0x40_0800_0000, 64 << 20));
+        assert!(!only_in_ancestors(&map, port, 0x40_1000_0000, 64 << 20));
+        assert!(!only_in_ancestors(&map, port, 0x3f_fc00_0000, 64 << 20));
         assert!(!w.holds(0x40_0e00_0000, 64 << 20));
     }
 }
