@@ -58,6 +58,19 @@ SHM2=$(bind_vfio 1af4 1110 2)
 echo "L1: edu=$EDU ivshmem=$SHM edu2=$EDU2 ivshmem2=$SHM2"
 "#;
 
+/// Waits for both walks, printing a line every 15 s meanwhile (or run-l1.sh's silence watchdog,
+/// 300 s, takes the quiet console for a frozen L1: seen once with another lab run on the
+/// machine), then prints their consoles one after the other.
+const WAIT_BOTH: &str = r#"
+while kill -0 $iommufd_pid 2>/dev/null || kill -0 $legacy_pid 2>/dev/null; do
+    sleep 15
+    echo "L1: walk steps so far: iommufd $(grep -c 'bar-walk: step' /tmp/iommufd-walk.log)" \
+        "legacy $(grep -c 'bar-walk: step' /tmp/legacy-walk.log)"
+done
+wait
+cat /tmp/iommufd-walk.log /tmp/legacy-walk.log
+"#;
+
 /// (backend, its edu and ivshmem in L1)
 const BACKENDS: [(&str, &str, &str); 2] =
     [("iommufd", "$EDU", "$SHM"), ("legacy", "$EDU2", "$SHM2")];
@@ -108,11 +121,12 @@ fn run_lab() -> Result<Console, String> {
     let mut both = String::from(BIND);
     for (backend, edu, shm) in BACKENDS {
         both.push_str(&format!(
-            "( scenario {backend}-walk {limit} {} ) > /tmp/{backend}-walk.log 2>&1 &\n",
+            "( scenario {backend}-walk {limit} {} ) > /tmp/{backend}-walk.log 2>&1 &\n\
+             {backend}_pid=$!\n",
             command(backend, edu, shm)
         ));
     }
-    both.push_str("wait\ncat /tmp/iommufd-walk.log /tmp/legacy-walk.log\n");
+    both.push_str(WAIT_BOTH);
     L1Run::new("bar-walk")
         .qemu_args(QEMU_ARGS)
         .prelude(&both)
