@@ -7,7 +7,9 @@
 //!   {edu2, shm2} on root ports (iommufd) or on the root bus (legacy). Inside L2, edu DMAs into
 //!   shm's BAR at its L2 address and back; after L2 moves the BAR inside its port's window the new
 //!   address works and the old one does not; with memory decoding off the BAR is unreachable,
-//!   after turning it on it works again, and at the last 64 MiB slot below a 4 GiB boundary. edu2 reaches shm2 (the second group is live) but not
+//!   after turning it on it works again; at the last 64 MiB slot below a 4 GiB boundary, past
+//!   the bridges' windows, it is unreachable, and once the bridges forward up to that boundary
+//!   it works. edu2 reaches shm2 (the second group is live) but not
 //!   shm, and edu does not reach shm2: the bytes are not there when read back through the BAR.
 //!   L2 sees each group's topology and the P2P clique capability set on edu (clique=5).
 //! - `nogroup`: the same devices and no group: p2pvmm warns naming `--p2p-group`, edu's DMA to
@@ -128,13 +130,27 @@ if [ "$mode" = groups ]; then
     wcfg 4 2
     step decode-on $edu --peer-dst "$new"
     # The last 64 MiB slot below a 4 GiB boundary: the low dword OR-ed with the size mask is all
-    # ones, which must not be taken for the sizing pattern.
+    # ones, which must not be taken for the sizing pattern. It lies past the bridges' windows,
+    # so a peer's DMA does not reach it there, as on hardware; once every bridge above shm
+    # forwards up to the boundary, it does.
     edge=$(( (((new >> 32) + 1) << 32) - (64 << 20) ))
     echo "P2P-EDGE $(printf '0x%x' $edge)"
     wcfg 4 0
     wcfg 24 $((edge & 0xffffffff))
     wcfg 28 $((edge >> 32))
     wcfg 4 2
+    step edge-outside $edu --peer-dst "$edge"
+    limit=$((edge + (64 << 20) - 1))
+    shmcfg=$cfg b=$(port $shm)
+    while [ -e "$b/config" ]; do
+        cfg=$b/config
+        base=$(( $(od -An -tu2 -j $((0x24)) -N2 "$cfg") ))
+        wcfg 36 $(( base | (((limit >> 16) & 0xfff0) << 16) ))
+        wcfg 44 $((limit >> 32))
+        echo "P2P-BRIDGE $b prefetchable limit $(printf '0x%x' $limit)"
+        b=$(dirname "$b")
+    done
+    cfg=$shmcfg
     step edge-4g $edu --peer-dst "$edge"
 elif [ "$mode" = nodmabuf ]; then
     step g0 $edu --peer-bar "$shm:2" --peer-check "$shm:2"
@@ -293,6 +309,7 @@ fn assert_groups(name: &str, g1_depth: usize) {
             ("cross-g1-to-g0", false),
             ("decode-off", false),
             ("decode-on", true),
+            ("edge-outside", false),
             ("edge-4g", true),
         ],
     );

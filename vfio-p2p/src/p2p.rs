@@ -76,6 +76,10 @@ pub enum BarPlacement {
     DecodeOff,
     /// No address yet, or being sized.
     Unplaced,
+    /// Decoding at this guest address, but a bridge above the function does not forward it
+    /// (outside the bridge's memory windows, or the bridge's memory space off): as on hardware,
+    /// a peer's DMA there does not reach the BAR, so it stays out of the IOMMU.
+    Unforwarded(u64),
 }
 
 /// What puts a BAR area into the IOMMU.
@@ -553,7 +557,7 @@ impl P2pTable {
         let inner = self.lock();
         inner.entries.get(key).map(|e| P2pState {
             bar_base: match e.placement {
-                BarPlacement::Placed(base) => Some(base),
+                BarPlacement::Placed(base) | BarPlacement::Unforwarded(base) => Some(base),
                 _ => None,
             },
             mapped_at: e.mapped_at,

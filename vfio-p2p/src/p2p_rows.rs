@@ -9,6 +9,9 @@ use crate::bdf::Bdf;
 use crate::iommu::BackendKind;
 use crate::p2p::{BarPlacement, Failure, P2pTable};
 
+/// Why an area whose BAR decodes where a bridge above it does not forward is not mapped.
+pub(crate) const NOT_FORWARDED: &str = "outside its bridge's windows";
+
 /// How peers reach the area.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -75,7 +78,7 @@ impl P2pTable {
             .filter_map(|(key, e)| {
                 let device = inner.devices.get(&key.bar.device)?;
                 let guest = match e.placement {
-                    BarPlacement::Placed(base) => base
+                    BarPlacement::Placed(base) | BarPlacement::Unforwarded(base) => base
                         .checked_add(key.area_offset)
                         .map(|start| (start, start.saturating_add(e.size - 1))),
                     _ => None,
@@ -95,6 +98,9 @@ impl P2pTable {
                     // No backing: failed whatever the placement.
                     (Some((_, f)), _, _) if e.backing.is_none() => {
                         P2pAreaState::Failed(f.to_string())
+                    }
+                    (_, None, BarPlacement::Unforwarded(_)) => {
+                        P2pAreaState::Failed(NOT_FORWARDED.to_string())
                     }
                     (_, None, BarPlacement::DecodeOff) => P2pAreaState::DecodeOff,
                     (_, None, _) => P2pAreaState::Unplaced,

@@ -134,6 +134,32 @@ fn rows_show_each_area_state_and_why() {
 }
 
 #[test]
+fn a_bar_its_bridge_does_not_forward_is_unmapped_and_says_why() {
+    let vm = Vm::new(BackendKind::Iommufd);
+    let a = area(dev(1), 2, 0);
+    let _a = vm.add_dmabuf(a, MIB);
+    vm.decode(dev(1), true);
+    vm.place(a.bar, Some(0xe000_0000)).unwrap();
+    assert_eq!(vm.mapped_at(a), Some(0xe000_0000));
+
+    // Moved inside the host window but outside the bridge's windows (bar-walk found peers
+    // still reaching it there).
+    vm.table
+        .bar_moved(a.bar, BarPlacement::Unforwarded(0xe010_0000))
+        .unwrap();
+
+    assert_eq!(vm.mapped_at(a), None);
+    assert!(vm.fake.live_at(0xe000_0000).is_none() && vm.fake.live_at(0xe010_0000).is_none());
+    let row = &vm.table.rows()[0];
+    assert_eq!(row.state, failed("outside its bridge's windows"));
+    assert_eq!(row.guest, Some((0xe010_0000, 0xe010_0000 + MIB - 1)));
+    vm.table
+        .bar_moved(a.bar, BarPlacement::Placed(0xe010_0000))
+        .unwrap();
+    assert_eq!(vm.mapped_at(a), Some(0xe010_0000));
+}
+
+#[test]
 fn a_bar_placed_on_a_mapped_one_fails_until_it_moves() {
     let vm = Vm::new(BackendKind::Iommufd);
     let (a, b) = (area(dev(1), 2, 0), area(dev(2), 2, 0));

@@ -118,6 +118,12 @@ pub struct BarChange {
     pub prefetchable: bool,
     pub old: Option<BusRange>,
     pub new: Option<BusRange>,
+    /// Whether every bridge above the function forwards `new` down to it (inside one of the
+    /// bridge's windows of its kind, with the bridge's memory or I/O space on), as the segment
+    /// found it; true on the root bus and when `new` is `None`. The CPU reaches the BAR either
+    /// way (the VMM maps it where the guest put it); a peer's DMA reaches it only where it is
+    /// forwarded, as on hardware.
+    pub forwarded: bool,
 }
 
 impl BarChange {
@@ -163,6 +169,12 @@ pub trait BarObserver: Send + Sync {
         device: &SharedPciDevice,
         change: &BarChange,
     ) -> Result<(), ObserverError>;
+
+    /// A write to a bridge (a window or its command register) changed whether the bridges
+    /// above `device` forward one of its decoding BARs: `change.old == change.new` (the BAR
+    /// stays where it is, for the CPU too), `change.forwarded` is the new answer. Only what
+    /// peers reach follows. Default: nothing.
+    fn forwarding_changed(&self, _device: &SharedPciDevice, _change: &BarChange) {}
 }
 
 /// The observer refused a change; the BAR and command registers were rolled back and every
@@ -323,6 +335,7 @@ fn diff(
                 prefetchable: info.prefetchable,
                 old,
                 new,
+                forwarded: true,
             })
         })
         .collect();
@@ -346,6 +359,7 @@ pub fn announce_removal(device: &SharedPciDevice, bdf: Bdf, observer: &dyn BarOb
             prefetchable: info.prefetchable,
             old: Some(range),
             new: None,
+            forwarded: true,
         };
         if let Err(e) = observer.bar_changed(device, &change) {
             log::error!("{change}: {e}");

@@ -392,6 +392,7 @@ fn moving_a_live_bar_is_one_change_from_old_to_new() {
             prefetchable: false,
             old: Some(BusRange::new(0xc000_0000, 0x1000)),
             new: Some(BusRange::new(0xc010_0000, 0x1000)),
+            forwarded: true,
         }]
     );
     assert_eq!(
@@ -537,6 +538,7 @@ fn change_display_names_the_function_and_ranges() {
         prefetchable: false,
         old: None,
         new: Some(BusRange::new(0xc000_0000, 0x1000)),
+        forwarded: true,
     };
     assert_eq!(
         change.to_string(),
@@ -601,6 +603,7 @@ fn enabling_the_rom_maps_it_as_bar_6() {
             prefetchable: false,
             old: None,
             new: Some(BusRange::new(u64::from(ROM_AT), ROM_SIZE)),
+            forwarded: true,
         }]
     );
     // And disabling it again unmaps it.

@@ -34,6 +34,8 @@ struct ObserverState {
     /// Keyed by device identity and BAR number: BDFs change when the guest renumbers buses.
     live: BTreeMap<(usize, u8), LiveBar>,
     history: Vec<BarChange>,
+    /// `forwarding_changed` calls, in order.
+    forwarding: Vec<BarChange>,
     reject: Option<RejectFn>,
 }
 
@@ -70,6 +72,11 @@ impl FakeBarObserver {
     /// Every change accepted so far, in order.
     pub fn history(&self) -> Vec<BarChange> {
         lock(&self.state).history.clone()
+    }
+
+    /// Every `forwarding_changed` call so far, in order.
+    pub fn forwarding(&self) -> Vec<BarChange> {
+        lock(&self.state).forwarding.clone()
     }
 }
 
@@ -120,6 +127,17 @@ impl BarObserver for FakeBarObserver {
         }
         state.history.push(change.clone());
         Ok(())
+    }
+
+    fn forwarding_changed(&self, device: &SharedPciDevice, change: &BarChange) {
+        let mut state = lock(&self.state);
+        let key = (Arc::as_ptr(device) as *const () as usize, change.bar);
+        let live = state.live.get(&key).map(|l| l.range);
+        assert!(
+            change.old == change.new && live == change.new,
+            "{change}: forwarding of a range that is not live (live: {live:?})"
+        );
+        state.forwarding.push(change.clone());
     }
 }
 

@@ -47,7 +47,9 @@ pub fn p2p_placements(
         return Vec::new();
     }
     let changed = match change.new {
-        Some(range) => BarPlacement::Placed(range.base),
+        Some(range) if change.forwarded => BarPlacement::Placed(range.base),
+        // A bridge above does not forward it: peers cannot reach it, as on hardware.
+        Some(range) => BarPlacement::Unforwarded(range.base),
         None => not_decoding(device, usize::from(change.bar)),
     };
     let mut placements = vec![(region, changed)];

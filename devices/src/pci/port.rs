@@ -3,14 +3,16 @@
 //! port type and whether they have a slot (see `root_port.rs` and `switch.rs`).
 //!
 //! A port holds no children: the segment owns the tree and asks the port which buses it
-//! forwards ([`PciePort::bus_range`]). Forwarding windows are reported for firmware-style
-//! checks but do not gate MMIO: the VMM maps each BAR directly where the guest put it, so a BAR
-//! outside its bridge's window still decodes (real hardware would make it unreachable; Linux
-//! never programs that).
+//! forwards ([`PciePort::bus_range`]). Forwarding windows do not gate the CPU's MMIO: the VMM
+//! maps each BAR directly where the guest put it, so a BAR outside its bridge's window still
+//! decodes for the CPU (real hardware would make it unreachable; Linux never programs that).
+//! They do gate peers: the segment tells the VMM whether the bridges above a BAR forward it
+//! ([`PciePort::forwards`], `BarChange::forwarded`), and a BAR they do not forward stays out of
+//! the IOMMU, so a peer's DMA there does not reach it, as on hardware.
 
 use std::ops::RangeInclusive;
 
-use super::bar::BarInfo;
+use super::bar::{BarInfo, BarKind};
 use super::config::{ConfigError, PciIds, Type1Config};
 use super::pcie_cap::{LinkConfig, PcieCap, PcieDeviceType, SlotConfig};
 use super::regs::*;
@@ -91,6 +93,23 @@ impl PciePort {
             | (u64::from(regs.read_u32(PREF_LIMIT_UPPER32)) << 32)
             | 0xf_ffff;
         window(base, limit)
+    }
+
+    /// Whether the port forwards `range` of a BAR of `kind` from its primary side down to its
+    /// secondary bus: I/O space on and the range inside the I/O window, or memory space on and
+    /// the range inside the memory or the prefetchable window (a bridge forwards either to
+    /// any memory BAR).
+    pub fn forwards(&self, kind: BarKind, range: BusRange) -> bool {
+        let inside =
+            |w: Option<BusRange>| w.is_some_and(|w| w.base <= range.base && range.end() <= w.end());
+        let command = self.config.command();
+        match kind {
+            BarKind::Io => command & COMMAND_IO != 0 && inside(self.io_window()),
+            BarKind::Mem32 | BarKind::Mem64 => {
+                command & COMMAND_MEMORY != 0
+                    && (inside(self.mem_window()) || inside(self.pref_window()))
+            }
+        }
     }
 
     /// Reports the link below as up (a device is present) or down.

@@ -13,12 +13,15 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
 
-use super::bar::{announce_removal, update_decode, BarChange, BarObserver, BarRejected};
+use super::bar::{
+    announce_removal, decoded_ranges, update_decode, BarChange, BarKind, BarObserver, BarRejected,
+    ObserverError,
+};
 use super::intx::gsi_for_path;
 use super::port::PciePort;
-use super::regs::INTERRUPT_PIN;
+use super::regs::{COMMAND, INTERRUPT_PIN, IO_BASE, PREF_LIMIT_UPPER32};
 use super::{lock, Bdf, PciDevice, SharedPciDevice};
-use crate::bus::BusDevice;
+use crate::bus::{BusDevice, BusRange};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SegmentError {
@@ -254,9 +257,33 @@ impl PciSegment {
             return Ok(Vec::new());
         };
         let started = std::time::Instant::now();
-        let changes = update_decode(&target.device, bdf, &*self.observer, |dev| {
+        // A bridge write that can change what it forwards: what each BAR below reaches before.
+        let reach_before = target
+            .port
+            .as_ref()
+            .filter(|_| touches_forwarding(offset, data.len()))
+            .map(|_| self.reach_below(&target.device));
+        let forwarding = Forwarding {
+            observer: &*self.observer,
+            bridges: self.bridges_above(&target.device),
+        };
+        let changes = update_decode(&target.device, bdf, &forwarding, |dev| {
             dev.write_config(offset, data)
         })?;
+        if let Some(before) = reach_before {
+            for (device, change) in self.reach_below(&target.device) {
+                let was = before.iter().find(|(d, c)| {
+                    Arc::ptr_eq(d, &device) && c.bar == change.bar && c.new == change.new
+                });
+                if was.is_some_and(|(_, c)| c.forwarded != change.forwarded) {
+                    log::debug!(
+                        "{change}: forwarded by the bridges above: {}",
+                        change.forwarded
+                    );
+                    self.observer.forwarding_changed(&device, &change);
+                }
+            }
+        }
         if !changes.is_empty() {
             // The VMM's whole cost of a guest BAR move or decode toggle, from the trapped write
             // to the vCPU's return: register emulation, traps, memory slots, peer maps.
@@ -292,10 +319,132 @@ impl PciSegment {
         };
         for (bdf, device, _) in below {
             log::debug!("{bdf}: secondary bus reset");
-            if let Err(e) = update_decode(&device, bdf, &*self.observer, |dev| dev.reset()) {
+            let forwarding = Forwarding {
+                observer: &*self.observer,
+                bridges: self.bridges_above(&device),
+            };
+            if let Err(e) = update_decode(&device, bdf, &forwarding, |dev| dev.reset()) {
                 log::error!("{bdf}: reset: {e}");
             }
         }
+    }
+}
+
+impl PciSegment {
+    /// The ports above `device` by position in the tree (root bus first); empty on the root
+    /// bus or when it is not in the tree.
+    fn bridges_above(&self, device: &SharedPciDevice) -> Vec<SharedPort> {
+        fn search(
+            nodes: &BTreeMap<u8, Node>,
+            device: &SharedPciDevice,
+            above: &mut Vec<SharedPort>,
+        ) -> bool {
+            for node in nodes.values() {
+                if Arc::ptr_eq(&node.device, device) {
+                    return true;
+                }
+                if let Some(port) = &node.port {
+                    above.push(port.clone());
+                    if search(&node.children, device, above) {
+                        return true;
+                    }
+                    above.pop();
+                }
+            }
+            false
+        }
+        let bus0 = self.bus0.read().unwrap_or_else(|e| e.into_inner());
+        let mut above = Vec::new();
+        if search(&bus0, device, &mut above) {
+            above
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// Every decoding BAR of every function below the port `port` (by position), as a change
+    /// from its range to itself with whether the bridges above forward it.
+    fn reach_below(&self, port: &SharedPciDevice) -> Vec<(SharedPciDevice, BarChange)> {
+        fn visit(
+            nodes: &BTreeMap<u8, Node>,
+            bus: u8,
+            above: &mut Vec<SharedPort>,
+            inside: bool,
+            port: &SharedPciDevice,
+            out: &mut Vec<(SharedPciDevice, BarChange)>,
+        ) {
+            for (devfn, node) in nodes {
+                let bdf = Bdf::from_devfn(bus, *devfn);
+                if inside {
+                    let ranges = decoded_ranges(&*lock(&node.device));
+                    for (bar, (info, range)) in ranges
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(i, r)| Some((i, (*r)?)))
+                    {
+                        let change = BarChange {
+                            bdf,
+                            bar: bar as u8,
+                            kind: info.kind,
+                            prefetchable: info.prefetchable,
+                            old: Some(range),
+                            new: Some(range),
+                            forwarded: forwarded(above, info.kind, range),
+                        };
+                        out.push((node.device.clone(), change));
+                    }
+                }
+                if let Some(p) = &node.port {
+                    let secondary = lock(p).bus_range().map_or(0, |r| *r.start());
+                    above.push(p.clone());
+                    let below = inside || Arc::ptr_eq(&node.device, port);
+                    visit(&node.children, secondary, above, below, port, out);
+                    above.pop();
+                }
+            }
+        }
+        let bus0 = self.bus0.read().unwrap_or_else(|e| e.into_inner());
+        let mut out = Vec::new();
+        visit(&bus0, 0, &mut Vec::new(), false, port, &mut out);
+        out
+    }
+}
+
+/// Whether a config write of `len` bytes at `offset` to a bridge can change what it forwards:
+/// its command register or its windows (I/O, memory, prefetchable with its upper halves).
+fn touches_forwarding(offset: u16, len: usize) -> bool {
+    let end = offset.saturating_add(len as u16);
+    let hits = |start: u16, stop: u16| offset < stop && start < end;
+    hits(COMMAND, COMMAND + 2) || hits(IO_BASE, PREF_LIMIT_UPPER32 + 4)
+}
+
+/// Whether every port in `bridges` forwards `range` of a BAR of `kind`.
+fn forwarded(bridges: &[SharedPort], kind: BarKind, range: BusRange) -> bool {
+    bridges.iter().all(|p| lock(p).forwards(kind, range))
+}
+
+/// The segment's observer for one function's accesses: tells the VMM's observer whether the
+/// bridges above the function forward each new range ([`BarChange::forwarded`]).
+struct Forwarding<'a> {
+    observer: &'a dyn BarObserver,
+    bridges: Vec<SharedPort>,
+}
+
+impl BarObserver for Forwarding<'_> {
+    fn bar_changed(
+        &self,
+        device: &SharedPciDevice,
+        change: &BarChange,
+    ) -> Result<(), ObserverError> {
+        let mut change = change.clone();
+        change.forwarded = change
+            .new
+            .is_none_or(|range| forwarded(&self.bridges, change.kind, range));
+        self.observer.bar_changed(device, &change)
+    }
+
+    fn forwarding_changed(&self, device: &SharedPciDevice, change: &BarChange) {
+        self.observer.forwarding_changed(device, change);
     }
 }
 

@@ -388,3 +388,88 @@ fn intx_gsi_needs_a_pin_and_a_place_on_the_segment() {
     let stranger: SharedPciDevice = stranger;
     assert_eq!(p.segment.intx_gsi(&stranger), None, "not attached");
 }
+
+/// Opens `rp`'s memory window at 0xc000_0000-0xc00f_ffff with memory space on.
+fn open_rp_window(p: &Platform) {
+    let rp = Bdf::new(0, 1, 0);
+    p.segment
+        .config_write(rp, MEMORY_BASE, &0xc000_c000u32.to_le_bytes())
+        .unwrap();
+    p.segment
+        .config_write(rp, COMMAND, &COMMAND_MEMORY.to_le_bytes())
+        .unwrap();
+}
+
+/// Places `b`'s BAR 0 (behind `rp`) at `addr` with memory decoding on.
+fn place_b(p: &Platform, addr: u32) {
+    let b = Bdf::new(1, 0, 0);
+    p.segment.config_write(b, COMMAND, &[0, 0]).unwrap();
+    p.segment
+        .config_write(b, BAR0, &addr.to_le_bytes())
+        .unwrap();
+    p.segment
+        .config_write(b, COMMAND, &COMMAND_MEMORY.to_le_bytes())
+        .unwrap();
+}
+
+#[test]
+fn a_bar_outside_its_bridges_window_decodes_but_is_not_forwarded() {
+    let p = platform();
+    open_rp_window(&p);
+
+    place_b(&p, 0xc000_0000);
+    let inside = p.observer.history().last().cloned().unwrap();
+    place_b(&p, 0xc010_0000); // right past the window's limit
+    let outside = p.observer.history().last().cloned().unwrap();
+
+    assert_eq!(inside.new, Some(BusRange::new(0xc000_0000, 0x1000)));
+    assert!(inside.forwarded);
+    assert_eq!(outside.new, Some(BusRange::new(0xc010_0000, 0x1000)));
+    assert!(!outside.forwarded, "{outside}");
+    // On the root bus nothing stands in between.
+    p.segment
+        .config_write(Bdf::new(0, 2, 0), BAR0, &0xd000_0000u32.to_le_bytes())
+        .unwrap();
+    p.segment
+        .config_write(Bdf::new(0, 2, 0), COMMAND, &COMMAND_MEMORY.to_le_bytes())
+        .unwrap();
+    assert!(p.observer.history().last().unwrap().forwarded);
+}
+
+#[test]
+fn bridge_window_and_memory_space_writes_report_what_stops_or_starts_being_forwarded() {
+    let p = platform();
+    open_rp_window(&p);
+    place_b(&p, 0xc000_0000);
+    let rp = Bdf::new(0, 1, 0);
+
+    // The window moves away from the BAR, the port's memory space goes off, then both back.
+    p.segment
+        .config_write(rp, MEMORY_BASE, &0xc010_c010u32.to_le_bytes())
+        .unwrap();
+    p.segment
+        .config_write(rp, MEMORY_BASE, &0xc000_c000u32.to_le_bytes())
+        .unwrap();
+    p.segment.config_write(rp, COMMAND, &[0, 0]).unwrap();
+    p.segment
+        .config_write(rp, COMMAND, &COMMAND_MEMORY.to_le_bytes())
+        .unwrap();
+    // A write that changes nothing it forwards reports nothing.
+    p.segment
+        .config_write(rp, MEMORY_BASE, &0xc000_c000u32.to_le_bytes())
+        .unwrap();
+
+    let reported: Vec<bool> = p
+        .observer
+        .forwarding()
+        .iter()
+        .map(|c| c.forwarded)
+        .collect();
+    assert_eq!(reported, [false, true, false, true]);
+    let at = Some(BusRange::new(0xc000_0000, 0x1000));
+    assert!(p
+        .observer
+        .forwarding()
+        .iter()
+        .all(|c| c.old == at && c.new == at));
+}

@@ -6,12 +6,16 @@
 //! the table's bookkeeping, only the PCI rules (a memory BAR decodes while the command
 //! register's memory enable is set, it has a non-zero address, no sizing write is in force in
 //! its registers and it fits its address space) and the P2P rule (an area is mapped, at the
-//! BAR's address plus its offset, exactly while its BAR decodes and the area lies inside a host
-//! window).
+//! BAR's address plus its offset, exactly while its BAR decodes, every bridge above the function
+//! forwards the BAR (memory space on, the BAR inside its memory or prefetchable window) and the
+//! area lies inside a host window).
 
 use std::collections::BTreeMap;
 
-use devices::pci::regs::{BAR0, COMMAND, COMMAND_MEMORY, ROM_ADDRESS};
+use devices::pci::regs::{
+    BAR0, COMMAND, COMMAND_MEMORY, MEMORY_BASE, PREF_BASE_UPPER32, PREF_LIMIT_UPPER32,
+    PREF_MEMORY_BASE, PRIMARY_BUS, ROM_ADDRESS,
+};
 use devices::pci::{BarKind, Bdf, PciSegment};
 use vfio_p2p::fake::{FakeMapping, FakeSource};
 use vfio_p2p::{DmaKind, P2pAreaState, P2pKey};
@@ -141,7 +145,8 @@ pub fn address_of(vm: &Vm, slot: usize, index: usize) -> Option<u64> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Shown {
     Mapped,
-    /// Placed and decoding, but outside the host windows (or, when contested, overlapped).
+    /// Placed and decoding, but outside the host windows or a bridge window above (or, when
+    /// contested, overlapped).
     Failed,
     /// Not decoding: "decode off" or "unplaced". Which of the two cannot be required: the
     /// table only hears of decoded-range changes, so a BAR placed while decoding is off, or
@@ -170,6 +175,43 @@ fn inside_windows(iova: u64, size: u64) -> bool {
         .any(|w| iova >= w.start && iova.checked_add(size - 1).is_some_and(|e| e <= w.last))
 }
 
+/// Whether every bridge above function `slot` forwards `[base, base + size)` to it, from the
+/// bridges' config space as the guest reads it: the bridges are the ports whose bus range
+/// holds the function's bus.
+fn forwarded(vm: &Vm, slot: usize, base: u64, size: u64) -> bool {
+    let Some(dev) = vm.devices[slot].as_ref() else {
+        return false;
+    };
+    let segment = vm.root.segment();
+    let inside = |start: u64, end: u64| start <= base && base + (size - 1) <= end;
+    segment
+        .devices()
+        .into_iter()
+        .filter(|(bdf, _, port)| {
+            let buses = read32(segment, *bdf, PRIMARY_BUS);
+            let (secondary, subordinate) = ((buses >> 8) as u8, (buses >> 16) as u8);
+            port.is_some()
+                && secondary > bdf.bus
+                && (secondary..=subordinate).contains(&dev.bdf.bus)
+        })
+        .all(|(bdf, _, _)| {
+            let command = read32(segment, bdf, COMMAND) as u16;
+            let window = |lo: u32, hi_base: u32, hi_limit: u32| {
+                let start = (u64::from(lo & 0xfff0) << 16) | (u64::from(hi_base) << 32);
+                let end =
+                    (u64::from(lo >> 16 & 0xfff0) << 16) | 0xf_ffff | (u64::from(hi_limit) << 32);
+                inside(start, end)
+            };
+            let mem = window(read32(segment, bdf, MEMORY_BASE), 0, 0);
+            let pref = window(
+                read32(segment, bdf, PREF_MEMORY_BASE),
+                read32(segment, bdf, PREF_BASE_UPPER32),
+                read32(segment, bdf, PREF_LIMIT_UPPER32),
+            );
+            command & COMMAND_MEMORY != 0 && (mem || pref)
+        })
+}
+
 fn over_ram(iova: u64, size: u64) -> bool {
     RAM.iter()
         .any(|&(base, len)| iova < base + len && base < iova.saturating_add(size))
@@ -185,6 +227,7 @@ fn expected(vm: &Vm, writes: &Writes, group: usize) -> Vec<Expected> {
         for bar in dev.spec.bars {
             let state = bar_state(vm, writes, slot, bar);
             let range = state.and_then(|s| s.decoded());
+            let reached = range.is_some_and(|(base, size)| forwarded(vm, slot, base, size));
             for area in dev
                 .areas
                 .iter()
@@ -192,7 +235,7 @@ fn expected(vm: &Vm, writes: &Writes, group: usize) -> Vec<Expected> {
             {
                 let at = range
                     .map(|(base, _)| base + area.offset)
-                    .filter(|&iova| inside_windows(iova, area.size));
+                    .filter(|&iova| reached && inside_windows(iova, area.size));
                 let shown = match range {
                     Some(_) if at.is_none() => Shown::Failed,
                     Some(_) => Shown::Mapped,

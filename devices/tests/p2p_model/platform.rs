@@ -366,6 +366,11 @@ impl BarObserver for P2pObserver {
         self.update_p2p(device, change);
         Ok(())
     }
+
+    /// `BarMapper::forwarding_changed`.
+    fn forwarding_changed(&self, device: &SharedPciDevice, change: &BarChange) {
+        self.update_p2p(device, change);
+    }
 }
 
 /// One P2P group: its table over its own fake IOMMU domain.

@@ -4,18 +4,12 @@
 //!   `EDU-DMA: ok bytes=N wrong=0 msi=K` (`intx=K` with `--intx`)  or  `EDU-DMA: FAIL <reason>`
 //! and exits 0 only on success. See `usage()` for the options.
 
-// A crate root resolves `mod` next to itself, so point into edu_dma/ explicitly.
-#[path = "edu_dma/edu.rs"]
-mod edu;
-#[path = "edu_dma/page.rs"]
-mod page;
-
 use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use edu::{Edu, Engine, Irq, BUF_ADDR, EDU_DEVICE, EDU_VENDOR, MAX_XFER};
-use p2pvmm_tests::guest::{self, sysfs, vfio, EventFd, Fail, Result};
-use page::{DmaPage, Pagemap};
+use p2pvmm_tests::guest::edu::{self, Engine, Irq, BUF_ADDR, EDU_DEVICE, EDU_VENDOR, MAX_XFER};
+use p2pvmm_tests::guest::page::{DmaPage, Pagemap};
+use p2pvmm_tests::guest::{self, sysfs, vfio, Fail, Result};
 
 fn usage() -> &'static str {
     "usage: edu-dma [BDF] [options]
@@ -169,13 +163,6 @@ fn run(a: &Args) -> Result<Report> {
         Some(b) => b.clone(),
         None => sysfs::find_device(EDU_VENDOR, EDU_DEVICE)?,
     };
-    let (ven, dev) = sysfs::ids(&bdf)?;
-    if (ven, dev) != (EDU_VENDOR, EDU_DEVICE) {
-        return Err(Fail::msg(
-            "check device",
-            format!("{bdf} is {ven:04x}:{dev:04x}, not an edu (1234:11e8)"),
-        ));
-    }
     let peer = match &a.peer {
         None => None,
         Some(Peer::Addr(x)) => Some(*x),
@@ -192,49 +179,15 @@ fn run(a: &Args) -> Result<Report> {
         }
     };
 
-    let param = sysfs::enable_noiommu()?;
-    println!(
-        "edu-dma: edu {bdf}, driver {:?}; no-IOMMU mode on ({})",
-        sysfs::driver(&bdf),
-        param.display()
-    );
-    sysfs::bind_vfio_pci(&bdf)?;
-    let group = sysfs::noiommu_group_node(&bdf)?;
-    let dev = vfio::Device::open_noiommu(&group, &bdf)?;
-    println!("edu-dma: {bdf} bound to vfio-pci, {group} opened, device fd ok");
-
-    let edu = Edu::new(dev.map_region(0)?)?;
-    let cmd = dev.config_read16(4)?;
-    dev.config_write16(4, cmd | 0x6)?; // memory space + bus master
-    let cmd_now = dev.config_read16(4)?;
-    if cmd_now & 0x6 != 0x6 {
-        return Err(Fail::msg(
-            "enable bus mastering",
-            format!("PCI_COMMAND 0x{cmd:x} -> 0x{cmd_now:x}"),
-        ));
-    }
-    let id = edu.sanity()?;
-    println!("edu-dma: id 0x{id:08x}, liveness ok, PCI_COMMAND 0x{cmd:x} -> 0x{cmd_now:x}");
-
-    // Clear anything left pending (e.g. by an earlier run), then hook the interrupt to an
-    // eventfd.
-    let stale = edu.intr_status()?;
-    if stale != 0 {
-        edu.ack(stale)?;
-    }
+    let edu::Opened {
+        dev,
+        edu,
+        cmd: cmd_now,
+    } = edu::open(&bdf, "edu-dma")?;
     let unmask = || dev.unmask_intx();
     let irq = match a.irq.vfio() {
         Some((index, name)) => {
-            let n = dev.irq_count(index)?;
-            if n == 0 {
-                return Err(Fail::msg(
-                    name,
-                    format!("device reports no {name} (VFIO_DEVICE_GET_IRQ_INFO count 0)"),
-                ));
-            }
-            let event = EventFd::new()?;
-            dev.set_irq_eventfd(index, event.raw())?;
-            let spurious = event.take()?;
+            let (event, n, spurious) = edu::irq_eventfd(&dev, index, name)?;
             println!(
                 "edu-dma: {name} enabled ({n} vector(s), {}) -> eventfd {}; {spurious} pending before the test",
                 sysfs::irq_line(&bdf),
@@ -271,6 +224,7 @@ fn run(a: &Args) -> Result<Report> {
         timeout_ms: a.timeout_ms,
         irqs: 0,
         transfers: 0,
+        log: true,
     };
     let pages = Pages { src, dst, zero };
     let result = rounds(a, &mut eng, &pages, peer, seed);

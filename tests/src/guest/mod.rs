@@ -1,12 +1,15 @@
 //! Pieces shared by the static test programs that run inside lab guests (`edu-dma`,
-//! `msix-probe`): drive a PCI function from userspace through VFIO in no-IOMMU mode. Linux only,
+//! `msix-probe`, `bar-walk`): drive a PCI function from userspace through VFIO in no-IOMMU mode. Linux only,
 //! no dependencies beyond libc, so the programs link statically.
 //!
 //! - [`sysfs`]: find a function, turn on no-IOMMU mode, bind vfio-pci, map a sysfs resource.
+//! - [`edu`]: QEMU's edu DMA engine; [`page`]: DMA pages with their physical addresses.
 //! - [`vfio`]: the legacy container, the device fd, regions, interrupts through eventfds.
 //! - [`Fail`] / [`Result`]: a failed step with its reason, printed on the program's result line.
 //! - [`EventFd`]: the eventfd VFIO signals on each interrupt.
 
+pub mod edu;
+pub mod page;
 pub mod sysfs;
 pub mod vfio;
 

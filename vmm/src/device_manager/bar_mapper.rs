@@ -286,4 +286,8 @@ impl BarObserver for BarMapper {
         self.update_p2p(device, change);
         Ok(())
     }
+
+    fn forwarding_changed(&self, device: &SharedPciDevice, change: &BarChange) {
+        self.update_p2p(device, change);
+    }
 }

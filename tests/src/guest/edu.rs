@@ -1,11 +1,12 @@
 //! QEMU's `edu` device (hw/misc/edu.c) through its BAR0 mapping: identification, liveness, and
-//! the DMA engine with its completion interrupt (MSI or INTx) counted on an eventfd.
+//! the DMA engine with its completion interrupt (MSI or INTx) counted on an eventfd; [`open`]
+//! takes one over through VFIO in no-IOMMU mode (`edu-dma`, `bar-walk`).
 
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use p2pvmm_tests::guest::vfio::Mapping;
-use p2pvmm_tests::guest::{EventFd, Fail, Result};
+use super::vfio::{self, Mapping};
+use super::{sysfs, EventFd, Fail, Result};
 
 const REG_ID: usize = 0x00;
 const REG_LIVENESS: usize = 0x04;
@@ -30,6 +31,77 @@ pub const DMA_IRQ: u32 = 0x100;
 pub const BUF_ADDR: u64 = 0x40000;
 /// QEMU 7.2 aborts on a 4096-byte transfer (off-by-one range check).
 pub const MAX_XFER: usize = 4095;
+
+/// An edu bound to vfio-pci in no-IOMMU mode, sane, with memory decoding and bus mastering on
+/// and no interrupt pending.
+pub struct Opened {
+    pub dev: vfio::Device,
+    pub edu: Edu,
+    /// PCI_COMMAND as it reads after enabling (memory space + bus master).
+    pub cmd: u16,
+}
+
+/// Takes over edu `bdf`: checks its IDs, turns on no-IOMMU mode, binds vfio-pci, maps BAR0,
+/// enables memory decoding and bus mastering, checks identification and liveness and clears a
+/// stale interrupt. Progress lines start with `tag` (`edu-dma`).
+pub fn open(bdf: &str, tag: &str) -> Result<Opened> {
+    let (ven, dev) = sysfs::ids(bdf)?;
+    if (ven, dev) != (EDU_VENDOR, EDU_DEVICE) {
+        return Err(Fail::msg(
+            "check device",
+            format!("{bdf} is {ven:04x}:{dev:04x}, not an edu (1234:11e8)"),
+        ));
+    }
+    let param = sysfs::enable_noiommu()?;
+    println!(
+        "{tag}: edu {bdf}, driver {:?}; no-IOMMU mode on ({})",
+        sysfs::driver(bdf),
+        param.display()
+    );
+    sysfs::bind_vfio_pci(bdf)?;
+    let group = sysfs::noiommu_group_node(bdf)?;
+    let dev = vfio::Device::open_noiommu(&group, bdf)?;
+    println!("{tag}: {bdf} bound to vfio-pci, {group} opened, device fd ok");
+
+    let edu = Edu::new(dev.map_region(0)?)?;
+    let cmd = dev.config_read16(4)?;
+    dev.config_write16(4, cmd | 0x6)?; // memory space + bus master
+    let cmd_now = dev.config_read16(4)?;
+    if cmd_now & 0x6 != 0x6 {
+        return Err(Fail::msg(
+            "enable bus mastering",
+            format!("PCI_COMMAND 0x{cmd:x} -> 0x{cmd_now:x}"),
+        ));
+    }
+    let id = edu.sanity()?;
+    println!("{tag}: id 0x{id:08x}, liveness ok, PCI_COMMAND 0x{cmd:x} -> 0x{cmd_now:x}");
+    // Clear anything left pending (e.g. by an earlier run).
+    let stale = edu.intr_status()?;
+    if stale != 0 {
+        edu.ack(stale)?;
+    }
+    Ok(Opened {
+        dev,
+        edu,
+        cmd: cmd_now,
+    })
+}
+
+/// Hooks VFIO interrupt `index` (`name`: "MSI", "INTx") of `dev` to a new eventfd. Returns it,
+/// the number of vectors and how many interrupts were pending before any transfer.
+pub fn irq_eventfd(dev: &vfio::Device, index: u32, name: &str) -> Result<(EventFd, u32, u64)> {
+    let n = dev.irq_count(index)?;
+    if n == 0 {
+        return Err(Fail::msg(
+            name,
+            format!("device reports no {name} (VFIO_DEVICE_GET_IRQ_INFO count 0)"),
+        ));
+    }
+    let event = EventFd::new()?;
+    dev.set_irq_eventfd(index, event.raw())?;
+    let spurious = event.take()?;
+    Ok((event, n, spurious))
+}
 
 fn reg_fail(off: usize) -> Fail {
     Fail::msg(
@@ -149,6 +221,8 @@ pub struct Engine<'a> {
     /// Interrupts counted so far.
     pub irqs: u64,
     pub transfers: u64,
+    /// Print a line per transfer.
+    pub log: bool,
 }
 
 impl Engine<'_> {
@@ -228,6 +302,9 @@ impl Engine<'_> {
         }
         self.transfers += 1;
         let name = self.irq.as_ref().map_or("irq", |irq| irq.name);
+        if !self.log {
+            return Ok(());
+        }
         println!("edu-dma: {what}: {len} bytes 0x{src:x} -> 0x{dst:x}, {ms:.1} ms, {name} +{got}, intr_status 0x{st:x} acked");
         Ok(())
     }
