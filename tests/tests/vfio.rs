@@ -17,6 +17,14 @@ const BIND: &str = r#"
 EDU=$(bind_vfio 1234 11e8)
 SHM=$(bind_vfio 1af4 1110)
 echo "L1: edu=$EDU ivshmem=$SHM"
+# huge-pool.sh N CMD...: sizes L1's 2M huge page pool to N pages, then runs CMD.
+cat > /tmp/huge-pool.sh <<'EOF'
+pool=/sys/kernel/mm/hugepages/hugepages-2048kB
+echo "$1" > $pool/nr_hugepages
+echo "L1-HUGE pool=$(cat $pool/nr_hugepages) free=$(cat $pool/free_hugepages)"
+shift
+exec "$@"
+EOF
 "#;
 
 /// L2: lists its PCI functions with their sysfs paths, then drives edu (with INTx if the
@@ -37,6 +45,13 @@ fn run_lab() -> Result<Console, String> {
             "p2pvmm {L2} --cmdline '{L2_CMDLINE}' \
              --device path=$EDU,id=edu,backend={backend},{edu} \
              --device path=$SHM,id=shm,backend={backend},{shm}"
+        )
+    };
+    let huge = |pages: u32, backend: &str| {
+        format!(
+            "sh /tmp/huge-pool.sh {pages} p2pvmm -v --kernel /l2/bzImage --initramfs /l2/initramfs.cpio.gz --cpus 1 \
+             --memory size=512M,hugepages=on,hugepage_size=2M --cmdline '{L2_CMDLINE}' \
+             --device path=$EDU,id=edu,backend={backend}"
         )
     };
     L1Run::new("vfio")
@@ -64,6 +79,11 @@ fn run_lab() -> Result<Console, String> {
                  --device path=$EDU,id=edu,backend=iommufd,switch=sw0"
             ),
         )
+        // Guest RAM in 2M huge pages (a hugetlb memfd) on each backend: edu's DMA into L2's RAM
+        // goes through the IOMMU mapping of those pages. Then a pool too small for the VM.
+        .scenario("hugepages-iommufd", 300, &huge(300, "iommufd"))
+        .scenario("hugepages-legacy", 300, &huge(300, "legacy"))
+        .scenario("hugepages-too-few", 60, &huge(16, "iommufd"))
         .scenario(
             "no-such-device",
             60,
@@ -79,7 +99,18 @@ fn run_lab() -> Result<Console, String> {
 
 fn lab() -> &'static Result<Console, String> {
     static LAB: OnceLock<Result<Console, String>> = OnceLock::new();
-    LAB.get_or_init(|| run_retrying_lab_failure(&["iommufd", "legacy", "intx"], run_lab))
+    LAB.get_or_init(|| {
+        run_retrying_lab_failure(
+            &[
+                "iommufd",
+                "legacy",
+                "intx",
+                "hugepages-iommufd",
+                "hugepages-legacy",
+            ],
+            run_lab,
+        )
+    })
 }
 
 fn scenario(name: &str) -> (Scenario, &'static Console) {
@@ -236,5 +267,39 @@ fn sysfs_path_depth_counts_bridges() {
             "/sys/devices/pci0000:00/0000:00:02.0/0000:01:00.0/0000:02:00.0/0000:03:00.0"
         ),
         3
+    );
+}
+
+/// Guest RAM in huge pages: p2pvmm says so, and edu's DMA through the IOMMU mapping of the
+/// hugetlb memfd (by file on iommufd, pinned by address on type1) round-trips byte-exact.
+fn assert_huge_page_ram(name: &str) {
+    let (s, console) = scenario(name);
+    assert!(
+        s.output
+            .contains("guest RAM: 0x20000000 bytes in 256 2M huge pages"),
+        "{name}: p2pvmm did not back RAM with huge pages; console:\n{console}"
+    );
+    assert_edu_dma(name, "msi");
+}
+
+#[test]
+fn iommufd_edu_dma_into_huge_page_ram() {
+    assert_huge_page_ram("hugepages-iommufd");
+}
+
+#[test]
+fn legacy_edu_dma_into_huge_page_ram() {
+    assert_huge_page_ram("hugepages-legacy");
+}
+
+#[test]
+fn too_few_huge_pages_fail_the_start_naming_the_pool() {
+    let (s, console) = scenario("hugepages-too-few");
+    s.assert_exit(console, 1);
+    assert!(
+        s.output
+            .contains("needs 256 free 2M huge pages, the host has 16")
+            && s.output.contains("hugepages-2048kB/nr_hugepages"),
+        "hugepages-too-few: no error naming the pool; console:\n{console}"
     );
 }
