@@ -9,7 +9,9 @@
 //! report carries every BAR of the function that the table still thinks placed but that no
 //! longer decodes, and the table reconciles once for all of them.
 
-use vfio_p2p::BarPlacement;
+use std::collections::BTreeSet;
+
+use vfio_p2p::{BarKey, BarPlacement, DeviceKey, P2pError, P2pTable};
 
 use super::bar::{decoded_ranges, BarChange, BarKind, ROM_BAR};
 use super::regs::COMMAND_MEMORY;
@@ -63,4 +65,30 @@ pub fn p2p_placements(
         }
     }
     placements
+}
+
+/// Gives `table` what `change` of `device` (member `key` of the table's group) means for it, as
+/// one batch ([`P2pTable::bars_moved`]). Returns whether there was anything to tell.
+pub fn tell_table(
+    device: &dyn PciDevice,
+    change: &BarChange,
+    key: DeviceKey,
+    table: &P2pTable,
+) -> Result<bool, P2pError> {
+    let regions: BTreeSet<u32> = table.keys_of(key).iter().map(|k| k.bar.region).collect();
+    let bar = |region| BarKey {
+        device: key,
+        region,
+    };
+    let placements = p2p_placements(
+        device,
+        change,
+        |r| regions.contains(&r),
+        |r| matches!(table.placement(bar(r)), Some(BarPlacement::Placed(_))),
+    );
+    if placements.is_empty() {
+        return Ok(false);
+    }
+    let moves: Vec<_> = placements.into_iter().map(|(r, p)| (bar(r), p)).collect();
+    table.bars_moved(&moves).map(|()| true)
 }

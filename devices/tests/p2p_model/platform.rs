@@ -13,7 +13,7 @@ use std::os::unix::fs::MetadataExt;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use devices::pci::fake::FakeEndpoint;
-use devices::pci::p2p_placement::p2p_placements;
+use devices::pci::p2p_placement::tell_table;
 use devices::pci::regs::{COMMAND, COMMAND_MEMORY};
 use devices::pci::{
     BarChange, BarDef, BarInfo, BarKind, BarObserver, Bdf, ObserverError, PciDevice, PciLayout,
@@ -22,8 +22,8 @@ use devices::pci::{
 use devices::BusRange;
 use vfio_p2p::fake::FakeIommu;
 use vfio_p2p::{
-    BackendKind, Backing, BarBacking, BarKey, BarPlacement, DeviceKey, DmaKind, DmaMapRequest,
-    IommuBackend, IovaRange, P2pKey, P2pTable,
+    BackendKind, Backing, BarBacking, BarKey, DeviceKey, DmaKind, DmaMapRequest, IommuBackend,
+    IovaRange, P2pKey, P2pTable,
 };
 
 pub const MIB: u64 = 1 << 20;
@@ -325,22 +325,7 @@ impl P2pObserver {
         let Some((key, p2p)) = self.p2p_of(device) else {
             return;
         };
-        let regions: BTreeSet<u32> = p2p.keys_of(key).iter().map(|k| k.bar.region).collect();
-        let bar = |region| BarKey {
-            device: key,
-            region,
-        };
-        let placements = p2p_placements(
-            &*lock(device),
-            change,
-            |r| regions.contains(&r),
-            |r| matches!(p2p.placement(bar(r)), Some(BarPlacement::Placed(_))),
-        );
-        if placements.is_empty() {
-            return;
-        }
-        let moves: Vec<_> = placements.into_iter().map(|(r, p)| (bar(r), p)).collect();
-        if let Err(e) = p2p.bars_moved(&moves) {
+        if let Err(e) = tell_table(&*lock(device), change, key, &p2p) {
             panic!("{change}: bars_moved: {e}");
         }
     }

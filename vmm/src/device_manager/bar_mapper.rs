@@ -9,14 +9,14 @@
 //! 4 KiB it reads, and a KVM slot per toggle cost more than the traps (lab, 64 KiB through sysfs:
 //! 15-25 s with slots, 7-9.5 s trapped). Each change is all-or-nothing.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use devices::pci::p2p_placement::p2p_placements;
+use devices::pci::p2p_placement::tell_table;
 use devices::pci::regs::COMMAND_MEMORY;
 use devices::pci::{BarChange, BarKind, BarObserver, BarRegion, ObserverError, SharedPciDevice};
 use devices::{Bus, BusRange};
-use vfio_p2p::{BarKey, BarPlacement, DeviceKey, P2pTable, RegionMapping};
+use vfio_p2p::{DeviceKey, P2pTable, RegionMapping};
 
 use super::p2p_report::P2pReporter;
 use crate::slots::{MemorySlots, Slot};
@@ -208,28 +208,14 @@ impl BarMapper {
         let Some((key, p2p)) = self.p2p_of(device) else {
             return;
         };
-        let regions: BTreeSet<u32> = p2p.keys_of(key).iter().map(|k| k.bar.region).collect();
-        let bar = |region| BarKey {
-            device: key,
-            region,
-        };
-        let placements = {
-            let dev = device.lock().unwrap_or_else(|e| e.into_inner());
-            p2p_placements(
-                &*dev,
-                change,
-                |r| regions.contains(&r),
-                |r| matches!(p2p.placement(bar(r)), Some(BarPlacement::Placed(_))),
-            )
-        };
-        if placements.is_empty() {
-            return;
-        }
-        let moves: Vec<_> = placements.into_iter().map(|(r, p)| (bar(r), p)).collect();
+        let dev = device.lock().unwrap_or_else(|e| e.into_inner());
         // Peer access is best effort: a BAR the IOMMU cannot map still works for the CPU.
-        if let Err(e) = p2p.bars_moved(&moves) {
-            log::warn!("{change}: peer-to-peer mapping unavailable: {e}");
+        match tell_table(&*dev, change, key, &p2p) {
+            Ok(false) => return,
+            Ok(true) => {}
+            Err(e) => log::warn!("{change}: peer-to-peer mapping unavailable: {e}"),
         }
+        drop(dev);
         self.reporter.changed();
     }
 }
