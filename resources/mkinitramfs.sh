@@ -14,7 +14,7 @@
 #
 # Guest behaviour (/init is a busybox sh script; all output goes to /dev/console):
 #   l2: mounts proc, sysfs, devtmpfs; runs /lab/l2.sh if present; prints exactly one line
-#         P2PVMM-L2: cpus=<online CPUs> memtotal_kb=<MemTotal>
+#         P2PVMM-L2: cpus=<online CPUs> memtotal_kb=<MemTotal> uptime_s=<L2's uptime then>
 #       then "reboot -f" if the kernel command line contains p2pvmm.l2=reboot, else "poweroff -f".
 #   l1: mounts proc, sysfs, devtmpfs, tmpfs on /tmp (and /dev/shm, /run); prints "P2PVMM-L1: up",
 #       runs "sh /lab/run.sh" if present, prints "P2PVMM-L1: done rc=<its exit code>" (rc=0 when
@@ -162,7 +162,7 @@ cpus=\$(awk -F, '{ n = 0; for (i = 1; i <= NF; i++) { split(\$i, r, "-"); n += (
     /sys/devices/system/cpu/online 2>/dev/null)
 [ -n "\$cpus" ] || cpus=\$(grep -c ^processor /proc/cpuinfo)
 mem=\$(awk '/^MemTotal:/ { print \$2 }' /proc/meminfo)
-echo "P2PVMM-L2: cpus=\$cpus memtotal_kb=\$mem"
+echo "P2PVMM-L2: cpus=\$cpus memtotal_kb=\$mem uptime_s=\$(cut -d' ' -f1 /proc/uptime)"
 if grep -q 'p2pvmm\.l2=reboot' /proc/cmdline; then
     reboot -f
 else

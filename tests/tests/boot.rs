@@ -44,7 +44,17 @@ fn boot_lab() -> Result<Console, String> {
         .scenario(
             "one-cpu",
             240,
-            &format!("p2pvmm {L2} --cpus 1 --memory 512M --cmdline '{L2_CMDLINE}'"),
+            &format!("p2pvmm -v {L2} --cpus 1 --memory 512M --cmdline '{L2_CMDLINE}'"),
+        )
+        // The bzImage entered as it is, decompressing itself (every other scenario boots the
+        // kernel p2pvmm decompressed).
+        .scenario(
+            "guest-decompress",
+            240,
+            &format!(
+                "p2pvmm -v {L2} --kernel-decompress guest --cpus 1 --memory 512M \
+                 --cmdline '{L2_CMDLINE}'"
+            ),
         )
         .scenario(
             "two-cpus",
@@ -95,7 +105,10 @@ fn boot_lab() -> Result<Console, String> {
 fn lab() -> &'static Result<Console, String> {
     static LAB: OnceLock<Result<Console, String>> = OnceLock::new();
     LAB.get_or_init(|| {
-        run_retrying_lab_failure(&["one-cpu", "two-cpus", "above-4g", "elf"], boot_lab)
+        run_retrying_lab_failure(
+            &["one-cpu", "guest-decompress", "two-cpus", "above-4g", "elf"],
+            boot_lab,
+        )
     })
 }
 
@@ -133,6 +146,41 @@ fn assert_boots(name: &str, cpus: u32, memory: u64) {
 #[test]
 fn l2_boots_with_one_vcpu() {
     assert_boots("one-cpu", 1, 512 * MIB);
+}
+
+#[test]
+fn the_bzimage_kernel_is_decompressed_by_p2pvmm_and_the_start_is_timed() {
+    let (s, console) = scenario("one-cpu");
+    assert!(
+        s.output.contains("xz payload of") && s.output.contains("KiB decompressed to"),
+        "one-cpu: no host decompression logged; console:\n{}",
+        console
+    );
+    for phase in [
+        "config", "kvm", "memory", "kernel", "devices", "acpi", "vcpus",
+    ] {
+        assert!(
+            s.output.contains(&format!("start phase {phase}: ")),
+            "one-cpu: start phase {phase} not logged; console:\n{}",
+            console
+        );
+    }
+    assert!(
+        s.output.contains("start phase first vCPU entry: "),
+        "one-cpu: first vCPU entry not logged; console:\n{}",
+        console
+    );
+}
+
+#[test]
+fn l2_boots_from_a_bzimage_that_decompresses_itself() {
+    assert_boots("guest-decompress", 1, 512 * MIB);
+    let (s, console) = scenario("guest-decompress");
+    assert!(
+        !s.output.contains("KiB decompressed to"),
+        "guest-decompress: p2pvmm decompressed the kernel anyway; console:\n{}",
+        console
+    );
 }
 
 #[test]

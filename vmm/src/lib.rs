@@ -20,6 +20,7 @@ pub mod panics;
 pub mod seccomp;
 pub mod signals;
 mod slots;
+pub mod start_phases;
 mod vcpu;
 mod vm;
 

@@ -21,6 +21,7 @@ const EXIT_GUEST_REBOOT: u8 = 3;
 const EXIT_GUEST_CRASH: u8 = 4;
 
 fn main() -> ExitCode {
+    vmm::start_phases::mark_process_start();
     panics::install_hook();
     // Before any thread exists, so every thread inherits the mask (see `signals`).
     if let Err(e) = signals::block() {

@@ -140,6 +140,9 @@ impl Vcpu {
     fn run_once(&mut self) -> Option<GuestExit> {
         let index = self.index;
         let shared = &self.shared;
+        if index == 0 {
+            crate::start_phases::first_guest_entry();
+        }
         match self.fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
                 shared.pio.read(u64::from(port), data);

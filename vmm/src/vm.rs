@@ -14,7 +14,7 @@ use kvm_ioctls::{Kvm, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::{acpi, boot, cpuid, regs};
-use crate::config::{SerialConfig, VmConfig};
+use crate::config::{KernelDecompress, SerialConfig, VmConfig};
 use crate::console::ConsoleInput;
 use crate::console_output::LineOutput;
 use crate::control::{ApiService, ApiStop};
@@ -25,6 +25,7 @@ use crate::layout::{MemoryLayout, KVM_IDENTITY_MAP_START, KVM_TSS_START};
 use crate::memory::GuestRam;
 use crate::signals::StopSignals;
 use crate::slots::MemorySlots;
+use crate::start_phases::StartPhases;
 use crate::vcpu::{self, PauseGate, Vcpu, VcpuShared};
 
 const SERIAL_PORT: u64 = 0x3f8;
@@ -124,6 +125,9 @@ pub struct Vm {
 impl Vm {
     /// Builds the whole machine from a validated config. Nothing runs until [`Vm::run`].
     pub fn new(config: &VmConfig) -> Result<Self, VmError> {
+        let mut phases = StartPhases::begin();
+        // Reading (and decompressing) the kernel needs no VM: it runs beside the VM's setup.
+        let kernel = KernelReader::start(config);
         let kvm = Kvm::new().map_err(VmError::Kvm)?;
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -152,6 +156,7 @@ impl Vm {
             ..Default::default()
         };
         vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+        phases.end("kvm");
 
         let ram = GuestRam::new(&layout, ram_backing(config))?;
         let first_device_slot = ram.register(&vm)?;
@@ -160,6 +165,7 @@ impl Vm {
             first_device_slot,
             kvm.get_nr_memslots() as u32,
         ));
+        phases.end("memory");
 
         let exit = Arc::new(ExitSignal::new().map_err(io_err("creating the exit eventfd"))?);
         let pio = Arc::new(Bus::new());
@@ -183,13 +189,15 @@ impl Vm {
             Arc::new(Mutex::new(AcpiPm::new(exit.clone()))),
         )?;
 
+        let kernel = kernel.finish()?;
         let kernel = boot::load(
             &ram.memory,
             &layout,
-            &config.kernel,
+            &kernel,
             config.initramfs.as_deref(),
             &config.cmdline,
         )?;
+        phases.end("kernel");
         let devices = DeviceManager::new(
             config,
             Platform {
@@ -202,9 +210,16 @@ impl Vm {
                 interrupts: Arc::new(KvmInterrupts::new(vm.clone())),
             },
         )?;
-        acpi::write_tables(&ram.memory, config.cpus, &devices.dsdt_aml())?;
+        phases.end("devices");
+        acpi::write_tables(
+            &ram.memory,
+            config.cpus,
+            &devices.dsdt_aml(),
+            devices.last_bus(),
+        )?;
         regs::write_boot_tables(&ram.memory)
             .map_err(|source| VmError::VcpuRegs { index: 0, source })?;
+        phases.end("acpi");
 
         let shared = Arc::new(VcpuShared {
             pio,
@@ -237,6 +252,7 @@ impl Vm {
             setup().map_err(|source| VmError::VcpuRegs { index, source })?;
             vcpus.push(Vcpu::new(fd, index, shared.clone()));
         }
+        phases.end("vcpus");
 
         Ok(Self {
             config: config.clone(),
@@ -372,4 +388,42 @@ fn serial_device(vm: &VmFd, config: &SerialConfig) -> Result<Serial, VmError> {
     }
     .map_err(io_err("starting the console output thread"))?;
     Ok(Serial::new(irq, Box::new(lines)))
+}
+
+/// The kernel being read and decompressed on a thread of its own while the VM is set up.
+enum KernelReader {
+    Thread(std::thread::JoinHandle<Result<boot::KernelImage, boot::BootError>>),
+    /// The thread could not be spawned: read on this thread instead, when needed.
+    Inline(PathBuf, KernelDecompress),
+}
+
+impl KernelReader {
+    fn start(config: &VmConfig) -> Self {
+        let (path, how) = (config.kernel.clone(), config.kernel_decompress);
+        let read = {
+            let path = path.clone();
+            move || boot::read_kernel(&path, how)
+        };
+        // The thread inherits the VMM thread's seccomp filter.
+        match std::thread::Builder::new()
+            .name("kernel-read".into())
+            .spawn(read)
+        {
+            Ok(handle) => Self::Thread(handle),
+            Err(e) => {
+                log::debug!("no thread to read the kernel on ({e}); reading it later");
+                Self::Inline(path, how)
+            }
+        }
+    }
+
+    fn finish(self) -> Result<boot::KernelImage, boot::BootError> {
+        match self {
+            // A panic there aborts the process (panic = "abort"), so join only fails in tests.
+            Self::Thread(handle) => handle
+                .join()
+                .unwrap_or(Err(boot::BootError::ReadThreadPanicked)),
+            Self::Inline(path, how) => boot::read_kernel(&path, how),
+        }
+    }
 }

@@ -40,7 +40,7 @@ impl PciRoot {
     /// bridge, the ECAM reservation, and the hotplug objects of `acpi_hotplug.rs` (the port
     /// hierarchy with its slots, the hotplug controller, the GED and the power button).
     pub fn dsdt_aml(&self) -> Vec<u8> {
-        let mut aml = dsdt_aml(self.layout());
+        let mut aml = dsdt_aml(self.layout(), self.last_bus());
         aml.extend(acpi_hotplug::dsdt_aml(self.acpi_ports()));
         aml
     }
@@ -48,8 +48,8 @@ impl PciRoot {
 
 /// `\_SB.PCI0` and the `\_SB.ECAM` reservation for `layout`, which [`PciLayout`]'s validation
 /// has checked (windows below 4 GiB and 64 KiB where the descriptors are 32 and 16 bits).
-fn dsdt_aml(layout: &PciLayout) -> Vec<u8> {
-    let bus_numbers = AddressSpace::<u16>::new_bus_number(0, layout.end_bus().into());
+fn dsdt_aml(layout: &PciLayout, last_bus: u8) -> Vec<u8> {
+    let bus_numbers = AddressSpace::<u16>::new_bus_number(0, last_bus.into());
     let config_ports = IO::new(0xcf8, 0xcf8, 1, 8);
     let io_window = layout.io.map(|io| {
         // PciLayout::validate keeps the I/O window below 64 KiB.
@@ -96,7 +96,8 @@ fn dsdt_aml(layout: &PciLayout) -> Vec<u8> {
     let ecam_hid = EISAName::new("PNP0C02");
     let ecam_uid: &str = "PCI0 ECAM";
     // MCFG and PciLayout::validate keep ECAM below 4 GiB.
-    let ecam_range = Memory32Fixed::new(false, layout.ecam.base as u32, layout.ecam.len as u32);
+    let ecam_len = (u32::from(last_bus) + 1) << 20;
+    let ecam_range = Memory32Fixed::new(false, layout.ecam.base as u32, ecam_len);
     let ecam_crs = ResourceTemplate::new(vec![&ecam_range]);
     let ecam_hid_name = Name::new("_HID".into(), &ecam_hid);
     let ecam_uid_name = Name::new("_UID".into(), &ecam_uid);

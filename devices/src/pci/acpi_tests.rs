@@ -50,7 +50,7 @@ fn devices(aml: &[u8]) -> Vec<(&[u8], &[u8])> {
 
 #[test]
 fn pci0_and_the_ecam_reservation_are_well_formed_devices() {
-    let aml = dsdt_aml(&layout());
+    let aml = dsdt_aml(&layout(), 255);
     let found = devices(&aml);
     assert_eq!(found.len(), 2);
     assert_eq!(found[0].0, b"\\\x2e_SB_PCI0");
@@ -59,7 +59,7 @@ fn pci0_and_the_ecam_reservation_are_well_formed_devices() {
 
 #[test]
 fn pci0_names_the_objects_linux_looks_for() {
-    let aml = dsdt_aml(&layout());
+    let aml = dsdt_aml(&layout(), 255);
     let pci0 = devices(&aml)[0].1;
     for name in ["_HID", "_CID", "_SEG", "_BBN", "_UID", "_CRS", "_OSC"] {
         assert!(contains(pci0, name.as_bytes()), "{name} missing");
@@ -73,7 +73,7 @@ fn pci0_names_the_objects_linux_looks_for() {
 
 #[test]
 fn crs_lists_buses_config_ports_and_windows() {
-    let aml = dsdt_aml(&layout());
+    let aml = dsdt_aml(&layout(), 255);
     let pci0 = devices(&aml)[0].1;
     let bus_numbers = [
         0x88, 0x0d, 0, 2, 0x0c, 0, 0, 0, 0, 0, 0xff, 0, 0, 0, 0x00, 0x01,
@@ -101,29 +101,35 @@ fn crs_lists_buses_config_ports_and_windows() {
 
 #[test]
 fn crs_omits_the_io_window_when_there_is_none() {
-    let aml = dsdt_aml(&PciLayout {
-        io: None,
-        ..layout()
-    });
+    let aml = dsdt_aml(
+        &PciLayout {
+            io: None,
+            ..layout()
+        },
+        255,
+    );
     let pci0 = devices(&aml)[0].1;
     assert!(!contains(pci0, &[0x88, 0x0d, 0, 1]));
 }
 
 #[test]
-fn bus_numbers_follow_the_ecam_size() {
-    let aml = dsdt_aml(&PciLayout {
-        ecam: BusRange::new(0xe000_0000, 16 * MIB),
-        ..layout()
-    });
+fn buses_and_the_ecam_reservation_end_at_the_last_bus_in_use() {
+    let aml = dsdt_aml(&layout(), 15);
     let max_15 = [
         0x88, 0x0d, 0, 2, 0x0c, 0, 0, 0, 0, 0, 0x0f, 0, 0, 0, 0x10, 0,
     ];
-    assert!(contains(&aml, &max_15));
+    assert!(contains(&aml, &max_15), "WordBusNumber 0..=15");
+    let ecam = devices(&aml)[1].1;
+    // Memory32Fixed: base 0xe0000000, 16 MiB (buses 0..=15).
+    let mut fixed = vec![0x86, 0x09, 0x00, 0x00];
+    fixed.extend_from_slice(&0xe000_0000u32.to_le_bytes());
+    fixed.extend_from_slice(&(16u32 << 20).to_le_bytes());
+    assert!(contains(ecam, &fixed), "ECAM reservation of 16 MiB");
 }
 
 #[test]
 fn osc_is_a_serialized_four_argument_method_checking_the_pci_uuid() {
-    let aml = dsdt_aml(&layout());
+    let aml = dsdt_aml(&layout(), 255);
     let pci0 = devices(&aml)[0].1;
     let osc = pci0
         .windows(4)
@@ -145,7 +151,7 @@ fn osc_is_a_serialized_four_argument_method_checking_the_pci_uuid() {
 
 #[test]
 fn osc_never_grants_native_pcie_hotplug() {
-    let aml = dsdt_aml(&layout());
+    let aml = dsdt_aml(&layout(), 255);
     let pci0 = devices(&aml)[0].1;
     // CreateDWordField(Arg3, 8, CDW3), then And(CDW3, 0xFFFFFFFE, CDW3) and
     // Or(CDW1, 0x10, CDW1) (capabilities masked) when bit 0 was requested.
@@ -157,7 +163,7 @@ fn osc_never_grants_native_pcie_hotplug() {
 
 #[test]
 fn ecam_is_reserved_as_a_motherboard_resource() {
-    let aml = dsdt_aml(&layout());
+    let aml = dsdt_aml(&layout(), 255);
     let ecam = devices(&aml)[1].1;
     assert!(
         contains(ecam, &[0x0c, 0x41, 0xd0, 0x0c, 0x02]),
@@ -225,7 +231,7 @@ fn prt_entries(pci0: &[u8]) -> Vec<(u32, u32, u32, u32)> {
 
 #[test]
 fn prt_routes_every_root_bus_slot_and_pin_to_gsis_16_to_23() {
-    let aml = dsdt_aml(&layout());
+    let aml = dsdt_aml(&layout(), 255);
     let entries = prt_entries(devices(&aml)[0].1);
     assert_eq!(entries.len(), 32 * 4);
     for (i, (address, pin, source, gsi)) in entries.into_iter().enumerate() {
@@ -239,7 +245,7 @@ fn prt_routes_every_root_bus_slot_and_pin_to_gsis_16_to_23() {
 
 #[test]
 fn prt_agrees_with_the_routing_the_vmm_wires() {
-    let aml = dsdt_aml(&layout());
+    let aml = dsdt_aml(&layout(), 255);
     let entries = prt_entries(devices(&aml)[0].1);
     let slot_3_intb = entries
         .iter()

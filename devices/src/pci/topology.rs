@@ -378,6 +378,7 @@ impl TopologyBuilder {
             ports: placed.ports,
             slots: placed.slots,
             acpi_ports: describe(&tree),
+            last_bus: u8::try_from(last_bus).unwrap_or(u8::MAX),
         })
     }
 
@@ -554,6 +555,8 @@ pub struct PciRoot {
     slots: Vec<HotplugSlotInfo>,
     /// The port tree the DSDT mirrors.
     acpi_ports: Vec<AcpiPort>,
+    /// The highest bus number the tree uses, hotplug reserves included.
+    last_bus: u8,
 }
 
 impl PciRoot {
@@ -563,6 +566,13 @@ impl PciRoot {
 
     pub fn layout(&self) -> &PciLayout {
         &self.layout
+    }
+
+    /// The highest bus number any bridge forwards, hotplug reserves included. Firmware
+    /// (`_CRS`, MCFG) announces buses 0..=this only: Linux maps 1 MiB of ECAM per announced
+    /// bus, and under nested virtualisation mapping all 256 took over a second of boot.
+    pub fn last_bus(&self) -> u8 {
+        self.last_bus
     }
 
     /// Where the device added as `id` ended up.

@@ -269,6 +269,19 @@ fn hotplug_reserve_is_configurable_including_buses() {
     assert_eq!(rp.mem_window().unwrap().len, MIB);
     assert_eq!(rp.pref_window().unwrap().len, GIB);
     assert_eq!(lock(root.port("hp0").unwrap()).bus_range(), Some(5..=8));
+    assert_eq!(
+        root.last_bus(),
+        8,
+        "firmware announces buses up to the last reserve"
+    );
+}
+
+#[test]
+fn a_root_bus_alone_uses_bus_0_only() {
+    let mut b = TopologyBuilder::new(layout());
+    b.add_device("nic0", Placement::Root, nic());
+    let (root, _) = build(&b);
+    assert_eq!(root.last_bus(), 0);
 }
 
 #[test]

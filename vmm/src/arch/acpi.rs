@@ -63,8 +63,13 @@ fn bytes(table: &dyn Aml) -> Vec<u8> {
 }
 
 /// Writes every table for a guest with `cpus` vCPUs (APIC IDs 0..cpus); `platform_aml` (the PCI
-/// root complex) goes into the DSDT.
-pub fn write_tables(mem: &GuestMemoryMmap, cpus: u8, platform_aml: &[u8]) -> Result<(), AcpiError> {
+/// root complex) goes into the DSDT, and MCFG covers buses 0..=`last_bus`.
+pub fn write_tables(
+    mem: &GuestMemoryMmap,
+    cpus: u8,
+    platform_aml: &[u8],
+    last_bus: u8,
+) -> Result<(), AcpiError> {
     let mut writer = TableWriter {
         mem,
         next: ACPI_START + Rsdp::len() as u64,
@@ -72,7 +77,7 @@ pub fn write_tables(mem: &GuestMemoryMmap, cpus: u8, platform_aml: &[u8]) -> Res
     let dsdt = writer.write(&dsdt(platform_aml))?;
     let fadt = writer.write(&bytes(&fadt(dsdt)))?;
     let madt = writer.write(&bytes(&madt(cpus)))?;
-    let mcfg = writer.write(&bytes(&mcfg()))?;
+    let mcfg = writer.write(&bytes(&mcfg(last_bus)))?;
     let mut xsdt = XSDT::new(OEM_ID, *b"P2PVXSDT", OEM_REVISION);
     for table in [fadt, madt, mcfg] {
         xsdt.add_entry(table);
@@ -133,10 +138,11 @@ fn madt(cpus: u8) -> MADT {
     madt
 }
 
-fn mcfg() -> MCFG {
+/// ECAM for buses 0..=`last_bus` only: Linux maps 1 MiB per bus MCFG announces.
+fn mcfg(last_bus: u8) -> MCFG {
     let mut mcfg = MCFG::new(OEM_ID, *b"P2PVMCFG", OEM_REVISION);
-    let last_bus = (PCI_ECAM_SIZE >> 20) - 1;
-    mcfg.add_ecam(PCI_ECAM_START, 0, 0, last_bus as u8);
+    let last_bus = last_bus.min(((PCI_ECAM_SIZE >> 20) - 1) as u8);
+    mcfg.add_ecam(PCI_ECAM_START, 0, 0, last_bus);
     mcfg
 }
 
@@ -151,7 +157,7 @@ mod tests {
     #[test]
     fn tables_are_found_from_the_rsdp_and_checksum() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
-        write_tables(&mem, 2, &[]).unwrap();
+        write_tables(&mem, 2, &[], 255).unwrap();
         let mut rsdp = [0u8; 36];
         mem.read_slice(&mut rsdp, GuestAddress(ACPI_START)).unwrap();
         assert_eq!(&rsdp[..8], b"RSD PTR ");
@@ -173,6 +179,18 @@ mod tests {
             signatures.push(sig);
         }
         assert_eq!(signatures, [*b"FACP", *b"APIC", *b"MCFG"]);
+    }
+
+    #[test]
+    fn mcfg_ends_at_the_last_bus_in_use() {
+        let mcfg = bytes(&mcfg(7));
+        assert!(checksum_ok(&mcfg));
+        // Header (36) + reserved (8), then base (8), segment (2), start bus, end bus.
+        assert_eq!(
+            u64::from_le_bytes(mcfg[44..52].try_into().unwrap()),
+            PCI_ECAM_START
+        );
+        assert_eq!((mcfg[54], mcfg[55]), (0, 7));
     }
 
     #[test]

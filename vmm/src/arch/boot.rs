@@ -1,19 +1,25 @@
 //! Loading the guest kernel and initramfs and filling the Linux zero page.
 //!
-//! bzImage goes through linux-loader's `BzImage` (entered at its 64-bit entry point), an ELF
-//! `vmlinux` through `Elf`; both boot with the Linux 64-bit boot protocol.
+//! A bzImage's kernel is decompressed here ([`super::kernel_payload`]) and entered as the ELF
+//! `vmlinux` it is, with the bzImage's setup header in the zero page; when that cannot be done
+//! (or `kernel_decompress = "guest"`), the bzImage goes through linux-loader's `BzImage` and is
+//! entered at its 64-bit entry point, to decompress itself. An ELF `vmlinux` goes through
+//! `Elf`. All boot with the Linux 64-bit boot protocol.
 
 use std::fs::File;
-use std::io::{Seek, SeekFrom};
+use std::io::{Cursor, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use linux_loader::cmdline::Cmdline;
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
-use linux_loader::loader::{load_cmdline, BzImage, Elf, KernelLoader};
+use linux_loader::loader::{load_cmdline, BzImage, Elf, KernelLoader, KernelLoaderResult};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
+use super::kernel_payload::{self, PayloadError};
+use crate::config::KernelDecompress;
 use crate::layout::{
     MemoryLayout, ACPI_START, CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_START, HIGH_MEMORY_START,
     PCI_ECAM_SIZE, PCI_ECAM_START, ZERO_PAGE,
@@ -46,6 +52,14 @@ pub enum BootError {
         bzimage: linux_loader::loader::Error,
         elf: linux_loader::loader::Error,
     },
+    #[error("the thread reading the kernel panicked")]
+    ReadThreadPanicked,
+    #[error("loading the kernel decompressed from bzImage {path:?}: {source}")]
+    Vmlinux {
+        path: PathBuf,
+        #[source]
+        source: linux_loader::loader::Error,
+    },
     #[error("initramfs {path:?} ({size} bytes) does not fit in guest RAM below {limit:#x} after the kernel")]
     InitramfsTooLarge {
         path: PathBuf,
@@ -69,11 +83,100 @@ pub struct LoadedKernel {
     pub entry: GuestAddress,
 }
 
+/// The kernel file, read before guest memory exists (so it can be read and decompressed beside
+/// the rest of the VM's setup).
+pub struct KernelImage {
+    path: PathBuf,
+    form: KernelForm,
+}
+
+enum KernelForm {
+    /// A bzImage's kernel, decompressed, with the bzImage's setup header.
+    Decompressed {
+        header: setup_header,
+        vmlinux: Vec<u8>,
+    },
+    /// The file as it is: a bzImage the guest decompresses, or an ELF vmlinux.
+    AsIs(Vec<u8>),
+}
+
+/// Reads the kernel at `path` and, for a bzImage with `decompress` = host, decompresses it.
+/// A bzImage that cannot be decompressed here is kept as it is, with a log line saying why.
+pub fn read_kernel(path: &Path, decompress: KernelDecompress) -> Result<KernelImage, BootError> {
+    let bytes = std::fs::read(path).map_err(|source| BootError::Open {
+        what: "kernel",
+        path: path.to_owned(),
+        source,
+    })?;
+    let form = match decompress {
+        KernelDecompress::Guest => KernelForm::AsIs(bytes),
+        KernelDecompress::Host => {
+            let started = Instant::now();
+            match kernel_payload::extract(&bytes) {
+                Ok(payload) => {
+                    log::info!(
+                        "kernel {path:?}: {} payload of {} KiB decompressed to {} KiB in {:?}",
+                        payload.compression.name(),
+                        payload.header.payload_length / 1024,
+                        payload.vmlinux.len() / 1024,
+                        started.elapsed()
+                    );
+                    KernelForm::Decompressed {
+                        header: payload.header,
+                        vmlinux: payload.vmlinux,
+                    }
+                }
+                Err(PayloadError::NotBzImage) => KernelForm::AsIs(bytes),
+                Err(e) => {
+                    log::info!("kernel {path:?}: {e}; the guest decompresses it");
+                    KernelForm::AsIs(bytes)
+                }
+            }
+        }
+    };
+    Ok(KernelImage {
+        path: path.to_owned(),
+        form,
+    })
+}
+
+/// Loads the kernel at its link address; returns what the loader found and where to enter.
+fn load_kernel(
+    mem: &GuestMemoryMmap,
+    kernel: &KernelImage,
+) -> Result<(KernelLoaderResult, GuestAddress), BootError> {
+    let high = Some(GuestAddress(HIGH_MEMORY_START));
+    match &kernel.form {
+        KernelForm::Decompressed { header, vmlinux } => {
+            let mut loaded =
+                Elf::load(mem, None, &mut Cursor::new(vmlinux), high).map_err(|source| {
+                    BootError::Vmlinux {
+                        path: kernel.path.clone(),
+                        source,
+                    }
+                })?;
+            loaded.setup_header = Some(*header);
+            Ok((loaded, loaded.kernel_load))
+        }
+        KernelForm::AsIs(bytes) => match BzImage::load(mem, None, &mut Cursor::new(bytes), high) {
+            Ok(r) => Ok((r, r.kernel_load.unchecked_add(BZIMAGE_64BIT_ENTRY_OFFSET))),
+            Err(bzimage) => match Elf::load(mem, None, &mut Cursor::new(bytes), high) {
+                Ok(r) => Ok((r, r.kernel_load)),
+                Err(elf) => Err(BootError::Kernel {
+                    path: kernel.path.clone(),
+                    bzimage,
+                    elf,
+                }),
+            },
+        },
+    }
+}
+
 /// Loads kernel, initramfs and command line and writes the zero page.
 pub fn load(
     mem: &GuestMemoryMmap,
     layout: &MemoryLayout,
-    kernel_path: &Path,
+    kernel: &KernelImage,
     initramfs_path: Option<&Path>,
     cmdline: &str,
 ) -> Result<LoadedKernel, BootError> {
@@ -84,21 +187,7 @@ pub fn load(
             source,
         })
     };
-    let mut kernel = open("kernel", kernel_path)?;
-    let high = Some(GuestAddress(HIGH_MEMORY_START));
-    let (loaded, entry) = match BzImage::load(mem, None, &mut kernel, high) {
-        Ok(r) => (r, r.kernel_load.unchecked_add(BZIMAGE_64BIT_ENTRY_OFFSET)),
-        Err(bzimage) => match Elf::load(mem, None, &mut kernel, high) {
-            Ok(r) => (r, r.kernel_load),
-            Err(elf) => {
-                return Err(BootError::Kernel {
-                    path: kernel_path.to_owned(),
-                    bzimage,
-                    elf,
-                })
-            }
-        },
-    };
+    let (loaded, entry) = load_kernel(mem, kernel)?;
 
     let mut hdr = loaded.setup_header.unwrap_or_default();
     complete_header(&mut hdr);
@@ -116,7 +205,8 @@ pub fn load(
 
     if let Some(path) = initramfs_path {
         let mut file = open("initramfs", path)?;
-        let kernel_end = loaded.kernel_load.0 + loaded.kernel_end;
+        // Both loaders report the absolute end of what they loaded.
+        let kernel_end = loaded.kernel_end;
         let (addr, size) = load_initramfs(mem, layout, &hdr, kernel_end, path, &mut file)?;
         hdr.ramdisk_image = addr as u32;
         hdr.ramdisk_size = size as u32;

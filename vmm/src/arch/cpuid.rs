@@ -1,5 +1,7 @@
-//! Per-vCPU CPUID: KVM's supported set, with a topology the guest can trust and an XSAVE leaf
-//! that agrees with the XCR0 features it announces.
+//! Per-vCPU CPUID: KVM's supported set, with a topology the guest can trust, an XSAVE leaf
+//! that agrees with the XCR0 features it announces, and no hardware virtualisation (VMX, SVM):
+//! p2pvmm does not run nested guests, and a guest kernel with KVM built in spends seconds of
+//! its boot setting up SVM when it sees it (measured under nested KVM).
 
 use kvm_bindings::{
     kvm_cpuid_entry2, CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX, KVM_MAX_CPUID_ENTRIES,
@@ -14,6 +16,7 @@ const LEAF_XSAVE: u32 = 0xd;
 const LEAF_V2_EXT_TOPOLOGY: u32 = 0x1f;
 const LEAF_AMD_FEATURES: u32 = 0x8000_0001;
 const LEAF_AMD_SIZES: u32 = 0x8000_0008;
+const LEAF_AMD_SVM: u32 = 0x8000_000a;
 const LEAF_AMD_TOPOLOGY: u32 = 0x8000_001e;
 const LEAF_AMD_EXT_TOPOLOGY: u32 = 0x8000_0026;
 
@@ -53,7 +56,7 @@ pub fn vcpu_cpuid(supported: &CpuId, index: u8, topo: Topology) -> Result<CpuId,
         .filter(|e| {
             !matches!(
                 e.function,
-                LEAF_EXT_TOPOLOGY | LEAF_V2_EXT_TOPOLOGY | LEAF_AMD_EXT_TOPOLOGY
+                LEAF_EXT_TOPOLOGY | LEAF_V2_EXT_TOPOLOGY | LEAF_AMD_EXT_TOPOLOGY | LEAF_AMD_SVM
             )
         })
         .copied()
@@ -75,6 +78,7 @@ pub fn vcpu_cpuid(supported: &CpuId, index: u8, topo: Topology) -> Result<CpuId,
             LEAF_FEATURES => {
                 e.ebx = (apic_id << 24) | (cpus << 16) | (8 << 8) | (e.ebx & 0xff);
                 e.ecx |= 1 << 31; // running under a hypervisor
+                e.ecx &= !(1 << 5); // no VMX
                 if cpus > 1 {
                     e.edx |= 1 << 28; // HTT: EBX[23:16] is valid
                 } else {
@@ -87,10 +91,12 @@ pub fn vcpu_cpuid(supported: &CpuId, index: u8, topo: Topology) -> Result<CpuId,
                 let sharing = if level >= 3 { cpus - 1 } else { 0 };
                 e.eax = (e.eax & 0x3fff) | ((sharing & 0xfff) << 14) | ((cpus - 1) << 26);
             }
-            LEAF_AMD_FEATURES if amd => {
-                if cpus > 1 {
-                    e.ecx |= 1 << 1; // CmpLegacy: more than one core
-                } else {
+            LEAF_AMD_FEATURES => {
+                e.ecx &= !(1 << 2); // no SVM
+                                    // CmpLegacy: more than one core.
+                if amd && cpus > 1 {
+                    e.ecx |= 1 << 1;
+                } else if amd {
                     e.ecx &= !(1 << 1);
                 }
             }
@@ -281,6 +287,24 @@ mod tests {
         assert_eq!(find(&c, 0xb, 1).edx, 3);
         assert_eq!(find(&c, 0x8000_0008, 0).ecx & 0xff, 3, "AMD NC = cores - 1");
         assert_eq!(find(&c, 0, 0).eax, 0xd, "max basic leaf kept");
+    }
+
+    #[test]
+    fn hardware_virtualisation_is_hidden() {
+        let mut entries = host(832).as_slice().to_vec();
+        entries[1].ecx |= 1 << 5; // VMX
+        entries.push(entry(0x8000_0001, 0, [0, 0, 1 << 2, 0])); // SVM
+        entries.push(entry(0x8000_000a, 0, [1, 0x8000, 0, 0xffff]));
+        let c = vcpu_cpuid(
+            &CpuId::from_entries(&entries).unwrap(),
+            0,
+            Topology { cpus: 2 },
+        )
+        .unwrap();
+        assert_eq!(find(&c, 1, 0).ecx & (1 << 5), 0, "VMX");
+        assert_eq!(find(&c, 0x8000_0001, 0).ecx & (1 << 2), 0, "SVM");
+        assert_ne!(find(&c, 0x8000_0001, 0).ecx & (1 << 1), 0, "CmpLegacy kept");
+        assert!(!c.as_slice().iter().any(|e| e.function == 0x8000_000a));
     }
 
     #[test]

@@ -3,4 +3,5 @@
 pub mod acpi;
 pub mod boot;
 pub mod cpuid;
+mod kernel_payload;
 pub mod regs;

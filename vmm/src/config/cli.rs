@@ -63,6 +63,12 @@ pub struct Cli {
     #[arg(long, value_name = "SIZE")]
     pub mmio64_size: Option<String>,
 
+    /// Who decompresses a bzImage's kernel: host (p2pvmm, then the guest enters the kernel
+    /// directly; falls back to guest when it cannot) or guest (the bzImage's own decompressor,
+    /// slower, but it randomises the kernel's address) [default: host].
+    #[arg(long, value_name = "WHO")]
+    pub kernel_decompress: Option<String>,
+
     /// Host PCI device to pass through with VFIO; repeatable. Keys:
     /// path=/sys/bus/pci/devices/BDF or a bare BDF such as 0000:00:03.0 or
     /// 00:03.0 (required); id=NAME (letters, digits, _ and -) [default:
@@ -173,6 +179,11 @@ impl Cli {
             mmio64_size: parse_flag("--mmio64-size", self.mmio64_size.as_deref(), |v| {
                 v.parse::<ByteSize>().map_err(|e| e.to_string())
             })?,
+            kernel_decompress: parse_flag(
+                "--kernel-decompress",
+                self.kernel_decompress.as_deref(),
+                str::parse,
+            )?,
             devices: self
                 .devices
                 .iter()

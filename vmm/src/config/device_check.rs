@@ -234,7 +234,9 @@ fn invalid(
 mod tests {
     use std::path::Path;
 
-    use super::super::{GroupTopology, IommuBackendKind, P2pGroupConfig, NVIDIA_VENDOR};
+    use super::super::{
+        GroupTopology, IommuBackendKind, KernelDecompress, P2pGroupConfig, NVIDIA_VENDOR,
+    };
     use super::*;
 
     fn device(id: &str, path: impl Into<PathBuf>) -> DeviceConfig {
@@ -412,6 +414,7 @@ mod tests {
             memory: super::super::MemoryConfig::of_size(super::super::ByteSize(512 << 20)),
             serial: Default::default(),
             mmio64_size: None,
+            kernel_decompress: KernelDecompress::Host,
             devices,
             p2p_groups: groups,
         }

@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use super::device::{self, DeviceEntry};
 use super::p2p_group::P2pGroupConfig;
-use super::{ByteSize, ConfigError, MemoryConfig, SerialConfig, VmConfig};
+use super::{ByteSize, ConfigError, KernelDecompress, MemoryConfig, SerialConfig, VmConfig};
 
 /// One layer of settings; field meanings are those of [`VmConfig`].
 ///
@@ -35,6 +35,8 @@ pub(super) struct PartialConfig {
     pub serial: Option<SerialConfig>,
     /// See [`VmConfig::mmio64_size`].
     pub mmio64_size: Option<ByteSize>,
+    /// See [`VmConfig::kernel_decompress`].
+    pub kernel_decompress: Option<KernelDecompress>,
     /// See [`VmConfig::devices`]; a list rather than an option, since
     /// layers add devices instead of replacing the whole list.
     #[serde(rename = "device", default)]
@@ -57,6 +59,7 @@ impl PartialConfig {
             memory: top.memory.or(self.memory),
             serial: top.serial.or(self.serial),
             mmio64_size: top.mmio64_size.or(self.mmio64_size),
+            kernel_decompress: top.kernel_decompress.or(self.kernel_decompress),
             devices: device::merge(self.devices, top.devices),
             p2p_groups: self.p2p_groups.into_iter().chain(top.p2p_groups).collect(),
         }
@@ -96,6 +99,7 @@ impl PartialConfig {
             memory: self.memory.unwrap_or_else(super::default_memory),
             serial: self.serial.unwrap_or_default(),
             mmio64_size: self.mmio64_size,
+            kernel_decompress: self.kernel_decompress.unwrap_or_default(),
             devices: device::finish(self.devices, &self.p2p_groups),
             p2p_groups: self.p2p_groups,
         })

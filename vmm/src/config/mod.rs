@@ -16,6 +16,7 @@
 //! memory = "2G"                 # or an integer number of bytes
 //! serial = "file=/tmp/guest.log" # or "stdout" / "off"
 //! mmio64_size = "256G"         # 64-bit MMIO window, a multiple of 256G
+//! kernel_decompress = "host"    # or "guest": who decompresses a bzImage's kernel
 //!
 //! [[device]]                    # VFIO passthrough; repeat per device
 //! id = "gpu0"                   # default dev<N>, N = position from 0
@@ -50,6 +51,7 @@ mod device;
 mod device_check;
 mod error;
 mod file;
+mod kernel_decompress;
 mod layer;
 pub mod memory;
 mod p2p_group;
@@ -71,6 +73,7 @@ pub use device::IommuBackendKind;
 pub use device::{DeviceConfig, Placement};
 pub use device_check::host_vendor;
 pub use error::ConfigError;
+pub use kernel_decompress::KernelDecompress;
 pub use memory::{HugePageSize, MemoryConfig};
 pub use p2p_group::{DomainPlan, P2pGroupConfig, P2pMode};
 #[allow(
@@ -114,6 +117,10 @@ pub struct VmConfig {
     /// past what the host IOMMU translates, and BARs the guest puts there get no peer mapping.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mmio64_size: Option<ByteSize>,
+    /// Who decompresses a bzImage's kernel: "host" (p2pvmm, before the guest starts; the
+    /// default) or "guest" (the bzImage's own decompressor, which also applies KASLR).
+    #[serde(skip_serializing_if = "KernelDecompress::is_host")]
+    pub kernel_decompress: KernelDecompress,
     /// Host PCI functions passed through with VFIO, as `[[device]]` tables
     /// (file devices first, then `--device` flags). Placements are the
     /// effective ones (a device's own, else its group's topology). None by

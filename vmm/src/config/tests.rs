@@ -61,6 +61,7 @@ fn valid_config(scratch: &Scratch) -> VmConfig {
         memory: MemoryConfig::of_size(ByteSize(512 * MIB)),
         serial: SerialConfig::Stdout,
         mmio64_size: None,
+        kernel_decompress: KernelDecompress::Host,
         devices: Vec::new(),
         p2p_groups: Vec::new(),
     }
@@ -79,6 +80,7 @@ fn defaults_apply_when_only_kernel_is_given() {
             memory: MemoryConfig::of_size(ByteSize(512 * MIB)),
             serial: SerialConfig::Stdout,
             mmio64_size: None,
+            kernel_decompress: KernelDecompress::Host,
             devices: Vec::new(),
             p2p_groups: Vec::new(),
         }
@@ -171,7 +173,8 @@ fn unknown_key_in_file_is_rejected() {
         msg,
         format!(
             "config file {file:?}, line 2: unknown field `cpu`, expected one of \
-             `kernel`, `initramfs`, `cmdline`, `cpus`, `memory`, `serial`, `mmio64_size`, `device`, `p2p_group`"
+             `kernel`, `initramfs`, `cmdline`, `cpus`, `memory`, `serial`, `mmio64_size`, \
+             `kernel_decompress`, `device`, `p2p_group`"
         )
     );
 }
@@ -304,6 +307,7 @@ fn vm_config_round_trips_through_toml() {
         memory: MemoryConfig::of_size(ByteSize(3 * GIB / 2)),
         serial: SerialConfig::File("/tmp/guest.log".into()),
         mmio64_size: None,
+        kernel_decompress: KernelDecompress::Host,
         devices: Vec::new(),
         p2p_groups: Vec::new(),
     };
@@ -690,4 +694,23 @@ fn the_64_bit_window_size_comes_from_the_flag_or_the_file_and_must_be_a_multiple
     assert!(cfg.validate(&BIG_HOST).is_err());
     cfg.mmio64_size = Some(ByteSize(512 << 30));
     assert!(cfg.validate(&BIG_HOST).is_ok());
+}
+
+#[test]
+fn kernel_decompress_comes_from_the_file_and_the_flag_wins() {
+    let scratch = Scratch::new("kernel-decompress");
+    let file = scratch.write(
+        "vm.toml",
+        "kernel = \"/k\"\nkernel_decompress = \"guest\"\n",
+    );
+    let path = file.to_str().unwrap();
+    let loaded = load_args(&["--config", path]).unwrap();
+    assert_eq!(loaded.vm.kernel_decompress, KernelDecompress::Guest);
+    let loaded = load_args(&["--config", path, "--kernel-decompress", "host"]).unwrap();
+    assert_eq!(loaded.vm.kernel_decompress, KernelDecompress::Host);
+    let msg = err_text(&["--kernel", "/k", "--kernel-decompress", "later"]);
+    assert!(
+        msg.contains("--kernel-decompress") && msg.contains("use host or guest"),
+        "{msg}"
+    );
 }

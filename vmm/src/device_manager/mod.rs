@@ -250,6 +250,11 @@ impl DeviceManager {
         self.root.dsdt_aml()
     }
 
+    /// The last PCI bus number in use, which MCFG announces.
+    pub fn last_bus(&self) -> u8 {
+        self.root.last_bus()
+    }
+
     /// Each placed device's guest address, by id: the cold-plugged ones, then the hotplugged.
     pub fn placements(&self) -> Vec<(String, Bdf)> {
         let cold = self

@@ -73,19 +73,22 @@ fn backend_kind(requested: Option<IommuBackendKind>) -> BackendKind {
 }
 
 /// What guest RAM should be for the configured devices: a memfd when any domain is iommufd
-/// (it maps RAM by file) or there are no devices (a VM without devices keeps the file); anonymous
-/// huge pages when every domain is type1, which pins RAM through the process page tables; a
-/// hugetlb memfd whenever the configuration asks for huge pages.
+/// (it maps RAM by file); anonymous huge pages when there is no domain or every domain is
+/// type1, which pins RAM through the process page tables; a hugetlb memfd whenever the
+/// configuration asks for huge pages.
 pub fn ram_backing(config: &VmConfig) -> RamBacking {
     // Huge pages asked for: a hugetlb memfd, which both backends map (by file or by address).
     if let Some(page) = config.memory.hugepages {
         return RamBacking::HugetlbMemfd(page);
     }
+    // No IOMMU domain at start, or only type1 ones (which pin by address): anonymous memory in
+    // transparent huge pages, which also spares the guest's boot most of its EPT faults. A
+    // domain hotplugged later maps it by address. Only iommufd gains from a memfd at start.
     let domains = config.domains();
     let all_type1 = domains
         .iter()
         .all(|d| backend_kind(d.backend) == BackendKind::Type1);
-    if !domains.is_empty() && all_type1 {
+    if all_type1 {
         RamBacking::AnonymousHuge
     } else {
         RamBacking::Memfd
