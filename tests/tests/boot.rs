@@ -59,7 +59,7 @@ fn boot_lab() -> Result<Console, String> {
         .scenario(
             "two-cpus",
             240,
-            &format!("p2pvmm {L2} --cpus 2 --memory 768M --cmdline '{L2_CMDLINE}'"),
+            &format!("p2pvmm -v {L2} --cpus 2 --memory 768M --cmdline '{L2_CMDLINE}'"),
         )
         // One vCPU: with two, this 3.5 GiB L2 failed in 3 of 5 runs on 2026-12-02 (two oopses
         // jumping into its own heap, one hang with vCPU0 spinning in the guest while vCPU1 sat
@@ -168,6 +168,18 @@ fn the_bzimage_kernel_is_decompressed_by_p2pvmm_and_the_start_is_timed() {
     assert!(
         s.output.contains("start phase first vCPU entry: "),
         "one-cpu: first vCPU entry not logged; console:\n{}",
+        console
+    );
+}
+
+#[test]
+fn a_later_start_reads_the_decompressed_kernel_from_the_cache() {
+    // one-cpu ran first in this L1 and stored it.
+    let (s, console) = scenario("two-cpus");
+    assert!(
+        s.output.contains("read from the kernel cache")
+            && !s.output.contains("KiB decompressed to"),
+        "two-cpus: the kernel cache was not used; console:\n{}",
         console
     );
 }

@@ -18,6 +18,7 @@ use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header
 use linux_loader::loader::{load_cmdline, BzImage, Elf, KernelLoader, KernelLoaderResult};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
+use super::kernel_cache;
 use super::kernel_payload::{self, PayloadError};
 use crate::config::KernelDecompress;
 use crate::layout::{
@@ -110,33 +111,65 @@ pub fn read_kernel(path: &Path, decompress: KernelDecompress) -> Result<KernelIm
     })?;
     let form = match decompress {
         KernelDecompress::Guest => KernelForm::AsIs(bytes),
-        KernelDecompress::Host => {
-            let started = Instant::now();
-            match kernel_payload::extract(&bytes) {
-                Ok(payload) => {
-                    log::info!(
-                        "kernel {path:?}: {} payload of {} KiB decompressed to {} KiB in {:?}",
-                        payload.compression.name(),
-                        payload.header.payload_length / 1024,
-                        payload.vmlinux.len() / 1024,
-                        started.elapsed()
-                    );
-                    KernelForm::Decompressed {
-                        header: payload.header,
-                        vmlinux: payload.vmlinux,
-                    }
-                }
-                Err(PayloadError::NotBzImage) => KernelForm::AsIs(bytes),
+        KernelDecompress::Host => match kernel_payload::locate(&bytes) {
+            Ok(compressed) => match decompressed(path, &bytes, compressed) {
+                Ok(form) => form,
                 Err(e) => {
                     log::info!("kernel {path:?}: {e}; the guest decompresses it");
                     KernelForm::AsIs(bytes)
                 }
+            },
+            Err(PayloadError::NotBzImage) => KernelForm::AsIs(bytes),
+            Err(e) => {
+                log::info!("kernel {path:?}: {e}; the guest decompresses it");
+                KernelForm::AsIs(bytes)
             }
-        }
+        },
     };
     Ok(KernelImage {
         path: path.to_owned(),
         form,
+    })
+}
+
+/// The kernel of the bzImage `image` at `path`, from the kernel cache or decompressed now (and
+/// then cached).
+fn decompressed(
+    path: &Path,
+    image: &[u8],
+    compressed: kernel_payload::Compressed<'_>,
+) -> Result<KernelForm, PayloadError> {
+    let started = Instant::now();
+    let header = compressed.header;
+    let cache = kernel_cache::dir().map(|dir| (dir, kernel_cache::key(image)));
+    let cached = cache.as_ref().and_then(|(dir, key)| {
+        kernel_cache::load(dir, key, compressed.recorded_size())
+            .filter(|v| kernel_payload::is_elf(v))
+            .map(|v| (v, dir.join(key)))
+    });
+    if let Some((vmlinux, file)) = cached {
+        log::info!(
+            "kernel {path:?}: decompressed kernel of {} KiB read from the kernel cache {file:?} \
+             in {:?}",
+            vmlinux.len() / 1024,
+            started.elapsed()
+        );
+        return Ok(KernelForm::Decompressed { header, vmlinux });
+    }
+    let payload = compressed.decompress()?;
+    log::info!(
+        "kernel {path:?}: {} payload of {} KiB decompressed to {} KiB in {:?}",
+        payload.compression.name(),
+        header.payload_length / 1024,
+        payload.vmlinux.len() / 1024,
+        started.elapsed()
+    );
+    if let Some((dir, key)) = &cache {
+        kernel_cache::store(dir, key, &payload.vmlinux);
+    }
+    Ok(KernelForm::Decompressed {
+        header,
+        vmlinux: payload.vmlinux,
     })
 }
 

@@ -90,9 +90,8 @@ impl Compression {
     }
 }
 
-/// A bzImage's setup header and its decompressed kernel.
+/// A bzImage's decompressed kernel.
 pub struct Payload {
-    pub header: setup_header,
     pub compression: Compression,
     /// The `vmlinux` ELF image (the kernel may append relocation data after it).
     pub vmlinux: Vec<u8>,
@@ -105,8 +104,40 @@ pub fn setup_header_of(image: &[u8]) -> Option<setup_header> {
     (hdr.header == SETUP_HEADER_MAGIC).then_some(*hdr)
 }
 
-/// Finds, decompresses and checks the payload of the bzImage `image`.
-pub fn extract(image: &[u8]) -> Result<Payload, PayloadError> {
+/// A bzImage's payload, located but still compressed.
+pub struct Compressed<'a> {
+    pub header: setup_header,
+    pub compression: Compression,
+    data: &'a [u8],
+}
+
+impl Compressed<'_> {
+    /// The decompressed size the kernel's build appended after the stream (`size_append`).
+    pub fn recorded_size(&self) -> Option<usize> {
+        let tail = self.data.len().checked_sub(4).map(|at| &self.data[at..])?;
+        Some(u32::from_le_bytes(tail.try_into().ok()?) as usize)
+    }
+
+    /// Decompresses the payload and checks it is an ELF image.
+    pub fn decompress(self) -> Result<Payload, PayloadError> {
+        let vmlinux = decompress(self.compression, self.data)?;
+        if !vmlinux.starts_with(ELF_MAGIC) {
+            return Err(PayloadError::NotElf);
+        }
+        Ok(Payload {
+            compression: self.compression,
+            vmlinux,
+        })
+    }
+}
+
+/// Whether `vmlinux` looks like an ELF image (a cached one is checked again).
+pub fn is_elf(vmlinux: &[u8]) -> bool {
+    vmlinux.starts_with(ELF_MAGIC)
+}
+
+/// Finds the payload of the bzImage `image` and names its compression.
+pub fn locate(image: &[u8]) -> Result<Compressed<'_>, PayloadError> {
     let header = setup_header_of(image).ok_or(PayloadError::NotBzImage)?;
     if header.version < PAYLOAD_PROTOCOL {
         return Err(PayloadError::OldProtocol(header.version));
@@ -119,22 +150,24 @@ pub fn extract(image: &[u8]) -> Result<Payload, PayloadError> {
     let offset = (setup_sects + 1) * 512 + u64::from(header.payload_offset);
     let len = u64::from(header.payload_length);
     let size = image.len() as u64;
-    let payload = usize::try_from(offset)
+    let data = usize::try_from(offset)
         .ok()
         .zip(usize::try_from(offset + len).ok())
         .and_then(|(start, end)| image.get(start..end))
         .ok_or(PayloadError::OutOfBounds { offset, len, size })?;
-    let compression = Compression::detect(payload)
-        .ok_or_else(|| PayloadError::UnknownFormat(payload.iter().take(6).copied().collect()))?;
-    let vmlinux = decompress(compression, payload)?;
-    if !vmlinux.starts_with(ELF_MAGIC) {
-        return Err(PayloadError::NotElf);
-    }
-    Ok(Payload {
+    let compression = Compression::detect(data)
+        .ok_or_else(|| PayloadError::UnknownFormat(data.iter().take(6).copied().collect()))?;
+    Ok(Compressed {
         header,
         compression,
-        vmlinux,
+        data,
     })
+}
+
+/// Finds, decompresses and checks the payload of the bzImage `image`.
+#[cfg(test)]
+pub fn extract(image: &[u8]) -> Result<Payload, PayloadError> {
+    locate(image)?.decompress()
 }
 
 /// Decompresses the first stream of `data` (the kernel appends the decompressed size after it,

@@ -57,7 +57,9 @@ fn every_supported_compression_gives_back_the_vmlinux() {
         let payload = extract(&image).unwrap_or_else(|e| panic!("{c:?}: {e}"));
         assert_eq!(payload.compression, c);
         assert_eq!(payload.vmlinux, vmlinux(), "{c:?}");
-        assert_eq!({ payload.header.version }, 0x020f);
+        let located = locate(&image).unwrap();
+        assert_eq!({ located.header.version }, 0x020f);
+        assert_eq!(located.recorded_size(), Some(vmlinux().len()));
     }
 }
 

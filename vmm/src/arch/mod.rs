@@ -3,5 +3,6 @@
 pub mod acpi;
 pub mod boot;
 pub mod cpuid;
+mod kernel_cache;
 mod kernel_payload;
 pub mod regs;

@@ -200,6 +200,12 @@ const VM_BUILD: &[libc::c_long] = &[
     libc::SYS_fstatfs,
     libc::SYS_unlink,
     libc::SYS_unlinkat,
+    // The kernel cache (arch/kernel_cache.rs): its directory, and an entry renamed into place.
+    libc::SYS_mkdir,
+    libc::SYS_mkdirat,
+    libc::SYS_rename,
+    libc::SYS_renameat,
+    libc::SYS_renameat2,
     libc::SYS_flock,
     libc::SYS_memfd_create,
     libc::SYS_ftruncate,
