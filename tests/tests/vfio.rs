@@ -10,6 +10,9 @@ use p2pvmm_tests::{
     edu_dma_static, expect_scenario, run_retrying_lab_failure, Console, L1Run, Scenario, L2_CMDLINE,
 };
 
+/// p2pvmm's knob that delays the guest RAM mapping (`device_manager/ram_map.rs`).
+const RAM_MAP_DELAY: &str = "P2PVMM_X_RAM_MAP_DELAY_MS";
+
 const L2: &str = "--kernel /l2/bzImage --initramfs /l2/initramfs.cpio.gz --memory 512M --cpus 1";
 
 /// Binds edu and ivshmem to vfio-pci (`bind_vfio` comes with every L1 script).
@@ -84,6 +87,16 @@ fn run_lab() -> Result<Console, String> {
         .scenario("hugepages-iommufd", 300, &huge(300, "iommufd"))
         .scenario("hugepages-legacy", 300, &huge(300, "legacy"))
         .scenario("hugepages-too-few", 60, &huge(16, "iommufd"))
+        // Guest RAM mapped 15 s late (type1, the slow backend): L2's init enables edu's bus
+        // mastering while the mapping has not even begun, and that write must wait for it.
+        .scenario(
+            "early-dma",
+            300,
+            &format!(
+                "env {RAM_MAP_DELAY}=15000 p2pvmm -v {L2} --cmdline '{L2_CMDLINE}' \
+                 --device path=$EDU,id=edu,backend=legacy"
+            ),
+        )
         .scenario(
             "no-such-device",
             60,
@@ -107,6 +120,7 @@ fn lab() -> &'static Result<Console, String> {
                 "intx",
                 "hugepages-iommufd",
                 "hugepages-legacy",
+                "early-dma",
             ],
             run_lab,
         )
@@ -213,6 +227,24 @@ fn intx_arrives_on_the_swizzled_ioapic_pin_level_triggered() {
         console
     );
     assert_placement("intx", EDU, 3);
+}
+
+#[test]
+fn a_dma_as_early_as_the_guest_can_start_one_waits_for_guest_ram_to_be_mapped() {
+    let (s, console) = scenario("early-dma");
+    let at = |needle: &str| {
+        s.output.find(needle).unwrap_or_else(|| {
+            panic!("early-dma: no {needle:?} in p2pvmm's log; console:\n{console}")
+        })
+    };
+    let held = at("edu: bus mastering held until guest RAM is mapped for DMA");
+    let mapped = at("guest RAM mapped for DMA in every domain");
+    let released = at("edu: bus mastering released after");
+    assert!(
+        held < mapped && mapped < released,
+        "early-dma: bus mastering was not held until the mapping ended; console:\n{console}"
+    );
+    assert_edu_dma("early-dma", "msi");
 }
 
 #[test]

@@ -97,6 +97,18 @@ pub struct GuestRam {
 }
 
 impl GuestRam {
+    /// Another handle on the same RAM (the same mappings and memfd), for a thread that maps it
+    /// into the IOMMU while the VM runs.
+    pub fn share(&self) -> Result<Self, MemoryError> {
+        Ok(Self {
+            memory: self.memory.clone(),
+            file: match &self.file {
+                Some(file) => Some(file.try_clone().map_err(MemoryError::Memfd)?),
+                None => None,
+            },
+        })
+    }
+
     pub fn new(layout: &MemoryLayout, backing: RamBacking) -> Result<Self, MemoryError> {
         let ram = match backing {
             RamBacking::Memfd => Self::memfd(layout)?,

@@ -38,6 +38,8 @@ const DEFAULT_PHYS_BITS: u8 = 36;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
+    #[error("guest RAM could not be mapped for device DMA: {0}")]
+    RamMap(String),
     #[error("opening /dev/kvm: {0}")]
     Kvm(#[source] kvm_ioctls::Error),
     #[error("{what}: {source}")]
@@ -207,6 +209,7 @@ impl Vm {
                 pio: &pio,
                 mmio: &mmio,
                 slots: &slots,
+                exit: &exit,
                 interrupts: Arc::new(KvmInterrupts::new(vm.clone())),
             },
         )?;
@@ -294,7 +297,11 @@ impl Vm {
         }
         vcpu::resume_all(&self.shared.pause);
         vcpu::stop_all(&self.shared.stop, threads);
+        let ram_map_failure = self.devices.ram_map_failure();
         self.devices.shut_down();
+        if let Some(why) = ram_map_failure {
+            return Err(VmError::RamMap(why));
+        }
         Ok(match result? {
             Some(stop) => VmEnd::Api(stop),
             None => VmEnd::Guest(self.shared.exit.reason().unwrap_or(GuestExit::Crash)),

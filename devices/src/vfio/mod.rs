@@ -12,6 +12,7 @@
 //! [`VfioPciOptions`] add what the host function lacks, such as NVIDIA's GPUDirect P2P clique
 //! capability.
 
+mod dma_gate;
 mod intx;
 mod irq;
 mod options;
@@ -30,6 +31,7 @@ use crate::pci::{
     BarInfo, ConfigError, LinkConfig, MsiCap, Msix, PciDevice, PcieCap, PcieDeviceType, RomInfo,
     Type0Config, ROM_BAR,
 };
+pub use dma_gate::{DmaGate, DmaGateState};
 pub use intx::{IntxHost, VfioIntx};
 pub use irq::VfioMsi;
 pub use options::{VfioOptionsError, VfioPciOptions, GPUDIRECT_CAP_OFFSET, MAX_CLIQUE_ID};
@@ -84,6 +86,8 @@ pub struct VfioPciDevice {
     /// Present when the host function has a power management capability.
     pm: Option<VfioPm>,
     p2p: Option<Arc<P2pTable>>,
+    /// Holds the guest's first Bus Master Enable until guest RAM is in the IOMMU.
+    dma_gate: Option<Arc<DmaGate>>,
 }
 
 impl VfioPciDevice {
@@ -178,6 +182,7 @@ impl VfioPciDevice {
             rom,
             pm,
             p2p,
+            dma_gate: None,
         };
         // Start from a clean function that decodes nothing, as after a PCI reset.
         device.reset_host();
@@ -276,7 +281,10 @@ impl VfioPciDevice {
             return;
         }
         let old = u16::from_le_bytes(raw);
-        let new = (old & !FORWARDED_COMMAND) | (command & FORWARDED_COMMAND);
+        let mut new = (old & !FORWARDED_COMMAND) | (command & FORWARDED_COMMAND);
+        if new & COMMAND_MASTER != 0 && old & COMMAND_MASTER == 0 && !self.may_master() {
+            new &= !COMMAND_MASTER;
+        }
         if new == old {
             return;
         }
@@ -285,6 +293,41 @@ impl VfioPciDevice {
                 .write_region(CONFIG_REGION, u64::from(COMMAND), &new.to_le_bytes())
         {
             log::error!("{}: writing the command register: {e}", self.name);
+        }
+    }
+}
+
+impl VfioPciDevice {
+    /// Holds the guest's Bus Master Enable writes on `gate` (see [`DmaGate`]).
+    pub fn set_dma_gate(&mut self, gate: Arc<DmaGate>) {
+        self.dma_gate = Some(gate);
+    }
+
+    /// Whether bus mastering may go on now: waits for guest RAM to be mapped if it is not yet
+    /// (the vCPU writing the command register waits with it); false if the mapping failed.
+    fn may_master(&self) -> bool {
+        let Some(gate) = &self.dma_gate else {
+            return true;
+        };
+        if gate.state() == DmaGateState::Mapped {
+            return true;
+        }
+        log::info!(
+            "{}: bus mastering held until guest RAM is mapped for DMA",
+            self.name
+        );
+        match gate.wait() {
+            Ok(waited) => {
+                log::info!("{}: bus mastering released after {waited:?}", self.name);
+                true
+            }
+            Err(why) => {
+                log::error!(
+                    "{}: bus mastering stays off: guest RAM could not be mapped ({why})",
+                    self.name
+                );
+                false
+            }
         }
     }
 }

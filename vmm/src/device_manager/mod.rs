@@ -6,13 +6,16 @@ mod bar_mapper;
 mod hotplug;
 mod hotplug_faults;
 mod p2p_report;
+mod ram_map;
 mod vfio;
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 
 use devices::interrupt::InterruptController;
+use devices::legacy::ExitSignal;
 use devices::pci::{Bdf, PciConfigIo, PciLayout, PciRoot, Placement, TopologyBuilder};
+use devices::vfio::DmaGate;
 use devices::{Bus, BusRange};
 use kvm_ioctls::VmFd;
 use vfio_p2p::IovaRange;
@@ -26,6 +29,7 @@ use bar_mapper::BarMapper;
 use hotplug::Hotplug;
 pub use p2p_report::api_table;
 use p2p_report::P2pReporter;
+use ram_map::RamMap;
 pub use vfio::{ram_backing, Passthrough};
 
 /// Port I/O the platform hands to I/O BARs: above the legacy devices.
@@ -94,6 +98,8 @@ pub enum DeviceManagerError {
     NoDomain(usize),
     #[error("device {id}: failure injected at hotplug step {step} (P2PVMM_X_HOTPLUG_FAIL)")]
     Injected { id: String, step: &'static str },
+    #[error("sharing guest RAM with the thread that maps it: {0}")]
+    RamShare(#[source] crate::memory::MemoryError),
     #[error("creating the KVM-VFIO device: {0}")]
     KvmVfioCreate(#[source] crate::kvm_vfio::KvmVfioError),
 }
@@ -105,6 +111,8 @@ pub struct DeviceManager {
     mapper: Arc<BarMapper>,
     hotplug: Hotplug,
     interrupts: Arc<dyn InterruptController>,
+    /// Guest RAM being mapped into the domains while the guest boots.
+    ram_map: Option<RamMap>,
 }
 
 /// Everything the device manager needs from the VM under construction.
@@ -115,6 +123,8 @@ pub struct Platform<'a> {
     pub pio: &'a Arc<Bus>,
     pub mmio: &'a Arc<Bus>,
     pub slots: &'a Arc<MemorySlots>,
+    /// Stops the VM when guest RAM cannot be mapped for DMA after all ([`RamMap`]).
+    pub exit: &'a Arc<ExitSignal>,
     pub interrupts: Arc<dyn InterruptController>,
 }
 
@@ -153,9 +163,21 @@ impl DeviceManager {
         } else {
             let kvm_vfio = KvmVfio::new(platform.vm).map_err(DeviceManagerError::KvmVfioCreate)?;
             let opened = vfio::open(config, kvm_vfio)?;
-            vfio::map_guest_ram(&opened, platform.ram, &windows)?;
+            ram_map::check_reach(&opened.domains, platform.ram, &windows)?;
             Some(opened)
         };
+        // From here the mapping overlaps the rest of the setup and the guest's boot.
+        let ram_map = match &opened {
+            Some(opened) => Some(RamMap::start(
+                opened.domains.clone(),
+                platform.ram.share().map_err(DeviceManagerError::RamShare)?,
+                platform.exit.clone(),
+            )),
+            None => None,
+        };
+        let dma_gate = ram_map
+            .as_ref()
+            .map_or_else(|| Arc::new(DmaGate::mapped()), |m| m.gate().clone());
         // One peer-BAR table per P2P group; the mapper keeps each in step with every BAR the
         // guest places, and the reporter shows them once changes settle.
         let tables = opened
@@ -177,6 +199,7 @@ impl DeviceManager {
                 reporter,
                 &mapper,
                 platform.interrupts.clone(),
+                dma_gate,
             )?),
             None => None,
         };
@@ -242,6 +265,7 @@ impl DeviceManager {
             mapper,
             hotplug,
             interrupts: platform.interrupts,
+            ram_map,
         })
     }
 
@@ -293,8 +317,17 @@ impl DeviceManager {
         self.hotplug.eject_event()
     }
 
-    /// Releases the passthrough devices in the order the kernel needs.
-    pub fn shut_down(self) {
+    /// Why guest RAM could not be mapped for device DMA, if it could not.
+    pub fn ram_map_failure(&self) -> Option<String> {
+        self.ram_map.as_ref().and_then(RamMap::failure)
+    }
+
+    /// Releases the passthrough devices in the order the kernel needs, once the guest RAM
+    /// mapping has ended.
+    pub fn shut_down(mut self) {
+        if let Some(ram_map) = &mut self.ram_map {
+            ram_map.finish();
+        }
         if let Some(passthrough) = self.passthrough {
             passthrough.shut_down();
         }

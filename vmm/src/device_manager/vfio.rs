@@ -1,25 +1,19 @@
 //! Passthrough devices in their P2P domains: one IOMMU address space per P2P group plus one per
 //! ungrouped device (an iommufd IOAS on the VM's one `/dev/iommu`, or a type1 container), each
-//! configured host function opened and attached to its domain, guest RAM mapped at IOVA = GPA in
-//! every domain, one peer-BAR table per group, and the device models.
+//! configured host function opened and attached to its domain, one peer-BAR table per group,
+//! and the device models (guest RAM goes into every domain at IOVA = GPA: `ram_map.rs`).
 //!
 //! Isolation is the IOMMU's: a device's DMA is translated only by its own domain, and only a
 //! group's table puts BARs into it, so members of a group reach each other's BARs and nothing
 //! else reaches any BAR.
 
-use std::os::fd::AsFd;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use devices::interrupt::InterruptController;
 use devices::pci::{PciSegment, SharedPciDevice};
-use devices::vfio::{VfioPciDevice, VfioPciOptions};
-use vfio_p2p::{
-    ranges_cover, BackendKind, Backing, DmaKind, DmaMapRequest, DomainOpener, HostPciDevice,
-    IovaRange, P2pTable, VfioBackend,
-};
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+use devices::vfio::{DmaGate, VfioPciDevice, VfioPciOptions};
+use vfio_p2p::{BackendKind, DomainOpener, HostPciDevice, IovaRange, P2pTable, VfioBackend};
 
 use super::bar_mapper::{BarMapper, MappedArea, PassthroughBars};
 use super::hotplug_faults::HotplugStep;
@@ -27,7 +21,7 @@ use super::p2p_report::P2pReporter;
 use super::DeviceManagerError;
 use crate::config::{DeviceConfig, DomainPlan, IommuBackendKind, P2pMode, VmConfig};
 use crate::kvm_vfio::KvmVfio;
-use crate::memory::{GuestRam, RamBacking};
+use crate::memory::RamBacking;
 
 const PAGE_SIZE: u64 = 4096;
 
@@ -59,6 +53,8 @@ pub struct Passthrough {
     pub reporter: Arc<P2pReporter>,
     pub kvm_vfio: KvmVfio,
     pub domains: Vec<Domain>,
+    /// Hot-plugged devices hold their bus mastering on it as cold-plugged ones do.
+    pub dma_gate: Arc<DmaGate>,
 }
 
 /// The backend a domain asks for (its group's mode or its members' explicit backend), else
@@ -159,173 +155,6 @@ pub fn open(config: &VmConfig, kvm_vfio: KvmVfio) -> Result<Opened, DeviceManage
     })
 }
 
-/// Pinned and locked memory of this process (`VmPin`, `VmLck` of /proc/self/status), for the
-/// cost of each domain's RAM mapping.
-fn pinned_kib() -> String {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .filter(|l| l.starts_with("VmPin:") || l.starts_with("VmLck:"))
-        .map(|l| l.split_whitespace().take(2).collect::<Vec<_>>().join(" "))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// Maps guest RAM at IOVA = GPA into every domain, after checking the host IOMMU can translate it
-/// and the MMIO windows peers will DMA into. A second iommufd domain gets RAM by
-/// `IOMMU_IOAS_COPY` from the first, sharing its pinned pages.
-pub fn map_guest_ram(
-    opened: &Opened,
-    ram: &GuestRam,
-    windows: &[IovaRange],
-) -> Result<(), DeviceManagerError> {
-    let mut first_iommufd: Option<&VfioBackend> = None;
-    for (plan, backend) in &opened.domains {
-        let started = Instant::now();
-        let copied = match first_iommufd {
-            Some(src) => copy_guest_ram(plan, backend, src, ram)?,
-            None => false,
-        };
-        if !copied {
-            map_domain_ram(plan, backend, ram, windows)?;
-        }
-        log::info!(
-            "P2P domain {}: guest RAM {} into its {} IOMMU in {:?} ({})",
-            plan.name,
-            if copied { "copied" } else { "mapped" },
-            backend.kind(),
-            started.elapsed(),
-            pinned_kib()
-        );
-        if backend.kind() == BackendKind::Iommufd && first_iommufd.is_none() {
-            first_iommufd = Some(backend);
-        }
-    }
-    Ok(())
-}
-
-/// `IOMMU_IOAS_COPY` of every RAM region from `src`; false when the backends cannot share.
-fn copy_guest_ram(
-    plan: &DomainPlan,
-    backend: &VfioBackend,
-    src: &VfioBackend,
-    ram: &GuestRam,
-) -> Result<bool, DeviceManagerError> {
-    for (index, region) in ram.memory.iter().enumerate() {
-        let (gpa, size) = (region.start_addr().0, region.len());
-        let copied = backend
-            .copy_mapping_from(src, gpa, size)
-            .map_err(|source| DeviceManagerError::Domain {
-                domain: plan.name.clone(),
-                source,
-            })?;
-        if !copied {
-            // Only the first region can be "not applicable": the answer depends on the backends.
-            debug_assert_eq!(index, 0);
-            return Ok(false);
-        }
-    }
-    Ok(true)
-}
-
-/// Maps guest RAM into one domain from scratch.
-fn map_domain_ram(
-    plan: &DomainPlan,
-    backend: &VfioBackend,
-    ram: &GuestRam,
-    windows: &[IovaRange],
-) -> Result<(), DeviceManagerError> {
-    let domain_err = |source| DeviceManagerError::Domain {
-        domain: plan.name.clone(),
-        source,
-    };
-    let iommu = backend.iommu();
-    let host_ranges = iommu.iova_ranges().map_err(domain_err)?;
-    for region in ram.memory.iter() {
-        let gpa = region.start_addr().0;
-        let size = region.len();
-        if !ranges_cover(&host_ranges, gpa, size) {
-            return Err(DeviceManagerError::IovaRange {
-                what: "guest RAM",
-                start: gpa,
-                size,
-            });
-        }
-        let offset = region.file_offset().map_or(gpa, |f| f.start());
-        let host_va = region
-            .get_host_address(MemoryRegionAddress(0))
-            .map_err(|_| DeviceManagerError::IovaRange {
-                what: "guest RAM (no host mapping)",
-                start: gpa,
-                size,
-            })? as u64;
-        let request = DmaMapRequest {
-            iova: gpa,
-            size,
-            kind: DmaKind::Ram,
-            backing: match &ram.file {
-                Some(file) => Backing::File {
-                    fd: file.as_fd(),
-                    offset,
-                    host_va: Some(host_va),
-                },
-                None => Backing::HostVa(host_va),
-            },
-            writable: true,
-        };
-        let started = Instant::now();
-        // iommufd pins straight from the file's pages: allocating them first in one call is
-        // far cheaper than faulting them in one by one during the map. Type1 pins through the
-        // process page tables and faults them in either way.
-        if let (Some(file), BackendKind::Iommufd) = (&ram.file, backend.kind()) {
-            populate(file, offset, size).map_err(|source| DeviceManagerError::Populate {
-                start: gpa,
-                size,
-                source,
-            })?;
-        }
-        let populated = started.elapsed();
-        let started = Instant::now();
-        // SAFETY: guest RAM stays mapped and backed by this memfd for the VM's lifetime, longer
-        // than the IOAS or container (torn down first).
-        unsafe { iommu.map(&request) }.map_err(domain_err)?;
-        log::info!(
-            "guest RAM {gpa:#x}+{size:#x} allocated in {populated:?}, mapped into the IOMMU \
-             ({:?}) in {:?}",
-            backend.kind(),
-            started.elapsed()
-        );
-    }
-    for window in windows {
-        let size = window.last - window.start + 1;
-        if !ranges_cover(&host_ranges, window.start, size) {
-            log::warn!(
-                "P2P domain {}: MMIO window {:#x}+{size:#x} is outside the host IOMMU's range: \
-                 peer DMA to BARs placed there will fault",
-                plan.name,
-                window.start
-            );
-        }
-    }
-    Ok(())
-}
-
-/// Allocates the memfd's pages for `[offset, offset + size)`. Device DMA pins all of guest RAM
-/// anyway; allocating it up front with one call is cheaper than faulting it in page by page
-/// inside an iommufd map.
-fn populate(file: &std::fs::File, offset: u64, size: u64) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(size)) else {
-        return Err(std::io::ErrorKind::InvalidInput.into());
-    };
-    // SAFETY: fallocate only allocates blocks of the file; no memory of ours is touched.
-    let ret = unsafe { libc::fallocate(file.as_raw_fd(), 0, offset, len) };
-    if ret != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// The peer-BAR table of each domain that is a P2P group with P2P on: `None` for ungrouped
 /// devices and `mode = "off"`, whose domains hold guest RAM only.
 pub fn p2p_tables(opened: &Opened, windows: &[IovaRange]) -> Vec<Option<Arc<P2pTable>>> {
@@ -409,6 +238,7 @@ struct ModelContext<'a> {
     p2p: Option<Arc<P2pTable>>,
     mapper: &'a BarMapper,
     interrupts: &'a Arc<dyn InterruptController>,
+    dma_gate: &'a Arc<DmaGate>,
 }
 
 /// Registers an opened device with its domain's P2P table, builds its model and hands its
@@ -443,7 +273,7 @@ fn model(
         source,
     })
     .and_then(|model| Ok((mappable_areas(&device.id, &host, &model)?, model)));
-    let (areas, model) = match built {
+    let (areas, mut model) = match built {
         Ok(built) => built,
         Err(e) => {
             if let Some(table) = &cx.p2p {
@@ -452,6 +282,7 @@ fn model(
             return Err(e);
         }
     };
+    model.set_dma_gate(cx.dma_gate.clone());
     let model = Arc::new(Mutex::new(model));
     let shared: SharedPciDevice = model.clone();
     cx.mapper.add_passthrough(
@@ -478,6 +309,7 @@ pub fn build(
     reporter: Arc<P2pReporter>,
     mapper: &BarMapper,
     interrupts: Arc<dyn InterruptController>,
+    dma_gate: Arc<DmaGate>,
 ) -> Result<Passthrough, DeviceManagerError> {
     let Opened {
         domains,
@@ -495,6 +327,7 @@ pub fn build(
             p2p,
             mapper,
             interrupts: &interrupts,
+            dma_gate: &dma_gate,
         };
         devices.push(model(device, host, domain, clique, context)?);
     }
@@ -508,6 +341,7 @@ pub fn build(
         reporter,
         kvm_vfio,
         domains,
+        dma_gate,
     })
 }
 
@@ -534,6 +368,7 @@ impl Passthrough {
             p2p: target.p2p.clone(),
             mapper,
             interrupts,
+            dma_gate: &self.dma_gate,
         };
         let built = if fault == Some(HotplugStep::Model) {
             Err(DeviceManagerError::Injected {
