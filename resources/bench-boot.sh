@@ -88,8 +88,10 @@ SCRIPT
     --add-binary "$qemu" --add-dir /usr/share/qemu:/usr/share/qemu \
     --add-dir /usr/share/seabios:/usr/share/seabios
 
-log "booting L1: $runs runs each of p2pvmm${p2pvmm_args:+ ($p2pvmm_args)}, QEMU\
-${baseline/#-/}${quiet:+, quiet} (${cpus} vCPU, ${mem} MiB)"
+base_note=''
+[[ $baseline == - ]] || base_note=", p2pvmm-base ($baseline)"
+log "booting L1: $runs runs each of p2pvmm${p2pvmm_args:+ ($p2pvmm_args)}, QEMU$base_note\
+${quiet:+, quiet} (${cpus} vCPU, ${mem} MiB)"
 "$res/run-l1.sh" --kernel "$kernel" --initrd "$work/l1.cpio.gz" --timeout "$timeout_s" \
     --log "$work/l1-console.log" >/dev/null || true
 tr -d '\r' <"$work/l1-console.log" >"$work/console.txt"

@@ -112,7 +112,7 @@ pub fn read_kernel(path: &Path, decompress: KernelDecompress) -> Result<KernelIm
     let form = match decompress {
         KernelDecompress::Guest => KernelForm::AsIs(bytes),
         KernelDecompress::Host => match kernel_payload::locate(&bytes) {
-            Ok(compressed) => match decompressed(path, &bytes, compressed) {
+            Ok(compressed) => match decompressed(path, compressed) {
                 Ok(form) => form,
                 Err(e) => {
                     log::info!("kernel {path:?}: {e}; the guest decompresses it");
@@ -132,16 +132,17 @@ pub fn read_kernel(path: &Path, decompress: KernelDecompress) -> Result<KernelIm
     })
 }
 
-/// The kernel of the bzImage `image` at `path`, from the kernel cache or decompressed now (and
+/// The kernel of the bzImage at `path`, from the kernel cache or decompressed now (and
 /// then cached).
 fn decompressed(
     path: &Path,
-    image: &[u8],
     compressed: kernel_payload::Compressed<'_>,
 ) -> Result<KernelForm, PayloadError> {
     let started = Instant::now();
     let header = compressed.header;
-    let cache = kernel_cache::dir().map(|dir| (dir, kernel_cache::key(image)));
+    let cache = kernel_cache::dir()
+        .zip(std::fs::metadata(path).ok())
+        .map(|(dir, meta)| (dir, kernel_cache::key(&meta)));
     let cached = cache.as_ref().and_then(|(dir, key)| {
         kernel_cache::load(dir, key, compressed.recorded_size())
             .filter(|v| kernel_payload::is_elf(v))

@@ -2,7 +2,9 @@
 //! start: under nested virtualisation decompressing the lab's xz kernel took 1.7 s of a 2 s
 //! start, reading it back takes milliseconds.
 //!
-//! An entry is named by the bzImage's length and CRC-32 (`vmlinux-<len>-<crc>`), lives in
+//! An entry is named by the bzImage file's identity and last change (device, inode, length and
+//! ctime, which no write leaves unchanged and no user can set back; hashing the image instead
+//! cost half a second under nested TCG), lives in
 //! `$XDG_CACHE_HOME/p2pvmm/vmlinux` (else `$HOME/.cache/...`), is written to a temporary name
 //! and renamed into place, and is used only when its length is the one the bzImage's payload
 //! records for its decompressed kernel. The cache is a speed-up only: an entry that cannot be
@@ -23,9 +25,17 @@ pub fn dir() -> Option<PathBuf> {
     Some(base.join("p2pvmm").join("vmlinux"))
 }
 
-/// The entry name for the bzImage `image`.
-pub fn key(image: &[u8]) -> String {
-    format!("vmlinux-{}-{:08x}", image.len(), crc32fast::hash(image))
+/// The entry name for the bzImage file described by `meta`.
+pub fn key(meta: &fs::Metadata) -> String {
+    use std::os::unix::fs::MetadataExt;
+    format!(
+        "vmlinux-{:x}-{}-{}-{}.{:09}",
+        meta.dev(),
+        meta.ino(),
+        meta.len(),
+        meta.ctime(),
+        meta.ctime_nsec()
+    )
 }
 
 /// The cached kernel for `key`, if there is one of `expected_len` bytes.
@@ -69,9 +79,11 @@ mod tests {
     fn an_entry_round_trips_and_a_wrong_length_is_ignored() {
         let dir = std::env::temp_dir().join(format!("p2pvmm-kcache-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
-        let image = b"bzImage bytes".as_slice();
-        let key = key(image);
-        assert!(key.starts_with("vmlinux-13-"));
+        fs::create_dir_all(&dir).unwrap();
+        let image = dir.join("bzImage");
+        fs::write(&image, b"bzImage bytes").unwrap();
+        let key = key(&fs::metadata(&image).unwrap());
+        assert!(key.contains("-13-"), "{key}");
         assert_eq!(load(&dir, &key, None), None);
         store(&dir, &key, b"\x7fELF kernel");
         assert_eq!(
@@ -79,7 +91,13 @@ mod tests {
             Some(&b"\x7fELF kernel"[..])
         );
         assert_eq!(load(&dir, &key, Some(12)), None);
-        assert_ne!(super::key(b"another bzImage"), key);
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        fs::write(&image, b"bzImage 2nd!!").unwrap();
+        assert_ne!(
+            super::key(&fs::metadata(&image).unwrap()),
+            key,
+            "rewritten in place"
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 }
