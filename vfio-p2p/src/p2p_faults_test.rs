@@ -19,14 +19,11 @@ fn wide_vm() -> Vm {
         start: 0,
         last: HOST_39_BITS,
     }];
-    let fake = Arc::new(FakeIommu::with_ranges(BackendKind::Iommufd, host));
-    let table = P2pTable::new("g0", fake.clone(), &[WIDE_WINDOW]);
-    Vm {
-        fake,
-        table,
-        bases: Mutex::default(),
-        decoding: Mutex::default(),
-    }
+    Vm::build(
+        "g0",
+        FakeIommu::with_ranges(BackendKind::Iommufd, host),
+        &[WIDE_WINDOW],
+    )
 }
 
 fn state(vm: &Vm) -> P2pAreaState {

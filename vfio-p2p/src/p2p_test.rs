@@ -77,8 +77,13 @@ impl Vm {
 
     /// The table of P2P domain `domain` on `fake`.
     fn named(domain: &str, fake: FakeIommu) -> Self {
+        Self::build(domain, fake, &WINDOWS)
+    }
+
+    /// The table of P2P domain `domain` on `fake`, peers' BARs in `windows`.
+    fn build(domain: &str, fake: FakeIommu, windows: &[IovaRange]) -> Self {
         let fake = Arc::new(fake);
-        let table = P2pTable::new(domain, fake.clone(), &WINDOWS);
+        let table = P2pTable::new(domain, fake.clone(), windows);
         Self {
             fake,
             table,

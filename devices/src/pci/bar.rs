@@ -208,6 +208,15 @@ pub fn decoded_ranges(device: &dyn PciDevice) -> [Option<(BarInfo, BusRange)>; D
     })
 }
 
+/// Each BAR (and the ROM, as [`ROM_BAR`]) of `device` that decodes now, with its range.
+pub fn decoding_bars(device: &dyn PciDevice) -> Vec<(u8, BarInfo, BusRange)> {
+    decoded_ranges(device)
+        .iter()
+        .enumerate()
+        .filter_map(|(bar, r)| r.map(|(info, range)| (bar as u8, info, range)))
+        .collect()
+}
+
 /// Register values that determine decoding, taken before an access so it can be undone.
 pub struct DecodeSnapshot {
     command: u16,
@@ -346,15 +355,11 @@ fn diff(
 /// Announces every range `device` decodes as a removal (`old` → `None`): what the VMM needs
 /// when a function goes away. Errors are logged; a departing device cannot roll back.
 pub fn announce_removal(device: &SharedPciDevice, bdf: Bdf, observer: &dyn BarObserver) {
-    let ranges = decoded_ranges(&*lock(device));
-    for (bar, (info, range)) in ranges
-        .iter()
-        .enumerate()
-        .filter_map(|(i, r)| Some((i, (*r)?)))
-    {
+    let bars = decoding_bars(&*lock(device));
+    for (bar, info, range) in bars {
         let change = BarChange {
             bdf,
-            bar: bar as u8,
+            bar,
             kind: info.kind,
             prefetchable: info.prefetchable,
             old: Some(range),

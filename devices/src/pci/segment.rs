@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
 
 use super::bar::{
-    announce_removal, decoded_ranges, update_decode, BarChange, BarKind, BarObserver, BarRejected,
+    announce_removal, decoding_bars, update_decode, BarChange, BarKind, BarObserver, BarRejected,
     ObserverError,
 };
 use super::intx::gsi_for_path;
@@ -376,15 +376,11 @@ impl PciSegment {
             for (devfn, node) in nodes {
                 let bdf = Bdf::from_devfn(bus, *devfn);
                 if inside {
-                    let ranges = decoded_ranges(&*lock(&node.device));
-                    for (bar, (info, range)) in ranges
-                        .iter()
-                        .enumerate()
-                        .filter_map(|(i, r)| Some((i, (*r)?)))
-                    {
+                    let bars = decoding_bars(&*lock(&node.device));
+                    for (bar, info, range) in bars {
                         let change = BarChange {
                             bdf,
-                            bar: bar as u8,
+                            bar,
                             kind: info.kind,
                             prefetchable: info.prefetchable,
                             old: Some(range),
