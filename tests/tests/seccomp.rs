@@ -118,8 +118,10 @@ fn every_p2pvmm_thread_runs_under_a_filter() {
         );
     }
     for (comm, mode, filters) in &threads {
-        // Mode 2 is SECCOMP_MODE_FILTER. Threads the VMM thread spawns keep its filter too.
-        let own = if comm == "p2pvmm" || comm.starts_with("p2pvmm-api") {
+        // Mode 2 is SECCOMP_MODE_FILTER. Threads the VMM thread spawns keep its filter too;
+        // the start's helper threads (kernel-read, ram-map) have only that one.
+        let inherits = ["p2pvmm", "kernel-read", "ram-map"];
+        let own = if inherits.contains(&comm.as_str()) || comm.starts_with("p2pvmm-api") {
             1
         } else {
             2
