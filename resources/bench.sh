@@ -4,7 +4,7 @@
 #
 # Usage: resources/bench.sh [--quick] [--only LIST]
 #   --quick      fewer runs (boot 3, DMA map 2, P2P one BAR size set of 3): ~35 min instead of ~90
-#   --only LIST  comma-separated subset of: boot,boot-quiet,dma-map,memory,p2p
+#   --only LIST  comma-separated subset of: boot,boot-quiet,dma-map,memory,p2p,scale
 #
 # Benchmarks (each script documents its method; all measure inside one L1 guest):
 #   boot        resources/bench-boot.sh: start to L2 init, console on (serial output is where
@@ -13,6 +13,8 @@
 #   dma-map     resources/bench-dma-map.sh: guest RAM allocation + IOMMU map per GiB and backend
 #   memory      resources/bench-memory.sh: VMM RSS minus guest RAM with 0, 2 and 8 devices
 #   p2p         resources/bench-p2p.sh: peer BAR establish / move / teardown per BAR size
+#   scale       resources/bench-scale.sh: 8 x 8 GiB BARs vs 8 x 64 MiB (start to all mapped,
+#               BAR move), start time and VMM memory by device count and guest RAM
 # Logs: target/bench-all/NAME.log; the summary: target/bench-all/summary.txt; the boot chart:
 # target/bench-all/boot.svg (copied to resources/bench/ with --update-readme-charts).
 set -euo pipefail
@@ -21,7 +23,7 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 res=$repo/resources
 log() { echo "bench: $*" >&2; }
 
-quick=0 only=boot,boot-quiet,dma-map,memory,p2p update=0
+quick=0 only=boot,boot-quiet,dma-map,memory,p2p,scale update=0
 while (($#)); do
     case $1 in
         --quick) quick=1; shift ;;
@@ -33,8 +35,8 @@ done
 out=$repo/target/bench-all
 mkdir -p "$out"
 wanted() { [[ ,$only, == *",$1,"* ]]; }
-runs_boot=5 runs_map=3 p2p_args=(--sizes "4M 1G 64G" --moves 4)
-((quick)) && { runs_boot=3 runs_map=2 p2p_args=(--sizes "4M 64G" --moves 3 --runs 2); }
+runs_boot=5 runs_map=3 p2p_args=(--sizes "4M 1G 64G" --moves 4) scale_args=()
+((quick)) && { runs_boot=3 runs_map=2 p2p_args=(--sizes "4M 64G" --moves 3 --runs 2) scale_args=(--runs 1 --no-legacy); }
 
 run() {
     local name=$1; shift
@@ -51,11 +53,12 @@ wanted boot-quiet && run boot-quiet "$res/bench-boot.sh" --runs "$runs_boot" --c
 wanted dma-map && run dma-map "$res/bench-dma-map.sh" --runs "$runs_map"
 wanted memory && [[ -x $res/bench-memory.sh ]] && run memory "$res/bench-memory.sh"
 wanted p2p && run p2p "$res/bench-p2p.sh" "${p2p_args[@]}"
+wanted scale && run scale "$res/bench-scale.sh" "${scale_args[@]}"
 
 # The summary: every median/ratio line each benchmark printed, under its name.
 {
     echo "p2pvmm benchmarks, $(date -u +%Y-%m-%d), $(nproc) host cores"
-    for name in boot boot-quiet dma-map memory p2p; do
+    for name in boot boot-quiet dma-map memory p2p scale; do
         [[ -f $out/$name.log ]] && wanted "$name" || continue
         echo
         echo "== $name"
