@@ -10,8 +10,10 @@ Reads the L1 console (p2pvmm's -vv/-v lines and the BENCH- markers) and prints:
   sum of "<bdf>: config write at .. applied N BAR change(s) in N us" of the moved function
   between "BENCH-L2 move <bdf>" and "moved" (the VMM's whole time from trap to re-entry);
 - growth: per device count and guest RAM, start to L2 init (L1 /proc/uptime), p2pvmm's start
-  phases, when guest RAM was mapped for DMA, and the VMM's memory (VmRSS, VmHWM, RssShmem =
-  the guest RAM memfd's resident pages; VMM's own = VmRSS - RssShmem = RssAnon + RssFile).
+  phases, when guest RAM was mapped for DMA, and the VMM's memory: VmRSS, VmHWM, VmPin (the
+  guest RAM pinned for DMA), the guest RAM memfd mapping's resident pages (smaps; pages pinned
+  through the IOMMU but never touched by the guest are not resident there), and the VMM's own =
+  VmRSS minus that (binary, heap, stacks: what grows with devices).
 Lines start with "median", "ratio", "  N devices" or "|" (resources/bench.sh greps them).
 """
 import argparse
@@ -156,17 +158,21 @@ def grow_report(grow, devices, mems):
         phases += [k for k in g if k.startswith("phase ") and k not in phases]
     print("\n## growth: start and VMM memory (medians; MiB)\n")
     print("| devices | guest RAM | runs | start to L2 init (ms) | first vCPU entry (ms) | RAM mapped for DMA "
-          "(ms after start) | VmRSS | VmHWM | RssShmem | VMM own (VmRSS - RssShmem) | VmRSS - guest RAM |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "(ms after start) | VmRSS | VmHWM | VmPin | guest RAM resident | VMM own (VmRSS - guest RAM resident) "
+          "| VmHWM - guest RAM resident |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     out = []
     for label, n, m in configs:
-        rss, shm = stat(label, "VmRSS"), stat(label, "RssShmem")
-        own = med([a - b for a, b in zip(grow[label]["VmRSS"], grow[label]["RssShmem"])])
+        g = grow[label] if label in grow else {}
+        guest = g.get("GuestRss", [])
+        own = med([a - b for a, b in zip(g.get("VmRSS", []), guest)])
+        hwm = med([a - b for a, b in zip(g.get("VmHWM", []), guest)])
         row = dict(label=label, n=n, m=m, init=stat(label, "init"), own=own)
         out.append(row)
-        print(f"| {n} | {m} GiB | {len(grow[label]['init'])} | {row['init']:.0f} "
+        print(f"| {n} | {m} GiB | {len(g.get('init', []))} | {row['init']:.0f} "
               f"| {stat(label, 'phase first vCPU entry'):.1f} | {stat(label, 'ram mapped at'):.0f} "
-              f"| {rss:.1f} | {stat(label, 'VmHWM'):.1f} | {shm:.1f} | {own:.1f} | {rss - m * 1024:.1f} |")
+              f"| {stat(label, 'VmRSS'):.1f} | {stat(label, 'VmHWM'):.1f} | {stat(label, 'VmPin'):.0f} "
+              f"| {med(guest):.1f} | {own:.1f} | {hwm:.1f} |")
     print("\n| devices | guest RAM | " + " | ".join(p[6:] for p in phases) + " |")
     print("| --- | --- |" + " --- |" * len(phases))
     for label, n, m in configs:

@@ -19,7 +19,7 @@
 #   --devices LIST    device counts of the growth figure (edu + N-1 ivshmems, 1 GiB guest)
 #   --mems LIST       guest RAM sizes in GiB of the growth figure (edu + 1 ivshmem). Guest RAM
 #                     is pinned for VFIO, so L1 gets the largest + 2 GiB; sizes the host's
-#                     MemAvailable cannot hold are dropped with a message (16 needs ~19 GiB free)
+#                     MemAvailable cannot hold (with 2 GiB to spare) are dropped with a message
 #   --runs N          boots per growth configuration (default 2), interleaved
 #   --timeout SECS    L1 wall-clock bound (default 3600)
 #
@@ -29,7 +29,7 @@
 # moves through sysfs config writes). Growth boots: p2pvmm -v; L2's /lab/l2.sh prints
 # "BENCH-L2 init" first thing (where the P2PVMM-L2 line would be) and idles; L1 times it from
 # its /proc/uptime, waits for "guest RAM mapped for DMA", reads /proc/PID/status and
-# smaps_rollup, then stops p2pvmm with SIGTERM. resources/bench-scale-report.py reads the
+# smaps (the guest RAM memfd's resident pages apart from the rest), then stops p2pvmm with SIGTERM. resources/bench-scale-report.py reads the
 # console: tables, medians, target/bench-scale/scale.svg. L1 runs under
 # `flock /tmp/p2pvmm-lab.lock` (P2PVMM_LAB_LOCK): one lab at a time.
 set -euo pipefail
@@ -82,7 +82,7 @@ mapfile -t size_bytes < <(printf '%s\n' "${size_bytes[@]}" | sort -n -u)
 avail_mib=$(awk '/^MemAvailable:/ { print int($2 / 1024) }' /proc/meminfo)
 kept=
 for m in $(printf '%s\n' $mems | sort -n -u); do
-    if ((m * 1024 + 2048 + 1024 <= avail_mib)); then
+    if ((m * 1024 + 2048 + 2048 <= avail_mib)); then
         kept="$kept $m"
     else
         log "guest RAM ${m} GiB dropped: L1 would need $((m * 1024 + 2048)) MiB, the host has ${avail_mib} MiB available"
@@ -204,7 +204,8 @@ grow() {
         if [ \$init\$ram\$done = 110 ]; then
             done=1
             sleep 2
-            echo "BENCH-MEM \$1 \$(grep -E '^(VmRSS|VmHWM|RssAnon|RssFile|RssShmem|VmPin):' /proc/\$pid/status | tr -d ' \t' | tr '\n' ' ') \$(grep -E '^(Pss|Pss_Anon|Pss_Shmem):' /proc/\$pid/smaps_rollup 2>/dev/null | tr -d ' \t' | tr '\n' ' ')"
+            # GuestRss: resident pages of the guest RAM memfd mapping; OtherRss: the rest.
+            echo "BENCH-MEM \$1 \$(grep -E '^(VmRSS|VmHWM|RssAnon|RssFile|RssShmem|VmPin):' /proc/\$pid/status | tr -d ' \t' | tr '\n' ' ') \$(awk '/^[0-9a-f]+-[0-9a-f]+ / { g = \$6 ~ /^\/memfd:/ } /^Rss:/ { if (g) gr += \$2; else o += \$2 } END { printf "GuestRss:%dkB OtherRss:%dkB", gr, o }' /proc/\$pid/smaps)"
             kill -TERM \$pid
         fi
     done </tmp/o
