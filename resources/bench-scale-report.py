@@ -75,7 +75,7 @@ def parse(lines):
                     g[k].append(int(v) / 1024)
             elif kind == "GROW-RC":
                 g["rc"].append(rest.strip())
-            else:
+            elif "SIGTERM: stopping the VM" not in rest:  # the benchmark's own stop
                 g["log"].append(rest)
             continue
         if run is None:
