@@ -68,7 +68,7 @@ for v in "$runs" "$mem" "$cpus" "$timeout_s"; do
 done
 max_dev=0
 for n in $devices; do
-    [[ $n =~ ^[0-9]+$ ]] && ((n <= 8)) || { log "--devices: counts from 0 to 8"; exit 2; }
+    if ! [[ $n =~ ^[0-9]+$ ]] || ((n > 8)); then log "--devices: counts from 0 to 8"; exit 2; fi
     ((n > max_dev)) && max_dev=$n
 done
 for b in $backends; do
