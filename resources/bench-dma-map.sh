@@ -215,7 +215,7 @@ $1 == "BENCH-MAP" {
 $1 == "BENCH-QEMU" { q[$2 SUBSEP $3 SUBSEP $4 SUBSEP $5] = ($7 - $6) * 1000 }
 END {
     for (i = 1; i <= nk; i++) {
-        split(keys[i], p, SUBSEP); gib = p[4] / 1024
+        split(keys[i], p, SUBSEP); gib = p[3] / 1024
         m = mapt[keys[i]] / gib; a = alloc[keys[i]] / gib
         printf "run %-9s %-7s %5d MiB  map %9.1f ms (%.1f ms/GiB), page allocation before it %.1f ms/GiB\n", p[1], p[2], p[3], mapt[keys[i]], m, a
         pm[p[1] SUBSEP p[2]] = pm[p[1] SUBSEP p[2]] " " m
