@@ -38,12 +38,9 @@ while (($#)); do
     esac
 done
 
-"$res/setup.sh"
-kernel=$("$res/lab-kernel.sh" | tail -n1)
-log "building the static p2pvmm"
-(cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static" cargo build -q --release -p vmm \
-    --bin p2pvmm --target x86_64-unknown-linux-gnu --target-dir target/lab)
-p2pvmm=$repo/target/lab/x86_64-unknown-linux-gnu/release/p2pvmm
+# shellcheck source=resources/bench-lib.sh
+. "$res/bench-lib.sh"
+bench_prepare
 qemu=$(command -v qemu-system-x86_64)
 
 work=$repo/target/lab/bench

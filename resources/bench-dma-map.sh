@@ -74,11 +74,9 @@ done
 l1_mem=$((max_size * 2 + 2048))
 ((l1_mem >= 6144)) || l1_mem=6144
 
-"$res/setup.sh"
-kernel=$("$res/lab-kernel.sh" | tail -n1)
-(cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static" nice cargo build -q --release -p vmm \
-    --bin p2pvmm --target x86_64-unknown-linux-gnu --target-dir target/lab)
-p2pvmm=$repo/target/lab/x86_64-unknown-linux-gnu/release/p2pvmm
+# shellcheck source=resources/bench-lib.sh
+. "$res/bench-lib.sh"
+bench_prepare
 qemu=$(command -v qemu-system-x86_64)
 work=$repo/target/lab/bench-dma-map
 rm -rf "$work" && mkdir -p "$work"
@@ -176,16 +174,8 @@ SCRIPT
     --add "$work/run.sh:/lab/run.sh" \
     --add-binary "$qemu" --add-dir /usr/share/qemu:/usr/share/qemu \
     --add-dir /usr/share/seabios:/usr/share/seabios
-lock=${P2PVMM_LAB_LOCK:-/tmp/p2pvmm-lab.lock}
-log "waiting for the lab lock $lock, then booting L1 (${l1_mem} MiB): $runs runs of modes '$modes', sizes '$sizes' MiB$( ((with_qemu)) && echo ", with QEMU")"
-started=$SECONDS
-flock "$lock" "$res/run-l1.sh" --kernel "$kernel" --initrd "$work/l1.cpio.gz" --mem "$l1_mem" \
-    --timeout "$timeout_s" --log "$work/l1-console.log" >/dev/null || true
-log "L1 ran $((SECONDS - started)) s (lock wait included)"
-tr -d '\r' <"$work/l1-console.log" >"$work/console.txt"
-grep -q 'P2PVMM-L1: done' "$work/console.txt" ||
-    log "warning: L1 did not finish (timeout or crash); reporting what it printed"
-grep -E '^BENCH-(L1|FAIL|QEMU-LOG)' "$work/console.txt" >&2 || true
+log "booting L1 (${l1_mem} MiB): $runs runs of modes '$modes', sizes '$sizes' MiB$( ((with_qemu)) && echo ", with QEMU")"
+bench_run_l1 "$work/console.txt" --mem "$l1_mem" --timeout "$timeout_s"
 grep -E '^BENCH-(MAP|QEMU) ' "$work/console.txt" >"$work/results.txt" || {
     log "no results; console in $work/console.txt"
     exit 1

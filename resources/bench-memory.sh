@@ -76,12 +76,9 @@ for b in $backends; do
 done
 [[ $thp =~ ^(always|madvise|never)$ ]] || { log "--thp: always, madvise or never"; exit 2; }
 
-"$res/setup.sh"
-kernel=$("$res/lab-kernel.sh" | tail -n1)
-log "building the static p2pvmm"
-(cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static" nice cargo build -q --release -p vmm \
-    --bin p2pvmm --target x86_64-unknown-linux-gnu --target-dir target/lab)
-p2pvmm=$repo/target/lab/x86_64-unknown-linux-gnu/release/p2pvmm
+# shellcheck source=resources/bench-lib.sh
+. "$res/bench-lib.sh"
+bench_prepare
 qemu=$(command -v qemu-system-x86_64)
 
 work=$repo/target/lab/bench-memory
@@ -102,8 +99,7 @@ for ((i = 1; i <= extra_edu; i++)); do
     qemu_args+=(--qemu-arg -device --qemu-arg "edu,dma_mask=0xffffffffffffffff")
 done
 for ((i = 1; i <= extra_shm; i++)); do
-    qemu_args+=(--qemu-arg -object --qemu-arg "memory-backend-ram,id=mshm$i,size=64M,share=on"
-        --qemu-arg -device --qemu-arg "ivshmem-plain,memdev=mshm$i")
+    bench_ivshmem "mshm$i" $((64 << 20)) ''
 done
 
 {
@@ -239,16 +235,8 @@ SCRIPT
     --add-binary "$qemu" --add-dir /usr/share/qemu:/usr/share/qemu \
     --add-dir /usr/share/seabios:/usr/share/seabios
 
-lock=${P2PVMM_LAB_LOCK:-/tmp/p2pvmm-lab.lock}
-log "waiting for the lab lock $lock, then booting L1: $runs runs, devices '$devices', ${mem} MiB, $cpus vCPU(s), p2pvmm backends '$backends', L1 THP $thp"
-started=$SECONDS
-flock "$lock" "$res/run-l1.sh" --kernel "$kernel" --initrd "$work/l1.cpio.gz" --mem 4096 \
-    --timeout "$timeout_s" --log "$work/l1-console.log" "${qemu_args[@]}" >/dev/null || true
-log "L1 ran $((SECONDS - started)) s (lock wait included)"
-tr -d '\r' <"$work/l1-console.log" >"$work/console.txt"
-grep -q 'P2PVMM-L1: done' "$work/console.txt" ||
-    log "warning: L1 did not finish (timeout or crash); reporting what it printed"
-grep -E '^BENCH-(L1|FAIL)' "$work/console.txt" >&2 || true
+log "booting L1: $runs runs, devices '$devices', ${mem} MiB, $cpus vCPU(s), p2pvmm backends '$backends', L1 THP $thp"
+bench_run_l1 "$work/console.txt" --mem 4096 --timeout "$timeout_s" "${qemu_args[@]}"
 grep -q '^BENCH-MEM ' "$work/console.txt" || { log "no results; console in $work/console.txt"; exit 1; }
 
 awk -v backends="$backends" -v devices="$devices" '

@@ -51,32 +51,15 @@ done
     { log "--runs, --moves and --timeout take positive integers"; exit 2; }
 [[ $topology =~ ^(flat|switch|root-ports)$ ]] || { log "--topology: flat, switch or root-ports"; exit 2; }
 
-# Sizes in bytes, each once, smallest first.
-bytes_of() {
-    case $1 in
-        *[Gg]) echo $((${1%[Gg]} << 30)) ;;
-        *[Mm]) echo $((${1%[Mm]} << 20)) ;;
-        *) return 1 ;;
-    esac
-}
-size_bytes=()
-for s in $sizes; do
-    [[ $s =~ ^[1-9][0-9]*[MmGg]$ ]] || { log "size '$s': a number with M or G"; exit 2; }
-    b=$(bytes_of "$s")
-    ((b >= 1 << 20 && (b & (b - 1)) == 0)) || { log "size '$s': a power of two, at least 1M"; exit 2; }
-    ((b <= 64 << 30)) || { log "size '$s': at most 64G (L1's 256 GiB 64-bit hole)"; exit 2; }
-    size_bytes+=("$b")
-done
+# shellcheck source=resources/bench-lib.sh
+. "$res/bench-lib.sh"
+bench_bar_sizes "$sizes"
 ((${#size_bytes[@]})) || usage
-mapfile -t size_bytes < <(printf '%s\n' "${size_bytes[@]}" | sort -n -u)
+((size_bytes[-1] <= 64 << 30)) || { log "sizes: at most 64G (L1's 256 GiB 64-bit hole)"; exit 2; }
 
-"$res/setup.sh"
-kernel=$("$res/lab-kernel.sh" | tail -n1)
-log "building the static p2pvmm and the chart program"
-(cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static" cargo build -q --release -p vmm \
-    --bin p2pvmm --target x86_64-unknown-linux-gnu --target-dir target/lab)
+bench_prepare
+log "building the chart program"
 (cd "$repo" && cargo build -q --release -p p2pvmm-tests --bin p2p-chart)
-p2pvmm=$repo/target/lab/x86_64-unknown-linux-gnu/release/p2pvmm
 chart=$repo/target/release/p2p-chart
 "$p2pvmm" --help | grep -q -- --p2p-group ||
     log "warning: this p2pvmm has no --p2p-group; running without a group"
@@ -92,14 +75,7 @@ n=0
 for b in "${size_bytes[@]}"; do
     ((b == 64 << 20)) && continue
     n=$((n + 1))
-    if ((b >= 1 << 30)); then
-        truncate -s "$b" "$work/bar-$n.mem"
-        backend="memory-backend-file,id=bench$n,size=$b,mem-path=$work/bar-$n.mem,share=on"
-    else
-        backend="memory-backend-ram,id=bench$n,size=$b,share=on"
-    fi
-    qemu_args+=(--qemu-arg -object --qemu-arg "$backend"
-        --qemu-arg -device --qemu-arg "ivshmem-plain,memdev=bench$n")
+    bench_ivshmem "bench$n" "$b" "$work/bar-$n.mem"
 done
 trap 'rm -f "$work"/bar-*.mem' EXIT
 
@@ -160,16 +136,8 @@ SCRIPT
 "$res/mkinitramfs.sh" l1 "$work/l1.cpio.gz" \
     --add "$p2pvmm:/usr/bin/p2pvmm" --add "$kernel:/l2/bzImage" \
     --add "$work/l2.cpio.gz:/l2/initramfs.cpio.gz" --add "$work/run.sh:/lab/run.sh"
-lock=${P2PVMM_LAB_LOCK:-/tmp/p2pvmm-lab.lock}
-log "waiting for the lab lock $lock, then booting L1: $runs runs x 2 mechanisms, ${#size_bytes[@]} BAR sizes per boot, $moves moves each"
-started=$SECONDS
-flock "$lock" "$res/run-l1.sh" --kernel "$kernel" --initrd "$work/l1.cpio.gz" --mem 4096 \
-    --timeout "$timeout_s" --log "$work/l1-console.log" "${qemu_args[@]}" >/dev/null || true
-log "L1 ran $((SECONDS - started)) s (lock wait included)"
-tr -d '\r' <"$work/l1-console.log" >"$work/console.txt"
-grep -q 'P2PVMM-L1: done' "$work/console.txt" ||
-    log "warning: L1 did not finish (timeout or crash); reporting what it printed"
-grep -E 'BENCH-L1' "$work/console.txt" >&2 || true
+log "booting L1: $runs runs x 2 mechanisms, ${#size_bytes[@]} BAR sizes per boot, $moves moves each"
+bench_run_l1 "$work/console.txt" --mem 4096 --timeout "$timeout_s" "${qemu_args[@]}"
 cp "$work/console.txt" "$out/console.txt"
 "$chart" "$work/console.txt" --svg "$out/p2p-bar-map.svg" | tee "$out/results.txt"
 if ((update_chart)); then

@@ -61,21 +61,12 @@ done
 ((count <= 8)) || { log "--count: at most 8"; exit 2; }
 for n in $devices; do ((n <= count + 1)) || { log "--devices: at most --count + 1 ($((count + 1)))"; exit 2; }; done
 
-bytes_of() {
-    case $1 in
-        *[Gg]) echo $((${1%[Gg]} << 30)) ;;
-        *[Mm]) echo $((${1%[Mm]} << 20)) ;;
-    esac
-}
-size_bytes=() total=0
-for s in $sizes; do
-    [[ $s =~ ^[1-9][0-9]*[MmGg]$ ]] || { log "size '$s': a number with M or G"; exit 2; }
-    b=$(bytes_of "$s")
-    ((b >= 1 << 20 && (b & (b - 1)) == 0)) || { log "size '$s': a power of two, at least 1M"; exit 2; }
-    size_bytes+=("$b") total=$((total + count * b))
-done
+# shellcheck source=resources/bench-lib.sh
+. "$res/bench-lib.sh"
+bench_bar_sizes "$sizes"
 ((${#size_bytes[@]})) || usage
-mapfile -t size_bytes < <(printf '%s\n' "${size_bytes[@]}" | sort -n -u)
+total=0
+for b in "${size_bytes[@]}"; do total=$((total + count * b)); done
 ((total <= 128 << 30)) || { log "more than 128 GiB of BARs: L1's 64-bit hole is 256 GiB"; exit 2; }
 
 # L1 RAM: the largest guest that fits in the host's available memory, + 2 GiB.
@@ -93,12 +84,7 @@ mems=${kept# }
 max_mem=${mems##* }
 l1_mem=$(((max_mem > 2 ? max_mem : 2) * 1024 + 2048))
 
-"$res/setup.sh"
-kernel=$("$res/lab-kernel.sh" | tail -n1)
-log "building the static p2pvmm"
-(cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static" nice cargo build -q --release -p vmm \
-    --bin p2pvmm --target x86_64-unknown-linux-gnu --target-dir target/lab)
-p2pvmm=$repo/target/lab/x86_64-unknown-linux-gnu/release/p2pvmm
+bench_prepare
 
 work=$repo/target/lab/bench-scale
 out=$repo/target/bench-scale
@@ -111,14 +97,7 @@ for b in "${size_bytes[@]}"; do
     for ((i = 1; i <= count; i++)); do
         ((b == 64 << 20 && i == 1)) && continue # the lab's own (run-l1.sh)
         n=$((n + 1))
-        if ((b >= 1 << 30)); then
-            truncate -s "$b" "$work/bar-$n.mem"
-            backend="memory-backend-file,id=scale$n,size=$b,mem-path=$work/bar-$n.mem,share=on"
-        else
-            backend="memory-backend-ram,id=scale$n,size=$b,share=on"
-        fi
-        qemu_args+=(--qemu-arg -object --qemu-arg "$backend"
-            --qemu-arg -device --qemu-arg "ivshmem-plain,memdev=scale$n")
+        bench_ivshmem "scale$n" "$b" "$work/bar-$n.mem"
     done
 done
 trap 'rm -f "$work"/bar-*.mem' EXIT
@@ -224,16 +203,7 @@ SCRIPT
 "$res/mkinitramfs.sh" l1 "$work/l1.cpio.gz" \
     --add "$p2pvmm:/usr/bin/p2pvmm" --add "$kernel:/l2/bzImage" \
     --add "$work/l2.cpio.gz:/l2/initramfs.cpio.gz" --add "$work/run.sh:/lab/run.sh"
-lock=${P2PVMM_LAB_LOCK:-/tmp/p2pvmm-lab.lock}
-log "waiting for the lab lock $lock, then booting L1 (${l1_mem} MiB): scale $count x {$sizes} ($mechs), growth devices {$devices}, guest RAM {$mems} GiB, $runs runs"
-started=$SECONDS
-flock "$lock" "$res/run-l1.sh" --kernel "$kernel" --initrd "$work/l1.cpio.gz" \
-    --mem "$l1_mem" --timeout "$timeout_s" --log "$work/l1-console.log" "${qemu_args[@]}" \
-    >/dev/null || true
-log "L1 ran $((SECONDS - started)) s (lock wait included)"
-tr -d '\r' <"$work/l1-console.log" >"$out/console.txt"
-grep -q 'P2PVMM-L1: done' "$out/console.txt" ||
-    log "warning: L1 did not finish (timeout or crash); reporting what it printed"
-grep -E 'BENCH-L1' "$out/console.txt" >&2 || true
+log "booting L1 (${l1_mem} MiB): scale $count x {$sizes} ($mechs), growth devices {$devices}, guest RAM {$mems} GiB, $runs runs"
+bench_run_l1 "$out/console.txt" --mem "$l1_mem" --timeout "$timeout_s" "${qemu_args[@]}"
 python3 "$res/bench-scale-report.py" "$out/console.txt" --svg "$out/scale.svg" \
     --devices "$devices" --mems "$mems" | tee "$out/results.txt"

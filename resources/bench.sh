@@ -51,7 +51,7 @@ run() {
 wanted boot && run boot "$res/bench-boot.sh" --runs "$runs_boot" --cpus 2
 wanted boot-quiet && run boot-quiet "$res/bench-boot.sh" --runs "$runs_boot" --cpus 2 --quiet
 wanted dma-map && run dma-map "$res/bench-dma-map.sh" --runs "$runs_map"
-wanted memory && [[ -x $res/bench-memory.sh ]] && run memory "$res/bench-memory.sh"
+wanted memory && run memory "$res/bench-memory.sh"
 wanted p2p && run p2p "$res/bench-p2p.sh" "${p2p_args[@]}"
 wanted scale && run scale "$res/bench-scale.sh" "${scale_args[@]}"
 
