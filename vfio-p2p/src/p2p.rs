@@ -610,7 +610,7 @@ impl P2pTable {
         match self.iommu.unmap(iova, entry.size) {
             Ok(()) => {
                 debug!(
-                    "{key}: unmapped from IOVA {iova:#x} in {:?}",
+                    "{label}: unmapped from IOVA {iova:#x} in {:?}",
                     started.elapsed()
                 );
                 entry.mapped_at = None;
