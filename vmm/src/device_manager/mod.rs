@@ -166,18 +166,20 @@ impl DeviceManager {
             ram_map::check_reach(&opened.domains, platform.ram, &windows)?;
             Some(opened)
         };
-        // From here the mapping overlaps the rest of the setup and the guest's boot.
-        let ram_map = match &opened {
-            Some(opened) => Some(RamMap::start(
+        // Guest RAM is mapped on a thread once the devices are set up: the type1 kernel holds
+        // its container lock for the whole pinning, so starting it earlier made the first P2P
+        // BAR maps (and the first vCPU entry) wait for it. Bus mastering waits on the gate.
+        let ram_job = match &opened {
+            Some(opened) => Some((
                 opened.domains.clone(),
                 platform.ram.share().map_err(DeviceManagerError::RamShare)?,
-                platform.exit.clone(),
             )),
             None => None,
         };
-        let dma_gate = ram_map
-            .as_ref()
-            .map_or_else(|| Arc::new(DmaGate::mapped()), |m| m.gate().clone());
+        let dma_gate = Arc::new(match &ram_job {
+            Some(_) => DmaGate::mapping(),
+            None => DmaGate::mapped(),
+        });
         // One peer-BAR table per P2P group; the mapper keeps each in step with every BAR the
         // guest places, and the reporter shows them once changes settle.
         let tables = opened
@@ -199,7 +201,7 @@ impl DeviceManager {
                 reporter,
                 &mapper,
                 platform.interrupts.clone(),
-                dma_gate,
+                dma_gate.clone(),
             )?),
             None => None,
         };
@@ -259,6 +261,9 @@ impl DeviceManager {
             BusRange::new(PCI_CONFIG_IO_PORT, PciConfigIo::LEN),
             Arc::new(Mutex::new(root.config_io())),
         )?;
+        // From here the mapping overlaps the guest's boot.
+        let ram_map = ram_job
+            .map(|(domains, ram)| RamMap::start(domains, ram, dma_gate, platform.exit.clone()));
         Ok(Self {
             root,
             passthrough,

@@ -37,16 +37,17 @@ pub struct RamMap {
 
 impl RamMap {
     /// Starts mapping `ram` into `domains` on a thread (here and now if no thread can be
-    /// spawned).
+    /// spawned), opening `gate` when it is done.
     pub fn start(
         domains: Vec<(DomainPlan, VfioBackend)>,
         ram: GuestRam,
+        gate: Arc<DmaGate>,
         exit: Arc<ExitSignal>,
     ) -> Self {
         let job = Arc::new(MapJob {
             domains,
             ram,
-            gate: Arc::new(DmaGate::mapping()),
+            gate,
             exit,
         });
         let gate = job.gate.clone();
@@ -64,11 +65,6 @@ impl RamMap {
             }
         };
         Self { gate, thread }
-    }
-
-    /// The gate every passthrough device holds its bus mastering on.
-    pub fn gate(&self) -> &Arc<DmaGate> {
-        &self.gate
     }
 
     /// Why the mapping failed, if it did.
