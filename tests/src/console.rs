@@ -123,14 +123,15 @@ pub fn run_retrying_lab_failure(
 const MAX_LAB_RERUNS: usize = 2;
 
 /// Why a run's result says nothing about p2pvmm, if it does not: a scenario in `booting`
-/// without L2 kernel output, an L2 oops or triple fault (seen at random points of L2's boot,
-/// memory corruption under nested TCG), or a scenario killed by its time limit or never
+/// without L2 kernel output, an L2 oops, kernel panic or triple fault (seen at random points of
+/// L2's boot, memory corruption under nested TCG), or a scenario killed by its time limit or never
 /// finished (seen when the machine stalled for minutes).
 fn lab_failure(console: &Console, booting: &[&str]) -> Option<&'static str> {
     let silent = booting.iter().any(|name| {
         console.scenario(name).is_none_or(|s| {
             !s.output.contains("Linux version")
                 || s.output.contains("Oops: ")
+                || s.output.contains("Kernel panic - not syncing")
                 || s.output.contains("triple fault")
         })
     });
@@ -326,6 +327,12 @@ mod tests {
         assert_eq!(
             runs_for(&format!(
                 "{booted}vcpu0: triple fault, resetting\nSCENARIO-END s rc=3\n"
+            )),
+            3
+        );
+        assert_eq!(
+            runs_for(&format!(
+                "{booted}Kernel panic - not syncing: Fatal exception\nSCENARIO-END s rc=3\n"
             )),
             3
         );

@@ -36,9 +36,10 @@ fn run_lab() -> Result<Console, String> {
     std::fs::create_dir_all(&dir).map_err(|e| format!("creating {dir:?}: {e}"))?;
     let rom = dir.join("edu-rom.bin");
     std::fs::write(&rom, edu_option_rom()).map_err(|e| format!("writing {rom:?}: {e}"))?;
+    // `-v`: a guest reset's cause (reset register, i8042, triple fault) is in the console.
     let hammer = |backend: &str| {
         format!(
-            "{VMM} --cpus 2 --cmdline '{L2_CMDLINE} lab.hammer' \
+            "{VMM} -v --cpus 2 --cmdline '{L2_CMDLINE} lab.hammer' \
              --device path=$NIC,id=nic,backend={backend} \
              --device path=$EDU,id=edu,backend={backend}"
         )
