@@ -59,6 +59,7 @@ impl MemorySlots {
             memory_size: size,
             userspace_addr: host,
         };
+        let started = std::time::Instant::now();
         // SAFETY: for a non-zero size the caller of `map` guarantees the host range stays mapped
         // until `unmap`; a zero size deletes the slot and touches no memory.
         unsafe { self.vm.set_user_memory_region(region) }.map_err(|source| SlotError::Kvm {
@@ -66,7 +67,14 @@ impl MemorySlots {
             gpa,
             size,
             source,
-        })
+        })?;
+        // Part of a BAR move's cost (the P2P benchmark's breakdown).
+        log::debug!(
+            "KVM memory slot {slot} at {gpa:#x} {} in {} us",
+            if size == 0 { "deleted" } else { "added" },
+            started.elapsed().as_micros()
+        );
+        Ok(())
     }
 
     /// Maps `size` bytes of host memory at `host` into the guest at `gpa`.

@@ -267,8 +267,11 @@ impl PciSegment {
             observer: &*self.observer,
             bridges: self.bridges_above(&target.device),
         };
+        let mut device_write = std::time::Duration::ZERO;
         let changes = update_decode(&target.device, bdf, &forwarding, |dev| {
-            dev.write_config(offset, data)
+            let write_started = std::time::Instant::now();
+            dev.write_config(offset, data);
+            device_write = write_started.elapsed();
         })?;
         if let Some(before) = reach_before {
             for (device, change) in self.reach_below(&target.device) {
@@ -291,6 +294,11 @@ impl PciSegment {
                 "{bdf}: config write at {offset:#x} applied {} BAR change(s) in {} us",
                 changes.len(),
                 started.elapsed().as_micros()
+            );
+            // Of which the function's own register write (for VFIO: the host's config write).
+            log::debug!(
+                "{bdf}: config write at {offset:#x}: the function's own write took {} us",
+                device_write.as_micros()
             );
         }
         if let Some(port) = &target.port {

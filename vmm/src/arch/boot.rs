@@ -95,10 +95,17 @@ enum KernelForm {
     /// A bzImage's kernel, decompressed, with the bzImage's setup header.
     Decompressed {
         header: setup_header,
-        vmlinux: Vec<u8>,
+        vmlinux: Vmlinux,
     },
     /// The file as it is: a bzImage the guest decompresses, or an ELF vmlinux.
     AsIs(Vec<u8>),
+}
+
+/// A decompressed kernel: decompressed just now, or the kernel cache's file, read straight into
+/// guest RAM when it is loaded.
+enum Vmlinux {
+    Decompressed(Vec<u8>),
+    Cached(File),
 }
 
 /// Reads the kernel at `path` and, for a bzImage with `decompress` = host, decompresses it.
@@ -144,18 +151,18 @@ fn decompressed(
         .zip(std::fs::metadata(path).ok())
         .map(|(dir, meta)| (dir, kernel_cache::key(&meta)));
     let cached = cache.as_ref().and_then(|(dir, key)| {
-        kernel_cache::load(dir, key, compressed.recorded_size())
-            .filter(|v| kernel_payload::is_elf(v))
-            .map(|v| (v, dir.join(key)))
+        kernel_cache::load(dir, key, compressed.recorded_size()).map(|f| (f, dir.join(key)))
     });
     if let Some((vmlinux, file)) = cached {
         log::info!(
-            "kernel {path:?}: decompressed kernel of {} KiB read from the kernel cache {file:?} \
-             in {:?}",
-            vmlinux.len() / 1024,
+            "kernel {path:?}: decompressed kernel read from the kernel cache {file:?} into guest \
+             RAM (opened in {:?})",
             started.elapsed()
         );
-        return Ok(KernelForm::Decompressed { header, vmlinux });
+        return Ok(KernelForm::Decompressed {
+            header,
+            vmlinux: Vmlinux::Cached(vmlinux),
+        });
     }
     let payload = compressed.decompress()?;
     log::info!(
@@ -170,7 +177,7 @@ fn decompressed(
     }
     Ok(KernelForm::Decompressed {
         header,
-        vmlinux: payload.vmlinux,
+        vmlinux: Vmlinux::Decompressed(payload.vmlinux),
     })
 }
 
@@ -182,13 +189,17 @@ fn load_kernel(
     let high = Some(GuestAddress(HIGH_MEMORY_START));
     match &kernel.form {
         KernelForm::Decompressed { header, vmlinux } => {
-            let mut loaded =
-                Elf::load(mem, None, &mut Cursor::new(vmlinux), high).map_err(|source| {
-                    BootError::Vmlinux {
-                        path: kernel.path.clone(),
-                        source,
-                    }
-                })?;
+            let loaded = match vmlinux {
+                Vmlinux::Decompressed(bytes) => Elf::load(mem, None, &mut Cursor::new(bytes), high),
+                Vmlinux::Cached(file) => {
+                    let mut file: &File = file;
+                    Elf::load(mem, None, &mut file, high)
+                }
+            };
+            let mut loaded = loaded.map_err(|source| BootError::Vmlinux {
+                path: kernel.path.clone(),
+                source,
+            })?;
             loaded.setup_header = Some(*header);
             Ok((loaded, loaded.kernel_load))
         }

@@ -11,9 +11,9 @@
 //! read or written is logged at debug level and the kernel is decompressed as if there were
 //! none.
 
-use std::fs;
+use std::fs::{self, File};
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 /// The cache directory, if the environment names one.
@@ -38,18 +38,26 @@ pub fn key(meta: &fs::Metadata) -> String {
     )
 }
 
-/// The cached kernel for `key`, if there is one of `expected_len` bytes.
-pub fn load(dir: &Path, key: &str, expected_len: Option<usize>) -> Option<Vec<u8>> {
+/// The cached kernel for `key`, opened, if it is an ELF file of `expected_len` bytes. The file
+/// is handed over rather than read: the ELF loader reads its segments straight into guest RAM,
+/// with no copy of the whole kernel in the VMM's heap first (under nested TCG, that read and its
+/// page faults were most of the kernel phase of the start).
+pub fn load(dir: &Path, key: &str, expected_len: Option<usize>) -> Option<File> {
     let path = dir.join(key);
-    let bytes = fs::read(&path).ok()?;
-    if expected_len.is_some_and(|len| len != bytes.len()) {
+    let file = File::open(&path).ok()?;
+    let len = file.metadata().ok()?.len();
+    if expected_len.is_some_and(|expected| expected as u64 != len) {
         log::debug!(
-            "kernel cache {path:?}: {} bytes, not the {expected_len:?} the bzImage records; ignored",
-            bytes.len()
+            "kernel cache {path:?}: {len} bytes, not the {expected_len:?} the bzImage records; ignored"
         );
         return None;
     }
-    Some(bytes)
+    let mut magic = [0u8; 4];
+    if file.read_exact_at(&mut magic, 0).is_err() || !super::kernel_payload::is_elf(&magic) {
+        log::debug!("kernel cache {path:?}: not an ELF file; ignored");
+        return None;
+    }
+    Some(file)
 }
 
 /// Stores `vmlinux` as `key`; failures are only logged.
@@ -74,6 +82,7 @@ pub fn store(dir: &Path, key: &str, vmlinux: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Read;
 
     #[test]
     fn an_entry_round_trips_and_a_wrong_length_is_ignored() {
@@ -84,13 +93,22 @@ mod tests {
         fs::write(&image, b"bzImage bytes").unwrap();
         let key = key(&fs::metadata(&image).unwrap());
         assert!(key.contains("-13-"), "{key}");
-        assert_eq!(load(&dir, &key, None), None);
+        let contents = |file: Option<File>| {
+            file.map(|mut f| {
+                let mut bytes = Vec::new();
+                f.read_to_end(&mut bytes).unwrap();
+                bytes
+            })
+        };
+        assert!(load(&dir, &key, None).is_none());
         store(&dir, &key, b"\x7fELF kernel");
         assert_eq!(
-            load(&dir, &key, Some(11)).as_deref(),
+            contents(load(&dir, &key, Some(11))).as_deref(),
             Some(&b"\x7fELF kernel"[..])
         );
-        assert_eq!(load(&dir, &key, Some(12)), None);
+        assert!(load(&dir, &key, Some(12)).is_none());
+        store(&dir, "not-elf", b"MZ kernel");
+        assert!(load(&dir, "not-elf", None).is_none());
         std::thread::sleep(std::time::Duration::from_millis(10));
         fs::write(&image, b"bzImage 2nd!!").unwrap();
         assert_ne!(
