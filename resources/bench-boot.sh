@@ -92,13 +92,16 @@ ${quiet:+, quiet} (${cpus} vCPU, ${mem} MiB)"
 "$res/run-l1.sh" --kernel "$kernel" --initrd "$work/l1.cpio.gz" --timeout "$timeout_s" \
     --log "$work/l1-console.log" >/dev/null || true
 tr -d '\r' <"$work/l1-console.log" >"$work/console.txt"
+# A boot that never reached init (seen: a QEMU L2 hung in its boot, as the lab README describes
+# for a loaded machine) is reported and left out of the medians; no boot at all of either VMM
+# fails the benchmark (the awk below).
 if grep -q BENCH-FAIL "$work/console.txt"; then
     grep BENCH-FAIL "$work/console.txt" >&2
-    log "some boots did not reach init; console in $work/console.txt"
-    exit 1
+    log "$(grep -c BENCH-FAIL "$work/console.txt") boot(s) did not reach init (left out of the medians); console in $work/console.txt"
 fi
 
-awk '
+awk -v quiet="$quiet" '
+/BENCH-FAIL/ { failed[$2]++ }
 /BENCH-INIT/ { ms = ($4 - $3) * 1000; wall[$2] = wall[$2] " " ms; u = ""
                if (match($0, /uptime_s=[0-9.]+/)) { u = substr($0, RSTART + 9, RLENGTH - 9) * 1000; up[$2] = up[$2] " " u }
                printf "run %-11s start-to-init %6.0f ms, L2 uptime at init %6s ms\n", $2, ms, u }
@@ -113,8 +116,10 @@ END {
     if (wall["p2pvmm"] == "" || wall["qemu"] == "") { print "bench: missing results" > "/dev/stderr"; exit 1 }
     p = median(wall["p2pvmm"]); q = median(wall["qemu"])
     kp = median(up["p2pvmm"]); kq = median(up["qemu"])
+    for (name in failed) printf "failed boots: %s %d (not in the medians)\n", name, failed[name]
     printf "\nmedian start-to-init: p2pvmm %.0f ms, QEMU %.0f ms, ratio p2pvmm/QEMU %.2f\n", p, q, p / q
     printf "median L2 uptime at init: p2pvmm %.0f ms, QEMU %.0f ms, ratio %.2f\n", kp, kq, kp / kq
+    if (quiet != "") printf "target quiet start-to-init p2pvmm/QEMU <= 0.45: %s (%.2f)\n", (p / q <= 0.45 ? "met" : "MISSED"), p / q
     if (wall["p2pvmm-base"] != "") {
         b = median(wall["p2pvmm-base"]); kb = median(up["p2pvmm-base"])
         printf "median baseline p2pvmm: start-to-init %.0f ms (ratio to QEMU %.2f), L2 uptime %.0f ms; p2pvmm/baseline %.2f\n", b, b / q, kb, p / b

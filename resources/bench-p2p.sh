@@ -127,7 +127,7 @@ while [ \$i -le $runs ]; do
         { P2PVMM_LOG=p2pvmm::device_manager::p2p_report=warn timeout 1500 p2pvmm -vv --kernel /l2/bzImage --initramfs /l2/initramfs.cpio.gz \
             --memory 512M --cmdline "\$cmdline" \$args \$group </dev/null 2>&1
           echo "BENCH-P2P-RC \$?"; } |
-            grep -E 'BENCH-|: mapped at IOVA|: unmapped from IOVA|config write at|P2PVMM-L2|ERROR|WARN|error|panic'
+            grep -E 'BENCH-|: mapped at IOVA|: unmapped from IOVA|config write at|KVM memory slot|P2PVMM-L2|ERROR|WARN|error|panic'
     done
     i=\$((i + 1))
 done

@@ -62,7 +62,7 @@ wanted scale && run scale "$res/bench-scale.sh" "${scale_args[@]}"
         [[ -f $out/$name.log ]] && wanted "$name" || continue
         echo
         echo "== $name"
-        grep -E '^(median|ratio|target|dmabuf|legacy|  *[0-9]+ devices|\|)' "$out/$name.log" ||
+        grep -E '^(median|ratio|target|failed|CHECK|dmabuf|legacy|  *[0-9]+ devices| +[0-9]+ [MG]iB +(dmabuf|legacy|[0-9.]+x)| +BAR |\|)' "$out/$name.log" ||
             echo "(no results: see $out/$name.log)"
     done
 } | tee "$out/summary.txt"
