@@ -124,7 +124,8 @@ const MAX_LAB_RERUNS: usize = 2;
 
 /// Why a run's result says nothing about p2pvmm, if it does not: a scenario in `booting`
 /// without L2 kernel output, an L2 oops, kernel panic or triple fault (seen at random points of
-/// L2's boot, memory corruption under nested TCG), or a scenario killed by its time limit or never
+/// L2's boot, memory corruption under nested TCG), a KVM internal error (L1's KVM failing to
+/// emulate, seen once as an L2 powered off), or a scenario killed by its time limit or never
 /// finished (seen when the machine stalled for minutes).
 fn lab_failure(console: &Console, booting: &[&str]) -> Option<&'static str> {
     let silent = booting.iter().any(|name| {
@@ -133,6 +134,7 @@ fn lab_failure(console: &Console, booting: &[&str]) -> Option<&'static str> {
                 || s.output.contains("Oops: ")
                 || s.output.contains("Kernel panic - not syncing")
                 || s.output.contains("triple fault")
+                || s.output.contains("KVM internal error")
         })
     });
     let timed_out = console.scenarios().iter().any(|s| {
@@ -333,6 +335,12 @@ mod tests {
         assert_eq!(
             runs_for(&format!(
                 "{booted}Kernel panic - not syncing: Fatal exception\nSCENARIO-END s rc=3\n"
+            )),
+            3
+        );
+        assert_eq!(
+            runs_for(&format!(
+                "{booted}vcpu0: KVM internal error (suberror 1, data [])\nSCENARIO-END s rc=4\n"
             )),
             3
         );

@@ -178,7 +178,15 @@ impl Vcpu {
                 return Some(GuestExit::Crash);
             }
             Ok(VcpuExit::InternalError) => {
-                log::error!("vcpu{index}: KVM internal error");
+                // SAFETY: for KVM_EXIT_INTERNAL_ERROR, KVM filled the run structure's `internal`
+                // member of the exit union; `ndata` is bounded by the array below.
+                let internal = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal };
+                let ndata = (internal.ndata as usize).min(internal.data.len());
+                log::error!(
+                    "vcpu{index}: KVM internal error (suberror {}, data {:x?})",
+                    internal.suberror,
+                    &internal.data[..ndata]
+                );
                 return Some(GuestExit::Crash);
             }
             Ok(other) => {
