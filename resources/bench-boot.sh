@@ -89,16 +89,10 @@ base_note=''
 [[ $baseline == - ]] || base_note=", p2pvmm-base ($baseline)"
 log "booting L1: $runs runs each of p2pvmm${p2pvmm_args:+ ($p2pvmm_args)}, QEMU$base_note\
 ${quiet:+, quiet} (${cpus} vCPU, ${mem} MiB)"
-"$res/run-l1.sh" --kernel "$kernel" --initrd "$work/l1.cpio.gz" --timeout "$timeout_s" \
-    --log "$work/l1-console.log" >/dev/null || true
-tr -d '\r' <"$work/l1-console.log" >"$work/console.txt"
 # A boot that never reached init (seen: a QEMU L2 hung in its boot, as the lab README describes
-# for a loaded machine) is reported and left out of the medians; no boot at all of either VMM
-# fails the benchmark (the awk below).
-if grep -q BENCH-FAIL "$work/console.txt"; then
-    grep BENCH-FAIL "$work/console.txt" >&2
-    log "$(grep -c BENCH-FAIL "$work/console.txt") boot(s) did not reach init (left out of the medians); console in $work/console.txt"
-fi
+# for a loaded machine) is listed by bench_run_l1 and left out of the medians (the awk below
+# counts it); no boot at all of either VMM fails the benchmark.
+bench_run_l1 "$work/console.txt" --timeout "$timeout_s"
 
 awk -v quiet="$quiet" '
 /BENCH-FAIL/ { failed[$2]++ }

@@ -122,6 +122,14 @@ pub fn run_retrying_lab_failure(
 /// How often a lab run that failed on its own is repeated.
 const MAX_LAB_RERUNS: usize = 2;
 
+/// What a crashed L2 (or L1's KVM under it) leaves in a scenario's output.
+const L2_CRASH_SIGNS: [&str; 4] = [
+    "Oops: ",
+    "Kernel panic - not syncing",
+    "triple fault",
+    "KVM internal error",
+];
+
 /// Why a run's result says nothing about p2pvmm, if it does not: a scenario in `booting`
 /// without L2 kernel output, an L2 oops, kernel panic or triple fault (seen at random points of
 /// L2's boot, memory corruption under nested TCG), a KVM internal error (L1's KVM failing to
@@ -131,10 +139,7 @@ fn lab_failure(console: &Console, booting: &[&str]) -> Option<&'static str> {
     let silent = booting.iter().any(|name| {
         console.scenario(name).is_none_or(|s| {
             !s.output.contains("Linux version")
-                || s.output.contains("Oops: ")
-                || s.output.contains("Kernel panic - not syncing")
-                || s.output.contains("triple fault")
-                || s.output.contains("KVM internal error")
+                || L2_CRASH_SIGNS.iter().any(|sign| s.output.contains(sign))
         })
     });
     let timed_out = console.scenarios().iter().any(|s| {
