@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# bench-boot.sh - L2 boot time, p2pvmm vs QEMU, side by side in the same L1 lab guest.
+# bench-boot.sh - L2 boot time, p2pvmm vs QEMU 7.2 and the newer QEMU from Debian's backports,
+# side by side in the same L1 lab guest.
 #
 # Usage: resources/bench-boot.sh [--runs N] [--cpus N] [--memory MiB] [--timeout SECS]
 #                                [--quiet] [--p2pvmm-args ARGS] [--baseline ARGS]
@@ -14,10 +15,13 @@
 # Both VMMs boot the same lab bzImage and L2 initramfs with the same command line, memory and
 # vCPUs on L1's KVM (nested SVM under QEMU TCG). QEMU is Debian's qemu-system-x86_64 copied into
 # L1 with its libraries and firmware, `-accel kvm -cpu host,-xsave` (without -xsave, L2 oopses
-# under QEMU: lab README). Measured inside L1: wall time from starting the VMM to the L2 init's
-# "P2PVMM-L2:" line (L1 /proc/uptime, 10 ms resolution), and L2's own uptime when its init
-# reports. Prints each run, the medians, the ratio p2pvmm/QEMU (target with --quiet: <= 0.45)
-# and the medians of p2pvmm's start phases (its -v "start phase" lines).
+# under QEMU: lab README); the newer QEMU (resources/qemu-backports.sh; "qemu-new" in the run
+# lines) boots the same way when it installs, and is left out with a note when it does not.
+# Measured inside L1: wall time from starting the VMM to the L2 init's "P2PVMM-L2:" line (L1
+# /proc/uptime, 10 ms resolution), and L2's own uptime when its init reports. Prints each run,
+# the medians, the ratios p2pvmm/QEMU (target with --quiet: <= 0.45 of QEMU 7.2, the issue's
+# reference; the newer QEMU's ratio beside it) and the medians of p2pvmm's start phases (its -v
+# "start phase" lines).
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -41,12 +45,16 @@ done
 # shellcheck source=resources/bench-lib.sh
 . "$res/bench-lib.sh"
 bench_prepare
-qemu=$(command -v qemu-system-x86_64)
+bench_qemus
 
 work=$repo/target/lab/bench
 rm -rf "$work" && mkdir -p "$work"
 "$res/mkinitramfs.sh" l2 "$work/l2.cpio.gz"
 
+qemu_boot="-accel kvm -cpu host,-xsave -m $mem -smp $cpus -nographic -no-reboot -vga none \
+-nic none -kernel /l2/bzImage -initrd /l2/initramfs.cpio.gz"
+measure_new=
+[[ -z $qemu_new ]] || measure_new="measure qemu-new $qemu_new $qemu_boot -append \"\$cmdline\""
 cat >"$work/run.sh" <<SCRIPT
 # lapic=notscdeadline: see README, "The nested lab" (the same for both VMMs).
 cmdline="console=ttyS0 panic=-1 lapic=notscdeadline$quiet"
@@ -73,28 +81,25 @@ while [ \$i -lt $runs ]; do
         measure p2pvmm-base p2pvmm -v $baseline --kernel /l2/bzImage \
             --initramfs /l2/initramfs.cpio.gz --cpus $cpus --memory ${mem}M --cmdline "\$cmdline"
     fi
-    measure qemu $qemu -accel kvm -cpu host,-xsave -m $mem -smp $cpus -nographic -no-reboot \
-        -vga none -nic none -kernel /l2/bzImage -initrd /l2/initramfs.cpio.gz -append "\$cmdline"
+    measure qemu $qemu $qemu_boot -append "\$cmdline"
+    $measure_new
     i=\$((i + 1))
 done
 SCRIPT
 
-"$res/mkinitramfs.sh" l1 "$work/l1.cpio.gz" \
-    --add "$p2pvmm:/usr/bin/p2pvmm" --add "$kernel:/l2/bzImage" \
-    --add "$work/l2.cpio.gz:/l2/initramfs.cpio.gz" --add "$work/run.sh:/lab/run.sh" \
-    --add-binary "$qemu" --add-dir /usr/share/qemu:/usr/share/qemu \
-    --add-dir /usr/share/seabios:/usr/share/seabios
+bench_l1_image "${initramfs_args[@]}"
 
 base_note=''
 [[ $baseline == - ]] || base_note=", p2pvmm-base ($baseline)"
-log "booting L1: $runs runs each of p2pvmm${p2pvmm_args:+ ($p2pvmm_args)}, QEMU$base_note\
+log "booting L1: $runs runs each of p2pvmm${p2pvmm_args:+ ($p2pvmm_args)}, QEMU 7.2\
+${qemu_new:+, $qemu_new_label}$base_note\
 ${quiet:+, quiet} (${cpus} vCPU, ${mem} MiB)"
 # A boot that never reached init (seen: a QEMU L2 hung in its boot, as the lab README describes
 # for a loaded machine) is listed by bench_run_l1 and left out of the medians (the awk below
 # counts it); no boot at all of either VMM fails the benchmark.
 bench_run_l1 "$work/console.txt" --timeout "$timeout_s"
 
-awk -v quiet="$quiet" '
+awk -v quiet="$quiet" -v newer="$qemu_new_label" '
 /BENCH-FAIL/ { failed[$2]++ }
 /BENCH-INIT/ { ms = ($4 - $3) * 1000; wall[$2] = wall[$2] " " ms; u = ""
                if (match($0, /uptime_s=[0-9.]+/)) { u = substr($0, RSTART + 9, RLENGTH - 9) * 1000; up[$2] = up[$2] " " u }
@@ -113,6 +118,12 @@ END {
     for (name in failed) printf "failed boots: %s %d (not in the medians)\n", name, failed[name]
     printf "\nmedian start-to-init: p2pvmm %.0f ms, QEMU %.0f ms, ratio p2pvmm/QEMU %.2f\n", p, q, p / q
     printf "median L2 uptime at init: p2pvmm %.0f ms, QEMU %.0f ms, ratio %.2f\n", kp, kq, kp / kq
+    if (wall["qemu-new"] != "") {
+        n = median(wall["qemu-new"]); kn = median(up["qemu-new"])
+        printf "median start-to-init, newer QEMU: p2pvmm %.0f ms, %s %.0f ms, ratio p2pvmm/%s %.2f\n", p, newer, n, newer, p / n
+        printf "median L2 uptime at init, newer QEMU: p2pvmm %.0f ms, %s %.0f ms, ratio %.2f\n", kp, newer, kn, kp / kn
+    } else if (newer != "") print "newer QEMU: no boot reached init" > "/dev/stderr"
+    else print "newer QEMU: left out (resources/qemu-backports.sh found none)"
     if (quiet != "") printf "target quiet start-to-init p2pvmm/QEMU <= 0.45: %s (%.2f)\n", (p / q <= 0.45 ? "met" : "MISSED"), p / q
     if (wall["p2pvmm-base"] != "") {
         b = median(wall["p2pvmm-base"]); kb = median(up["p2pvmm-base"])

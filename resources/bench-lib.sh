@@ -61,3 +61,46 @@ bench_run_l1() {
         log "warning: L1 did not finish (timeout or crash); reporting what it printed"
     grep -E '^BENCH-(L1|FAIL|QEMU-LOG)' "$console" >&2 || true
 }
+
+# Builds L1's initramfs $work/l1.cpio.gz: p2pvmm, the lab kernel and $work/l2.cpio.gz for L2,
+# $work/run.sh as L1's script, and the further mkinitramfs.sh arguments given.
+bench_l1_image() {
+    "$res/mkinitramfs.sh" l1 "$work/l1.cpio.gz" \
+        --add "$p2pvmm:/usr/bin/p2pvmm" --add "$kernel:/l2/bzImage" \
+        --add "$work/l2.cpio.gz:/l2/initramfs.cpio.gz" --add "$work/run.sh:/lab/run.sh" "$@"
+}
+
+# Both QEMUs for the side-by-side runs: sets $qemu (Debian's QEMU 7.2, the same path in L1),
+# starts $initramfs_args with its files (binary, libraries, firmware) and adds the newer QEMU's
+# (bench_newer_qemu below).
+bench_qemus() {
+    qemu=$(command -v qemu-system-x86_64)
+    initramfs_args=(--add-binary "$qemu" --add-dir /usr/share/qemu:/usr/share/qemu
+        --add-dir /usr/share/seabios:/usr/share/seabios)
+    bench_newer_qemu
+}
+
+# The newer QEMU from Debian's backports (resources/qemu-backports.sh, iommufd-capable), run in L1
+# from /opt/qemu-new beside Debian's QEMU 7.2. Sets $qemu_new (its command in L1, -L included;
+# empty when there is none: the benchmark then leaves it out and says so), $qemu_new_label
+# ("QEMU 10.0.2") and adds its files to the mkinitramfs arguments in $initramfs_args.
+# P2PVMM_BENCH_NEWER_QEMU=0 leaves it out on purpose.
+bench_newer_qemu() {
+    local root version
+    qemu_new= qemu_new_label=
+    if [[ ${P2PVMM_BENCH_NEWER_QEMU:-1} == 0 ]]; then
+        log "the newer QEMU is left out (P2PVMM_BENCH_NEWER_QEMU=0)"
+        return 0
+    fi
+    if ! root=$("$res/qemu-backports.sh" | tail -n1) || [[ ! -x $root/bin/qemu-system-x86_64 ]]; then
+        log "the newer QEMU is left out: resources/qemu-backports.sh found none (its message above)"
+        return 0
+    fi
+    version=$(<"$root/version")
+    version=${version#*:}
+    qemu_new_label="QEMU ${version%%[+~-]*}"
+    qemu_new="/opt/qemu-new/bin/qemu-system-x86_64 -L /opt/qemu-new/share"
+    initramfs_args+=(--add-binary "$root/bin/qemu-system-x86_64:/opt/qemu-new/bin/qemu-system-x86_64"
+        --add-dir "$root/share:/opt/qemu-new/share")
+    log "side by side also with $qemu_new_label ($root)"
+}

@@ -133,9 +133,7 @@ while [ \$i -le $runs ]; do
 done
 SCRIPT
 
-"$res/mkinitramfs.sh" l1 "$work/l1.cpio.gz" \
-    --add "$p2pvmm:/usr/bin/p2pvmm" --add "$kernel:/l2/bzImage" \
-    --add "$work/l2.cpio.gz:/l2/initramfs.cpio.gz" --add "$work/run.sh:/lab/run.sh"
+bench_l1_image
 log "booting L1: $runs runs x 2 mechanisms, ${#size_bytes[@]} BAR sizes per boot, $moves moves each"
 bench_run_l1 "$work/console.txt" --mem 4096 --timeout "$timeout_s" "${qemu_args[@]}"
 cp "$work/console.txt" "$out/console.txt"

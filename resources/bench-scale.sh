@@ -200,9 +200,7 @@ while [ \$i -le $runs ]; do
 done
 SCRIPT
 
-"$res/mkinitramfs.sh" l1 "$work/l1.cpio.gz" \
-    --add "$p2pvmm:/usr/bin/p2pvmm" --add "$kernel:/l2/bzImage" \
-    --add "$work/l2.cpio.gz:/l2/initramfs.cpio.gz" --add "$work/run.sh:/lab/run.sh"
+bench_l1_image
 log "booting L1 (${l1_mem} MiB): scale $count x {$sizes} ($mechs), growth devices {$devices}, guest RAM {$mems} GiB, $runs runs"
 bench_run_l1 "$out/console.txt" --mem "$l1_mem" --timeout "$timeout_s" "${qemu_args[@]}"
 python3 "$res/bench-scale-report.py" "$out/console.txt" --svg "$out/scale.svg" \

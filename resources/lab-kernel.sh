@@ -65,69 +65,15 @@ suite=${P2PVMM_KERNEL_SUITE:-trixie-backports}
 package=${P2PVMM_KERNEL_PACKAGE:-linux-source-7.3}
 required=(CONFIG_IOMMUFD CONFIG_VFIO_PCI_DMABUF CONFIG_KVM_AMD CONFIG_VFIO_DEVICE_CDEV CONFIG_ACPI)
 
-# --- mirror: the machine's own Debian mirror, never a hard-coded host ---------------------------
-# Pick the URI of the first enabled "deb" source of a main suite (no "-security"/"-updates").
-mirror_uri() {
-    local f
-    for f in /etc/apt/sources.list.d/*.sources; do
-        [[ -f $f ]] || continue
-        # deb822: paragraphs separated by blank lines.
-        awk 'BEGIN { RS = ""; FS = "\n" }
-        {
-            types = ""; uris = ""; suites = ""; enabled = "yes"
-            for (i = 1; i <= NF; i++) {
-                line = $i
-                if (line ~ /^[ \t]*#/) continue
-                if (match(line, /^[A-Za-z-]+:/)) {
-                    key = tolower(substr(line, 1, RLENGTH - 1))
-                    val = substr(line, RLENGTH + 1)
-                    if (key == "types") types = val
-                    else if (key == "uris") uris = val
-                    else if (key == "suites") suites = val
-                    else if (key == "enabled") enabled = val
-                }
-            }
-            if (enabled ~ /[Nn]o/ || types !~ /(^|[ \t])deb([ \t]|$)/) next
-            n = split(suites, s, /[ \t]+/)
-            for (j = 1; j <= n; j++)
-                if (s[j] != "" && s[j] !~ /-/) { split(uris, u, /[ \t]+/); for (k in u) if (u[k] != "") { print u[k]; exit } }
-        }' "$f"
-    done
-    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
-        [[ -f $f ]] || continue
-        # one-line format: deb [options] URI suite components...
-        sed -E 's/\[[^]]*\]//' "$f" | awk '$1 == "deb" && $3 !~ /-/ { print $2 }'
-    done
-}
-mirror=${P2PVMM_DEBIAN_MIRROR:-$(mirror_uri | head -n1)}
-[[ -n $mirror ]] || die "no Debian mirror found in /etc/apt/sources.list{,.d/} (set P2PVMM_DEBIAN_MIRROR)"
+# The machine's own Debian mirror, never a hard-coded host, and a private apt root.
+# shellcheck source=resources/debian-apt.sh
+. "$here/debian-apt.sh"
 
 # --- scratch dir (deleted afterwards; only plain files, nothing mounted) ------------------------
 scratch=$(mktemp -d "${TMPDIR:-/tmp}/p2pvmm-kernel.XXXXXX")
 trap 'rm -rf "$scratch"' EXIT
 buildlog="$cache_root/build-$frag_hash.log"
 : >"$buildlog"
-log "fragment $fragment (sha256 $frag_hash), mirror $mirror, suite $suite; build log: $buildlog"
-
-# Private apt configuration: the machine's sources, lists, cache and pinning stay untouched.
-# The bookworm debian-archive-keyring already carries the trixie archive keys that sign
-# trixie-backports, so the Release file is verified normally (no [trusted=yes]).
-keyring=/usr/share/keyrings/debian-archive-keyring.gpg
-[[ -f $keyring ]] || die "$keyring missing (install debian-archive-keyring)"
-apt_dir=$scratch/apt
-mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial" "$apt_dir/deb"
-echo "deb [signed-by=$keyring] $mirror $suite main" >"$apt_dir/sources.list"
-apt_opts=(
-    -o "Dir::Etc::SourceList=$apt_dir/sources.list"
-    -o Dir::Etc::SourceParts=/dev/null
-    -o Dir::Etc::Preferences=/dev/null
-    -o Dir::Etc::PreferencesParts=/dev/null
-    -o "Dir::State::Lists=$apt_dir/lists"
-    -o "Dir::Cache=$apt_dir/cache"
-    -o Acquire::Languages=none
-    -o "APT::Sandbox::User=$(id -un)" # private dirs are not readable by _apt
-)
-
 fail() {
     log "ERROR: $*"
     log "---- last 60 lines of $buildlog ----"
@@ -136,11 +82,17 @@ fail() {
 }
 run() { "$@" >>"$buildlog" 2>&1 || fail "command failed: $*"; }
 
+# Private apt configuration (resources/debian-apt.sh).
+debian_mirror_pick
+log "fragment $fragment (sha256 $frag_hash), mirror $debian_mirror, suite $suite; build log: $buildlog"
+apt_dir=$scratch/apt
+debian_private_apt "$apt_dir" "$suite"
+mkdir -p "$apt_dir/deb"
+
 t0=$SECONDS
 log "fetching $package from $suite"
 run apt-get "${apt_opts[@]}" -q update
-version=$(apt-cache "${apt_opts[@]}" show "$package/$suite" 2>>"$buildlog" |
-    awk '/^Version:/ { print $2; exit }') || true
+version=$(debian_package_version "$package" "$suite")
 [[ -n $version ]] || fail "$package not found in $suite"
 (cd "$apt_dir/deb" && run apt-get "${apt_opts[@]}" -q download "$package=$version")
 debs=("$apt_dir/deb"/*.deb)

@@ -141,6 +141,14 @@ pub fn bar_walk_static() -> Result<PathBuf, String> {
         .clone()
 }
 
+/// `bar-move-time` (tests/src/bin) for the L2 initramfs, built once per test process.
+pub fn bar_move_time_static() -> Result<PathBuf, String> {
+    static BINARY: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BINARY
+        .get_or_init(|| static_binary("p2pvmm-tests", "bar-move-time"))
+        .clone()
+}
+
 /// `api-probe` (tests/src/bin) for the L1 initramfs, built once per test process.
 pub fn api_probe_static() -> Result<PathBuf, String> {
     static BINARY: OnceLock<Result<PathBuf, String>> = OnceLock::new();

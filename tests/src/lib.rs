@@ -16,7 +16,7 @@ pub mod option_rom;
 
 pub use console::{expect_scenario, run_retrying_lab_failure, Console, L2Report, Scenario};
 pub use l1::{
-    api_probe_static, bar_walk_static, edu_dma_static, lab_kernel, lab_vmlinux, msix_probe_static,
-    p2pvmm_static, repo_root, vcpu_hammer_static, L1Run, BIND_EDU_AND_IVSHMEM, L2_CMDLINE,
-    L2_HELPERS,
+    api_probe_static, bar_move_time_static, bar_walk_static, edu_dma_static, lab_kernel,
+    lab_vmlinux, msix_probe_static, p2pvmm_static, repo_root, vcpu_hammer_static, L1Run,
+    BIND_EDU_AND_IVSHMEM, L2_CMDLINE, L2_HELPERS,
 };

@@ -120,3 +120,22 @@ impl MemorySlots {
             .push(slot);
     }
 }
+
+/// How KVM drops the guest's page mappings when a memory slot goes away (a BAR's mmap at decode
+/// off or a move): all of them (KVM's default, the `KVM_X86_QUIRK_SLOT_ZAP_ALL` quirk: the guest
+/// then faults its whole working set back in) or only the deleted slot's. Returns whether KVM
+/// now zaps only the slot's; false when this kernel cannot be asked (before Linux 6.12).
+pub fn zap_only_deleted_slots(vm: &VmFd) -> Result<bool, kvm_ioctls::Error> {
+    use kvm_bindings::{kvm_enable_cap, KVM_CAP_DISABLE_QUIRKS2, KVM_X86_QUIRK_SLOT_ZAP_ALL};
+    let disabled = vm.check_extension_raw(KVM_CAP_DISABLE_QUIRKS2.into());
+    if disabled < 0 || disabled as u32 & KVM_X86_QUIRK_SLOT_ZAP_ALL == 0 {
+        return Ok(false);
+    }
+    let mut cap = kvm_enable_cap {
+        cap: KVM_CAP_DISABLE_QUIRKS2,
+        ..Default::default()
+    };
+    cap.args[0] = KVM_X86_QUIRK_SLOT_ZAP_ALL.into();
+    vm.enable_cap(&cap)?;
+    Ok(true)
+}

@@ -14,7 +14,7 @@ use kvm_ioctls::{Kvm, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::{acpi, boot, cpuid, regs};
-use crate::config::{KernelDecompress, SerialConfig, VmConfig};
+use crate::config::{KernelDecompress, SerialConfig, SlotZap, VmConfig};
 use crate::console::ConsoleInput;
 use crate::console_output::LineOutput;
 use crate::control::{ApiService, ApiStop};
@@ -158,6 +158,18 @@ impl Vm {
             ..Default::default()
         };
         vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+        if config.slot_zap == SlotZap::Slot {
+            let only = crate::slots::zap_only_deleted_slots(&vm)
+                .map_err(kvm_err("KVM_CAP_DISABLE_QUIRKS2 (slot_zap = \"slot\")"))?;
+            if only {
+                log::info!("KVM zaps only a deleted memory slot's mappings (slot_zap = slot)");
+            } else {
+                log::warn!(
+                    "slot_zap = slot: this kernel cannot turn off KVM_X86_QUIRK_SLOT_ZAP_ALL \
+                     (Linux 6.12 and later can); KVM keeps zapping every mapping"
+                );
+            }
+        }
         phases.end("kvm");
 
         let ram = GuestRam::new(&layout, ram_backing(config))?;

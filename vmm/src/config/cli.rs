@@ -69,6 +69,12 @@ pub struct Cli {
     #[arg(long, value_name = "WHO")]
     pub kernel_decompress: Option<String>,
 
+    /// What KVM drops when a memory slot goes away (a BAR's mmap at decode off or in a move):
+    /// all (every guest page mapping, which the guest faults back in: KVM's default) or slot
+    /// (only the deleted slot's; needs Linux 6.12) [default: all].
+    #[arg(long, value_name = "WHAT")]
+    pub slot_zap: Option<String>,
+
     /// Host PCI device to pass through with VFIO; repeatable. Keys:
     /// path=/sys/bus/pci/devices/BDF or a bare BDF such as 0000:00:03.0 or
     /// 00:03.0 (required); id=NAME (letters, digits, _ and -) [default:
@@ -184,6 +190,7 @@ impl Cli {
                 self.kernel_decompress.as_deref(),
                 str::parse,
             )?,
+            slot_zap: parse_flag("--slot-zap", self.slot_zap.as_deref(), str::parse)?,
             devices: self
                 .devices
                 .iter()

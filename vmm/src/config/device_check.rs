@@ -235,7 +235,7 @@ mod tests {
     use std::path::Path;
 
     use super::super::{
-        GroupTopology, IommuBackendKind, KernelDecompress, P2pGroupConfig, NVIDIA_VENDOR,
+        GroupTopology, IommuBackendKind, KernelDecompress, P2pGroupConfig, SlotZap, NVIDIA_VENDOR,
     };
     use super::*;
 
@@ -415,6 +415,7 @@ mod tests {
             serial: Default::default(),
             mmio64_size: None,
             kernel_decompress: KernelDecompress::Host,
+            slot_zap: SlotZap::All,
             devices,
             p2p_groups: groups,
         }

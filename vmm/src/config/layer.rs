@@ -11,7 +11,9 @@ use serde::Deserialize;
 
 use super::device::{self, DeviceEntry};
 use super::p2p_group::P2pGroupConfig;
-use super::{ByteSize, ConfigError, KernelDecompress, MemoryConfig, SerialConfig, VmConfig};
+use super::{
+    ByteSize, ConfigError, KernelDecompress, MemoryConfig, SerialConfig, SlotZap, VmConfig,
+};
 
 /// One layer of settings; field meanings are those of [`VmConfig`].
 ///
@@ -37,6 +39,8 @@ pub(super) struct PartialConfig {
     pub mmio64_size: Option<ByteSize>,
     /// See [`VmConfig::kernel_decompress`].
     pub kernel_decompress: Option<KernelDecompress>,
+    /// See [`VmConfig::slot_zap`].
+    pub slot_zap: Option<SlotZap>,
     /// See [`VmConfig::devices`]; a list rather than an option, since
     /// layers add devices instead of replacing the whole list.
     #[serde(rename = "device", default)]
@@ -60,6 +64,7 @@ impl PartialConfig {
             serial: top.serial.or(self.serial),
             mmio64_size: top.mmio64_size.or(self.mmio64_size),
             kernel_decompress: top.kernel_decompress.or(self.kernel_decompress),
+            slot_zap: top.slot_zap.or(self.slot_zap),
             devices: device::merge(self.devices, top.devices),
             p2p_groups: self.p2p_groups.into_iter().chain(top.p2p_groups).collect(),
         }
@@ -100,6 +105,7 @@ impl PartialConfig {
             serial: self.serial.unwrap_or_default(),
             mmio64_size: self.mmio64_size,
             kernel_decompress: self.kernel_decompress.unwrap_or_default(),
+            slot_zap: self.slot_zap.unwrap_or_default(),
             devices: device::finish(self.devices, &self.p2p_groups),
             p2p_groups: self.p2p_groups,
         })

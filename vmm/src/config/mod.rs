@@ -17,6 +17,7 @@
 //! serial = "file=/tmp/guest.log" # or "stdout" / "off"
 //! mmio64_size = "256G"         # 64-bit MMIO window, a multiple of 256G
 //! kernel_decompress = "host"    # or "guest": who decompresses a bzImage's kernel
+//! slot_zap = "all"              # or "slot": what KVM drops when a BAR's memory slot goes
 //!
 //! [[device]]                    # VFIO passthrough; repeat per device
 //! id = "gpu0"                   # default dev<N>, N = position from 0
@@ -57,6 +58,7 @@ pub mod memory;
 mod p2p_group;
 mod serial;
 mod size;
+mod slot_zap;
 mod validate;
 
 #[cfg(test)]
@@ -83,6 +85,7 @@ pub use p2p_group::{DomainPlan, P2pGroupConfig, P2pMode};
 pub use p2p_group::{GroupTopology, NVIDIA_VENDOR};
 pub use serial::SerialConfig;
 pub use size::ByteSize;
+pub use slot_zap::SlotZap;
 pub use validate::HostLimits;
 
 /// Everything needed to build and boot one VM.
@@ -121,6 +124,11 @@ pub struct VmConfig {
     /// default) or "guest" (the bzImage's own decompressor, which also applies KASLR).
     #[serde(skip_serializing_if = "KernelDecompress::is_host")]
     pub kernel_decompress: KernelDecompress,
+    /// What KVM drops when a memory slot goes away (a BAR at decode off or in a move): "all"
+    /// the guest's page mappings (KVM's default) or only the "slot"'s (Linux 6.12 and later;
+    /// a BAR move then costs the guest no refaults).
+    #[serde(skip_serializing_if = "SlotZap::is_all")]
+    pub slot_zap: SlotZap,
     /// Host PCI functions passed through with VFIO, as `[[device]]` tables
     /// (file devices first, then `--device` flags). Placements are the
     /// effective ones (a device's own, else its group's topology). None by

@@ -62,6 +62,7 @@ fn valid_config(scratch: &Scratch) -> VmConfig {
         serial: SerialConfig::Stdout,
         mmio64_size: None,
         kernel_decompress: KernelDecompress::Host,
+        slot_zap: SlotZap::All,
         devices: Vec::new(),
         p2p_groups: Vec::new(),
     }
@@ -81,6 +82,7 @@ fn defaults_apply_when_only_kernel_is_given() {
             serial: SerialConfig::Stdout,
             mmio64_size: None,
             kernel_decompress: KernelDecompress::Host,
+            slot_zap: SlotZap::All,
             devices: Vec::new(),
             p2p_groups: Vec::new(),
         }
@@ -174,7 +176,7 @@ fn unknown_key_in_file_is_rejected() {
         format!(
             "config file {file:?}, line 2: unknown field `cpu`, expected one of \
              `kernel`, `initramfs`, `cmdline`, `cpus`, `memory`, `serial`, `mmio64_size`, \
-             `kernel_decompress`, `device`, `p2p_group`"
+             `kernel_decompress`, `slot_zap`, `device`, `p2p_group`"
         )
     );
 }
@@ -308,6 +310,7 @@ fn vm_config_round_trips_through_toml() {
         serial: SerialConfig::File("/tmp/guest.log".into()),
         mmio64_size: None,
         kernel_decompress: KernelDecompress::Host,
+        slot_zap: SlotZap::All,
         devices: Vec::new(),
         p2p_groups: Vec::new(),
     };
@@ -694,6 +697,26 @@ fn the_64_bit_window_size_comes_from_the_flag_or_the_file_and_must_be_a_multiple
     assert!(cfg.validate(&BIG_HOST).is_err());
     cfg.mmio64_size = Some(ByteSize(512 << 30));
     assert!(cfg.validate(&BIG_HOST).is_ok());
+}
+
+#[test]
+fn slot_zap_comes_from_the_file_and_the_flag_wins() {
+    let scratch = Scratch::new("slot-zap");
+    let file = scratch.write("vm.toml", "kernel = \"/k\"\nslot_zap = \"slot\"\n");
+    let path = file.to_str().unwrap();
+    let loaded = load_args(&["--config", path]).unwrap();
+    assert_eq!(loaded.vm.slot_zap, SlotZap::Slot);
+    let loaded = load_args(&["--config", path, "--slot-zap", "all"]).unwrap();
+    assert_eq!(loaded.vm.slot_zap, SlotZap::All);
+    assert_eq!(
+        load_args(&["--kernel", "/k"]).unwrap().vm.slot_zap,
+        SlotZap::All
+    );
+    let msg = err_text(&["--kernel", "/k", "--slot-zap", "some"]);
+    assert!(
+        msg.contains("--slot-zap") && msg.contains("use all or slot"),
+        "{msg}"
+    );
 }
 
 #[test]

@@ -268,7 +268,7 @@ pub fn only_in_ancestors(
 }
 
 /// The largest run of size-aligned slots of `size` within `[lo, hi]` that touch none of `used`.
-fn free_slots(used: &[Range], lo: u64, hi: u64, size: u64) -> Option<(u64, u64)> {
+pub fn free_slots(used: &[Range], lo: u64, hi: u64, size: u64) -> Option<(u64, u64)> {
     let mut best: Option<(u64, u64)> = None;
     let mut run: Option<(u64, u64)> = None;
     let mut a = lo.div_ceil(size) * size;
