@@ -4,7 +4,8 @@
 # resources/qemu-backports.sh) in the same L1, then one table of medians and ratios and the charts.
 #
 # Usage: resources/bench.sh [--quick] [--only LIST]
-#   --quick      fewer runs (boot 3, DMA map 2, P2P one BAR size set of 3): ~35 min instead of ~90
+#   --quick      fewer runs (boot 3, DMA map 2, BAR move 2, P2P one BAR size set of 3): ~45 min
+#                instead of ~110
 #   --only LIST  comma-separated subset of: boot,boot-quiet,dma-map,memory,bar-move,p2p,scale
 #
 # Benchmarks (each script documents its method; all measure inside one L1 guest):
