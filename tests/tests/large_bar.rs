@@ -121,16 +121,9 @@ fn run_lab() -> Result<Console, String> {
 fn lab() -> &'static Result<Console, String> {
     static LAB: OnceLock<Result<Console, String>> = OnceLock::new();
     LAB.get_or_init(|| {
-        run_retrying_lab_failure(
-            &[
-                "iommufd",
-                "legacy",
-                MOVE_SCENARIOS[0].0,
-                MOVE_SCENARIOS[1].0,
-                MOVE_SCENARIOS[2].0,
-            ],
-            run_lab,
-        )
+        let mut booting = vec!["iommufd", "legacy"];
+        booting.extend(MOVE_SCENARIOS.map(|(name, _, _)| name));
+        run_retrying_lab_failure(&booting, run_lab)
     })
 }
 

@@ -26,42 +26,30 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use p2pvmm_tests::guest::{sysfs, Fail, Result};
-use place::{Bar, Range};
+use place::{Bar, Range, BAR2, CMD_MEMORY, PCI_COMMAND};
 
-const PCI_COMMAND: u64 = 0x04;
-const CMD_MEMORY: u16 = 0x2;
-const BAR2: u64 = 0x18;
 /// Written at BAR2's first dword through `resource2`: neither all-ones nor zero.
 const MARKER: u32 = 0x5a5a_a5a5;
 
 /// The first free size-aligned slot for the BAR in the innermost `PCI Bus` window of
-/// `/proc/iomem` that holds it: touching none of that window's other entries.
+/// `/proc/iomem` that holds it: touching none of that window's entries (the BAR's own among
+/// them).
 fn free_slot(bar: &Bar) -> Result<(u64, Range)> {
     let map = place::iomem()?;
-    let (i, window) = map
+    let i = map
         .iter()
         .enumerate()
         .filter(|(_, e)| e.2.starts_with("PCI Bus") && e.1.holds(bar.home, bar.size))
         .max_by_key(|(_, e)| e.0)
-        .map(|(i, e)| (i, e.1))
+        .map(|(i, _)| i)
         .ok_or_else(|| {
             Fail::msg(
                 "window",
                 format!("no PCI Bus window holds 0x{:x}", bar.home),
             )
         })?;
-    let depth = map[i].0;
-    let used: Vec<Range> = map[i + 1..]
-        .iter()
-        .take_while(|e| e.0 > depth)
-        .filter(|e| e.0 == depth + 1)
-        .map(|e| e.1)
-        .chain([Range {
-            start: bar.home,
-            end: bar.home + bar.size - 1,
-        }])
-        .collect();
-    place::free_slots(&used, window.start, window.end, bar.size)
+    let window = map[i].1;
+    place::free_slots_in(&map, i, bar.size)
         .map(|(slot, _)| (slot, window))
         .ok_or_else(|| {
             Fail::msg(

@@ -8,10 +8,10 @@ use std::path::{Path, PathBuf};
 
 use p2pvmm_tests::guest::{Fail, Result};
 
-const PCI_COMMAND: u64 = 0x04;
-const CMD_MEMORY: u16 = 0x2;
+pub const PCI_COMMAND: u64 = 0x04;
+pub const CMD_MEMORY: u16 = 0x2;
 /// BAR2's low dword; BAR2 of ivshmem is 64-bit, its high dword follows.
-const BAR2: u64 = 0x18;
+pub const BAR2: u64 = 0x18;
 
 /// An inclusive address range.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -236,15 +236,22 @@ pub fn outside_bridge_windows(
 ) -> Option<(u64, u64)> {
     let host = map
         .iter()
-        .find(|e| e.0 == 0 && e.1.holds(window.start, window.end - window.start + 1))?;
-    let i = map.iter().position(|e| e == host)?;
+        .position(|e| e.0 == 0 && e.1.holds(window.start, window.end - window.start + 1))?;
+    free_slots_in(map, host, size)
+}
+
+/// Size-aligned slots inside entry `i` of `map` that touch none of its direct children (the
+/// bridge windows and BARs the kernel put in it): (first slot, number of slots) of the largest
+/// gap.
+pub fn free_slots_in(map: &[(usize, Range, String)], i: usize, size: u64) -> Option<(u64, u64)> {
+    let (depth, range, _) = &map[i];
     let inner: Vec<Range> = map[i + 1..]
         .iter()
-        .take_while(|e| e.0 > 0)
-        .filter(|e| e.0 == 1)
+        .take_while(|e| e.0 > *depth)
+        .filter(|e| e.0 == depth + 1)
         .map(|e| e.1)
         .collect();
-    free_slots(&inner, host.1.start, host.1.end, size)
+    free_slots(&inner, range.start, range.end, size)
 }
 
 /// Whether a BAR of `size` at `addr` would sit inside a host bridge window and touch nothing
@@ -268,7 +275,7 @@ pub fn only_in_ancestors(
 }
 
 /// The largest run of size-aligned slots of `size` within `[lo, hi]` that touch none of `used`.
-pub fn free_slots(used: &[Range], lo: u64, hi: u64, size: u64) -> Option<(u64, u64)> {
+fn free_slots(used: &[Range], lo: u64, hi: u64, size: u64) -> Option<(u64, u64)> {
     let mut best: Option<(u64, u64)> = None;
     let mut run: Option<(u64, u64)> = None;
     let mut a = lo.div_ceil(size) * size;
